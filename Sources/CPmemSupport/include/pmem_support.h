@@ -1,0 +1,118 @@
+// pmem_support.h — the few things Swift's Glibc module does not give us:
+// epoll, eventfd, accept4, MAP_SYNC mapping, and cache-line write-back
+// instructions chosen by CPUID at run time. Compiled with _GNU_SOURCE.
+#ifndef PMEM_SUPPORT_H
+#define PMEM_SUPPORT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ---- CPU features and persistence primitives -------------------------------
+
+/// Bits returned by pmem_cpu_features().
+enum {
+  PMEM_CPU_CLFLUSH = 1 << 0,
+  PMEM_CPU_CLFLUSHOPT = 1 << 1,
+  PMEM_CPU_CLWB = 1 << 2,
+  PMEM_CPU_SSE42 = 1 << 3,
+  PMEM_CPU_AVX2 = 1 << 4,
+};
+
+/// Which instruction pmem_flush() uses.
+enum pmem_flush_kind {
+  PMEM_FLUSH_NONE = 0,        // no flush instruction (not x86): stores only, msync does the work
+  PMEM_FLUSH_CLFLUSH = 1,
+  PMEM_FLUSH_CLFLUSHOPT = 2,
+  PMEM_FLUSH_CLWB = 3,
+};
+
+/// CPUID leaves 1 and 7, decoded into PMEM_CPU_* bits.
+uint32_t pmem_cpu_features(void);
+
+/// Chooses the best flush instruction the CPU has (CLWB, else CLFLUSHOPT, else CLFLUSH)
+/// unless `forced` names one; returns the kind in use. Thread-safe to call repeatedly.
+int pmem_flush_select(int forced);
+
+/// The flush instruction currently selected.
+int pmem_flush_current(void);
+
+/// Writes back every cache line overlapping [addr, addr+len) with the selected instruction.
+/// Does not order: follow with pmem_drain().
+void pmem_flush(const void *addr, size_t len);
+
+/// SFENCE: orders all earlier flushes and non-temporal stores of this thread.
+void pmem_drain(void);
+
+/// Copies with non-temporal (streaming) stores where aligned, flushing the unaligned edges;
+/// the data is on its way to media without polluting the cache. Follow with pmem_drain().
+void pmem_memcpy_nt(void *dst, const void *src, size_t len);
+
+/// Fills with zeroes using non-temporal stores (edges flushed). Follow with pmem_drain().
+void pmem_memzero_nt(void *dst, size_t len);
+
+/// CRC-32C (Castagnoli), hardware SSE4.2 when present. Pass 0 to start.
+uint32_t pmem_crc32c(uint32_t crc, const void *data, size_t len);
+
+// ---- Atomics on shared (pool) memory -----------------------------------------
+
+/// Atomic fetch-or / fetch-and / load / store / compare-exchange on a 64-bit word in mapped memory.
+uint64_t pmem_atomic_or64(uint64_t *word, uint64_t bits);
+uint64_t pmem_atomic_and64(uint64_t *word, uint64_t bits);
+uint64_t pmem_atomic_load64(const uint64_t *word);
+void pmem_atomic_store64(uint64_t *word, uint64_t value);
+int pmem_atomic_cas64(uint64_t *word, uint64_t expected, uint64_t desired);
+uint32_t pmem_atomic_load32(const uint32_t *word);
+void pmem_atomic_store32(uint32_t *word, uint32_t value);
+
+/// fallocate(FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE): 0 or -1 with errno.
+int pmem_punch_hole(int fd, int64_t offset, int64_t length);
+
+/// Size in bytes of a block device (BLKGETSIZE64), or -1.
+int64_t pmem_block_device_size(int fd);
+
+// ---- Memory mapping ----------------------------------------------------------
+
+/// mmap(MAP_SHARED_VALIDATE|MAP_SYNC); returns MAP_FAILED with errno on failure
+/// (EOPNOTSUPP or EINVAL where the file is not on DAX).
+void *pmem_mmap_sync(int fd, size_t length, int writable);
+
+/// Plain mmap(MAP_SHARED).
+void *pmem_mmap_shared(int fd, size_t length, int writable);
+
+// ---- epoll, eventfd, accept4 -------------------------------------------------
+
+int pmem_epoll_create(void);
+/// EPOLL_CTL_ADD for EPOLLIN with `token` as the event data.
+int pmem_epoll_add(int epfd, int fd, uint64_t token);
+/// Waits for up to `max` events, writing their tokens; returns count or -1.
+int pmem_epoll_wait(int epfd, uint64_t *tokens, int max, int timeout_ms);
+
+int pmem_eventfd(void);
+int pmem_eventfd_signal(int fd);
+
+/// accept4(fd, NULL, NULL, SOCK_CLOEXEC)
+int pmem_accept(int fd);
+
+#include <pthread.h>
+/// pthread_setname_np (at most 15 characters).
+int pmem_set_thread_name(pthread_t thread, const char *name);
+
+/// The kernel thread id of the caller.
+int pmem_gettid(void);
+
+/// SO_PEERCRED of a Unix socket: writes the peer's uid and pid; 0 or -1.
+int pmem_peer_credentials(int fd, uint32_t *uid, int32_t *pid);
+
+/// Sets TCP_NODELAY.
+int pmem_tcp_nodelay(int fd);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,164 @@
+import CPmemSupport
+import Glibc
+
+/// Socket system calls over `FileDescriptor`.
+public enum Socket {
+    /// `socket(AF_UNIX, SOCK_STREAM)`, `bind(2)` and `listen(2)` on a path. An existing
+    /// socket file at the path is replaced only if nothing answers on it.
+    public static func listenUnix(path: String, backlog: Int32 = 128) throws(Errno) -> FileDescriptor {
+        if path.utf8.count >= MemoryLayout.size(ofValue: sockaddr_un().sun_path) { throw Errno(rawValue: ENAMETOOLONG) }
+        if (try? connectUnix(path: path))?.close() != nil { throw Errno.exists }
+        unlink(path)
+        let fd = try retryOnInterrupt { Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        let sock = FileDescriptor(rawValue: fd)
+        do {
+            var addr = unixAddress(path)
+            _ = try retryOnInterrupt {
+                withUnsafePointer(to: &addr) { p in
+                    p.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                }
+            }
+            _ = try retryOnInterrupt { Glibc.listen(fd, backlog) }
+        } catch {
+            sock.close()
+            throw error
+        }
+        return sock
+    }
+
+    /// `connect(2)` to a Unix socket path.
+    public static func connectUnix(path: String) throws(Errno) -> FileDescriptor {
+        let fd = try retryOnInterrupt { Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        var addr = unixAddress(path)
+        let r = withUnsafePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if r != 0 {
+            let e = Errno.current
+            Glibc.close(fd)
+            throw e
+        }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    /// TCP listening sockets for a host (numeric or name) and port, one per resolved address.
+    public static func listenTCP(host: String, port: UInt16, backlog: Int32 = 128) throws(Errno) -> [FileDescriptor] {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = AI_PASSIVE | AI_ADDRCONFIG
+        var res: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host.isEmpty ? nil : host, String(port), &hints, &res)
+        if rc != 0 { throw Errno(rawValue: rc == EAI_SYSTEM ? Glibc.errno : EADDRNOTAVAIL) }
+        defer { freeaddrinfo(res) }
+        var fds: [FileDescriptor] = []
+        var lastError = Errno(rawValue: EADDRNOTAVAIL)
+        var p = res
+        while let ai = p {
+            p = ai.pointee.ai_next
+            let fd = Glibc.socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
+            if fd < 0 { lastError = .current; continue }
+            var one: Int32 = 1
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            if ai.pointee.ai_family == AF_INET6 {
+                setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, socklen_t(MemoryLayout<Int32>.size))
+            }
+            if Glibc.bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) != 0 || Glibc.listen(fd, backlog) != 0 {
+                lastError = .current
+                Glibc.close(fd)
+                continue
+            }
+            fds.append(FileDescriptor(rawValue: fd))
+        }
+        if fds.isEmpty { throw lastError }
+        return fds
+    }
+
+    /// `connect(2)` over TCP to a numeric or named host.
+    public static func connectTCP(host: String, port: UInt16) throws(Errno) -> FileDescriptor {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var res: UnsafeMutablePointer<addrinfo>?
+        if getaddrinfo(host, String(port), &hints, &res) != 0 { throw Errno(rawValue: EHOSTUNREACH) }
+        defer { freeaddrinfo(res) }
+        var lastError = Errno(rawValue: ECONNREFUSED)
+        var p = res
+        while let ai = p {
+            p = ai.pointee.ai_next
+            let fd = Glibc.socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
+            if fd < 0 { lastError = .current; continue }
+            if Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 {
+                _ = pmem_tcp_nodelay(fd)
+                return FileDescriptor(rawValue: fd)
+            }
+            lastError = .current
+            Glibc.close(fd)
+        }
+        throw lastError
+    }
+
+    /// The port a listening socket is bound to (for `--port 0`).
+    public static func boundPort(_ fd: FileDescriptor) -> UInt16? {
+        var storage = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let r = withUnsafeMutablePointer(to: &storage) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd.rawValue, $0, &len) }
+        }
+        guard r == 0 else { return nil }
+        switch Int32(storage.ss_family) {
+        case AF_INET:
+            return withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) } }
+        case AF_INET6:
+            return withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) } }
+        default:
+            return nil
+        }
+    }
+
+    /// Whether a descriptor is a socket of type SOCK_STREAM that is listening (`SO_ACCEPTCONN`).
+    public static func isListening(_ fd: FileDescriptor) -> Bool {
+        var v: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        return getsockopt(fd.rawValue, SOL_SOCKET, SO_ACCEPTCONN, &v, &len) == 0 && v != 0
+    }
+
+    /// `accept4(SOCK_CLOEXEC)`.
+    public static func accept(_ fd: FileDescriptor) throws(Errno) -> FileDescriptor {
+        let c = try retryOnInterrupt { pmem_accept(fd.rawValue) }
+        return FileDescriptor(rawValue: c)
+    }
+
+    /// `shutdown(2)`.
+    public static func shutdown(_ fd: FileDescriptor, read: Bool = true, write: Bool = true) {
+        let how: Int32 = read && write ? Int32(SHUT_RDWR) : (read ? Int32(SHUT_RD) : Int32(SHUT_WR))
+        _ = Glibc.shutdown(fd.rawValue, how)
+    }
+
+    /// Sets TCP_NODELAY where the descriptor is a TCP socket (ignored elsewhere).
+    public static func setNoDelay(_ fd: FileDescriptor) { _ = pmem_tcp_nodelay(fd.rawValue) }
+
+    /// Sets SO_SNDBUF / SO_RCVBUF.
+    public static func setBufferSizes(_ fd: FileDescriptor, send: Int32, receive: Int32) {
+        var s = send, r = receive
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_SNDBUF, &s, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVBUF, &r, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// `socketpair(AF_UNIX, SOCK_STREAM)`.
+    public static func pair() throws(Errno) -> (FileDescriptor, FileDescriptor) {
+        var fds: [Int32] = [0, 0]
+        _ = try retryOnInterrupt { socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) }
+        return (FileDescriptor(rawValue: fds[0]), FileDescriptor(rawValue: fds[1]))
+    }
+
+    private static func unixAddress(_ path: String) -> sockaddr_un {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { dst in
+            let bytes = Array(path.utf8)
+            for i in 0..<min(bytes.count, dst.count - 1) { dst[i] = bytes[i] }
+        }
+        return addr
+    }
+}
