@@ -1,0 +1,83 @@
+// Validation of transmission requests against what was negotiated. Pure; the server
+// answers rejected requests with the error given here and carries on.
+
+public enum RequestCheck {
+    public enum Verdict: Equatable, Sendable {
+        case accept
+        case reject(NBDErrno, String)
+    }
+
+    /// Flags a command may carry, given the negotiated transmission flags.
+    public static func allowedFlags(for type: CommandType, _ flags: TransmissionFlags) -> CommandFlags {
+        var allowed: CommandFlags = flags.contains(.sendFUA) ? .fua : []
+        switch type {
+        case .read:
+            if flags.contains(.sendDF) { allowed.insert(.dontFragment) }
+        case .writeZeroes:
+            allowed.insert(.noHole)
+            if flags.contains(.sendFastZero) { allowed.insert(.fastZero) }
+        case .blockStatus:
+            allowed.insert(.requestOne)
+        default:
+            break
+        }
+        return allowed
+    }
+
+    /// Whether the payload of this request (if any) must be read from the stream. Only WRITE
+    /// carries one in compact headers; it is read (or skipped) even when the request is rejected.
+    @inline(__always)
+    public static func payloadLength(of r: Request) -> UInt64 { r.typeCode == CommandType.write.rawValue ? r.length : 0 }
+
+    public static func check(_ r: Request, session: NegotiatedSession) -> Verdict {
+        guard let type = r.type else { return .reject(.invalid, "unknown command \(r.typeCode)") }
+        let flags = session.flags
+        let export = session.export
+        let extra = r.flags.subtracting(allowedFlags(for: type, flags))
+        if !extra.isEmpty {
+            return .reject(.invalid, "flags 0x\(String(extra.rawValue, radix: 16)) not valid for \(type.name)")
+        }
+        let isWrite = type == .write || type == .writeZeroes || type == .trim
+        if isWrite && flags.contains(.readOnly) { return .reject(.permission, "export is read-only") }
+        switch type {
+        case .disconnect:
+            return .accept
+        case .flush:
+            if r.offset != 0 || r.length != 0 { return .reject(.invalid, "FLUSH offset and length must be zero") }
+            return .accept
+        case .resize:
+            return .reject(.invalid, "RESIZE is not supported")
+        case .trim where !flags.contains(.sendTrim):
+            return .reject(.invalid, "TRIM was not negotiated")
+        case .writeZeroes where !flags.contains(.sendWriteZeroes):
+            return .reject(.invalid, "WRITE_ZEROES was not negotiated")
+        case .blockStatus:
+            if !session.structuredReplies || session.metaContexts.isEmpty {
+                return .reject(.invalid, "no meta context was negotiated")
+            }
+        default:
+            break
+        }
+        let (end, overflow) = r.offset.addingReportingOverflow(r.length)
+        if overflow || end > export.size {
+            if type == .write || type == .writeZeroes {
+                return .reject(.noSpace, "request ends at \(overflow ? "overflow" : String(end)) beyond the export size \(export.size)")
+            }
+            return .reject(.invalid, "request beyond the export size \(export.size)")
+        }
+        if type == .write && r.length > UInt64(export.maximumPayload) {
+            return .reject(.invalid, "write of \(r.length) bytes exceeds the maximum payload \(export.maximumPayload)")
+        }
+        if type == .read && r.length > UInt64(export.maximumPayload) {
+            return .reject(session.structuredReplies ? .overflow : .invalid,
+                           "read of \(r.length) bytes exceeds the maximum payload \(export.maximumPayload)")
+        }
+        if session.clientHonoursBlockSize && export.minimumBlock > 1 && type != .blockStatus {
+            let m = UInt64(export.minimumBlock)
+            if r.offset % m != 0 || r.length % m != 0 {
+                return .reject(.invalid, "request not aligned to the minimum block size \(m)")
+            }
+        }
+        return .accept
+    }
+}
