@@ -1,0 +1,102 @@
+import Glibc
+import PmemSystem
+
+/// A connection's input: one buffer filled by large `read(2)` calls so that many requests
+/// (the kernel and libnbd pipeline up to 128 or more) are parsed per system call.
+/// Owned by the connection's reader thread only.
+final class ReceiveBuffer {
+    let fd: FileDescriptor
+    let base: UnsafeMutableRawPointer
+    let capacity: Int
+    /// Unconsumed bytes are `[start, end)`.
+    private(set) var start = 0
+    private(set) var end = 0
+
+    init(fd: FileDescriptor, capacity: Int) {
+        self.fd = fd
+        self.capacity = capacity
+        self.base = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 64)
+    }
+
+    deinit { base.deallocate() }
+
+    @inline(__always) var available: Int { end - start }
+    @inline(__always) var readPointer: UnsafeRawPointer { UnsafeRawPointer(base + start) }
+
+    @inline(__always) func consume(_ n: Int) {
+        start += n
+        if start == end { start = 0; end = 0 }
+    }
+
+    /// Reads until at least `n` bytes are buffered (`n` ≤ capacity). Returns false at end of
+    /// stream before that. Reads as much as the kernel has, to batch requests.
+    func fill(atLeast n: Int) throws(Errno) -> Bool {
+        precondition(n <= capacity)
+        if available >= n { return true }
+        if capacity - start < n {
+            if available > 0 { memmove(base, base + start, available) }
+            end = available
+            start = 0
+        }
+        while available < n {
+            let got = try fd.read(into: UnsafeMutableRawBufferPointer(start: base + end, count: capacity - end))
+            if got == 0 { return false }
+            end += got
+        }
+        return true
+    }
+
+    /// Copies the next `n` buffered-or-read bytes into an array (handshake use).
+    func take(_ n: Int) throws(Errno) -> [UInt8]? {
+        guard try fill(atLeast: n) else { return nil }
+        let bytes = [UInt8](UnsafeRawBufferPointer(start: readPointer, count: n))
+        consume(n)
+        return bytes
+    }
+
+    /// Reads and throws away `n` bytes of the stream (an oversized or rejected payload), so
+    /// the next header is found where the client put it. False at end of stream.
+    func discard(_ n: UInt64) throws(Errno) -> Bool {
+        var left = n
+        while left > 0 {
+            if available == 0 {
+                guard try fill(atLeast: 1) else { return false }
+            }
+            let k = Int(min(UInt64(available), left))
+            consume(k)
+            left -= UInt64(k)
+        }
+        return true
+    }
+
+    /// Moves `destination.count` bytes of the stream into `destination`: buffered bytes are
+    /// copied, large remainders are read straight into the destination (no extra copy).
+    func move(into destination: UnsafeMutableRawBufferPointer, nonTemporal: Bool, beforeBlocking: () -> Void) throws(Errno) {
+        var done = 0
+        let total = destination.count
+        while done < total {
+            if available > 0 {
+                let k = min(available, total - done)
+                let dst = destination.baseAddress! + done
+                if nonTemporal {
+                    PersistentMemory.copyNonTemporal(to: dst, from: readPointer, count: k)
+                } else {
+                    dst.copyMemory(from: readPointer, byteCount: k)
+                }
+                consume(k)
+                done += k
+                continue
+            }
+            beforeBlocking()
+            let left = total - done
+            if left >= 64 * 1024 {
+                let got = try fd.read(into: UnsafeMutableRawBufferPointer(start: destination.baseAddress! + done, count: left))
+                if got == 0 { throw Errno.connectionReset }
+                if nonTemporal { PersistentMemory.flush(destination.baseAddress! + done, count: got) }
+                done += got
+            } else if !(try fill(atLeast: 1)) {
+                throw Errno.connectionReset
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+import Glibc
+import NBDWire
+import PmemSystem
+
+/// Gathers a batch of replies as an iovec list — headers in a small arena, read data as
+/// pointers straight into pool memory — and sends it with one `writev(2)`.
+///
+/// One lock serialises the byte stream: the reader thread holds it from the first reply it
+/// queues until the batch is sent, so a reply split over several `writev` calls is never
+/// interleaved with a reply a worker sends for an offloaded command.
+final class ReplyWriter: @unchecked Sendable {
+    let fd: FileDescriptor
+    private let iov: UnsafeMutablePointer<iovec>
+    private let iovCapacity = ReplyWriter.iovMax
+    private var iovCount = 0
+    private let arena: UnsafeMutableRawPointer
+    private let arenaCapacity = 64 * 1024
+    private var arenaUsed = 0
+    private var mutex = pthread_mutex_t()
+    private var holding = false
+    /// Set once a send fails: the peer is gone, later sends are dropped.
+    private(set) var failed = false
+
+    /// IOV_MAX on Linux.
+    static let iovMax = 1024
+    /// Zeroes for holes in simple replies and DF reads (never written).
+    nonisolated(unsafe) static let zeroes: UnsafeRawPointer = UnsafeRawPointer(calloc(1, zeroesSize)!)
+    static let zeroesSize = 1 << 20
+
+    init(fd: FileDescriptor) {
+        self.fd = fd
+        iov = .allocate(capacity: ReplyWriter.iovMax)
+        arena = .allocate(byteCount: arenaCapacity, alignment: 64)
+        pthread_mutex_init(&mutex, nil)
+    }
+
+    deinit {
+        iov.deallocate()
+        arena.deallocate()
+        pthread_mutex_destroy(&mutex)
+    }
+
+    var hasPending: Bool { iovCount > 0 }
+
+    @inline(__always) private func acquireForBatch() {
+        if !holding {
+            pthread_mutex_lock(&mutex)
+            holding = true
+        }
+    }
+
+    /// Reserves `n` bytes of header space and queues them; returns where to encode.
+    @inline(__always)
+    func header(_ n: Int) -> UnsafeMutableRawPointer {
+        acquireForBatch()
+        if arenaUsed + n > arenaCapacity || iovCount == iovCapacity { send(keepLock: true) }
+        let p = arena + arenaUsed
+        arenaUsed += n
+        // Extend the previous iovec when it ends where this header starts.
+        if iovCount > 0, iov[iovCount - 1].iov_base + iov[iovCount - 1].iov_len == UnsafeMutableRawPointer(p) {
+            iov[iovCount - 1].iov_len += n
+        } else {
+            iov[iovCount] = iovec(iov_base: p, iov_len: n)
+            iovCount += 1
+        }
+        return p
+    }
+
+    /// Queues bytes that stay valid until the batch is sent (pool memory, zeroes).
+    @inline(__always)
+    func data(_ p: UnsafeRawPointer, _ n: Int) {
+        acquireForBatch()
+        if n == 0 { return }
+        if iovCount == iovCapacity { send(keepLock: true) }
+        iov[iovCount] = iovec(iov_base: UnsafeMutableRawPointer(mutating: p), iov_len: n)
+        iovCount += 1
+    }
+
+    /// Queues `n` zero bytes.
+    func zeroes(_ n: Int) {
+        var left = n
+        while left > 0 {
+            let k = min(left, ReplyWriter.zeroesSize)
+            data(ReplyWriter.zeroes, k)
+            left -= k
+        }
+    }
+
+    /// Queues bytes copied into the arena (error messages).
+    func copy(_ bytes: [UInt8]) {
+        var at = 0
+        while at < bytes.count {
+            let k = min(bytes.count - at, 4096)
+            let p = header(k)
+            bytes.withUnsafeBytes { p.copyMemory(from: $0.baseAddress! + at, byteCount: k) }
+            at += k
+        }
+    }
+
+    /// Sends everything queued and releases the stream.
+    func flush() {
+        guard holding else { return }
+        send(keepLock: false)
+    }
+
+    private func send(keepLock: Bool) {
+        if iovCount > 0 && !failed {
+            if !writeAll(iov, iovCount) { failed = true }
+        }
+        iovCount = 0
+        arenaUsed = 0
+        if !keepLock {
+            holding = false
+            pthread_mutex_unlock(&mutex)
+        }
+    }
+
+    /// Sends a complete reply from another thread (offloaded commands).
+    func sendNow(_ bytes: [UInt8]) {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        guard !failed else { return }
+        bytes.withUnsafeBytes { b in
+            var v = iovec(iov_base: UnsafeMutableRawPointer(mutating: b.baseAddress!), iov_len: b.count)
+            if !writeAll(&v, 1) { failed = true }
+        }
+    }
+
+    /// `writev(2)` until every byte is out, advancing over partial writes.
+    private func writeAll(_ vec: UnsafeMutablePointer<iovec>, _ count: Int) -> Bool {
+        var v = vec
+        var n = count
+        while n > 0 {
+            let w = Glibc.writev(fd.rawValue, v, Int32(min(n, ReplyWriter.iovMax)))
+            if w < 0 {
+                if errno == EINTR { continue }
+                return false
+            }
+            var left = w
+            while n > 0 && left >= v.pointee.iov_len {
+                left -= v.pointee.iov_len
+                v += 1
+                n -= 1
+            }
+            if n > 0 && left > 0 {
+                v.pointee.iov_base += left
+                v.pointee.iov_len -= left
+            }
+        }
+        return true
+    }
+}

@@ -1,0 +1,96 @@
+import Dispatch
+import Glibc
+import NBDWire
+import PmemPool
+import PmemSystem
+import Synchronization
+
+/// The NBD server: accepts connections on listeners and serves each on its own thread.
+/// Shutdown stops accepting, lets in-flight requests finish, and waits for connections.
+public final class Server: @unchecked Sendable {
+    public let exports: any ExportSource
+    /// Seconds a client may take to finish the handshake.
+    public var handshakeTimeoutSeconds: Int = 60
+
+    private let connections = Mutex<[UInt64: Connection]>([:])
+    private let nextID = Atomic<UInt64>(1)
+    private let shuttingDown = Atomic<Bool>(false)
+    private let active = WaitGroup()
+    private var listeners: [Listener] = []
+
+    public init(exports: any ExportSource) {
+        self.exports = exports
+        // A client that goes away must surface as EPIPE on the send, not kill the process.
+        signal(SIGPIPE, SIG_IGN)
+    }
+
+    public var isShuttingDown: Bool { shuttingDown.load(ordering: .acquiring) }
+
+    /// Number of connections being served.
+    public var connectionCount: Int { connections.withLock { $0.count } }
+
+    /// Starts accepting on listening sockets (Unix, TCP or inherited from systemd).
+    public func listen(on sockets: [FileDescriptor]) throws(Errno) {
+        let listener = try Listener(sockets: sockets, server: self)
+        listeners.append(listener)
+        listener.start()
+    }
+
+    /// Serves one connection on the calling thread (stdin/stdout with `--stdio`).
+    public func serveConnection(input: FileDescriptor, output: FileDescriptor, peer: String) {
+        let c = register(input: input, output: output, peer: peer)
+        c.run()
+    }
+
+    /// Serves an accepted socket on a new thread.
+    func accepted(_ fd: FileDescriptor, peer: String) {
+        if isShuttingDown {
+            fd.close()
+            return
+        }
+        Socket.setNoDelay(fd)
+        setHandshakeTimeout(fd)
+        let c = register(input: fd, output: fd, peer: peer)
+        OSThread.spawn(name: "nbd-conn-\(c.id)") { c.run() }
+    }
+
+    private func register(input: FileDescriptor, output: FileDescriptor, peer: String) -> Connection {
+        let id = nextID.add(1, ordering: .relaxed).oldValue
+        let c = Connection(id: id, input: input, output: output, server: self, peer: peer)
+        active.enter()
+        connections.withLock { $0[id] = c }
+        return c
+    }
+
+    func connectionEnded(_ c: Connection) {
+        connections.withLock { _ = $0.removeValue(forKey: c.id) }
+        active.leave()
+    }
+
+    func setHandshakeTimeout(_ fd: FileDescriptor) {
+        var tv = timeval(tv_sec: handshakeTimeoutSeconds, tv_usec: 0)
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    func clearHandshakeTimeout(_ fd: FileDescriptor) {
+        var tv = timeval(tv_sec: 0, tv_usec: 0)
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// Stops accepting, interrupts idle reads so each connection finishes what it has in
+    /// flight, and waits up to `timeoutSeconds` for them to close.
+    @discardableResult
+    public func shutdown(timeoutSeconds: Double = 30) -> Bool {
+        shuttingDown.store(true, ordering: .releasing)
+        for l in listeners { l.stop() }
+        listeners.removeAll()
+        let open = connections.withLock { Array($0.values) }
+        for c in open { c.interrupt() }
+        return active.wait(timeoutSeconds: timeoutSeconds)
+    }
+
+    /// Blocks until every connection has ended (used with `--stdio` and tests).
+    public func waitForConnections(timeoutSeconds: Double = .infinity) -> Bool {
+        active.wait(timeoutSeconds: timeoutSeconds)
+    }
+}

@@ -1,0 +1,290 @@
+import Dispatch
+import Glibc
+import NBDWire
+import PmemPool
+import PmemSystem
+
+/// The payload of a WRITE: buffered bytes first, then straight from the socket into the
+/// destination; pending replies are sent before the thread blocks on the socket.
+struct PayloadSource: ByteSource {
+    let receive: ReceiveBuffer
+    let replies: ReplyWriter
+    private(set) var consumed: UInt64 = 0
+
+    init(receive: ReceiveBuffer, replies: ReplyWriter) {
+        self.receive = receive
+        self.replies = replies
+    }
+
+    mutating func fill(_ destination: UnsafeMutableRawBufferPointer, nonTemporal: Bool) throws(Errno) {
+        let replies = self.replies
+        try receive.move(into: destination, nonTemporal: nonTemporal, beforeBlocking: { replies.flush() })
+        consumed += UInt64(destination.count)
+    }
+}
+
+/// Per-connection state of the transmission phase, reused across requests so the hot path
+/// does not allocate.
+struct TransmissionState {
+    let session: NegotiatedSession
+    let volume: any BlockVolume
+    var segments: [Segment] = []
+    var extents: [(UInt32, UInt32)] = []
+
+    init(session: NegotiatedSession, volume: any BlockVolume) {
+        self.session = session
+        self.volume = volume
+        segments.reserveCapacity(64)
+        extents.reserveCapacity(256)
+    }
+}
+
+/// Most extents put in one BLOCK_STATUS chunk (the client asks again for the rest).
+let maxExtentsPerReply = 4096
+/// Longest extent length that fits the 32-bit field, kept a multiple of 4 KiB.
+let maxExtentLength: UInt64 = 0xFFFF_F000
+
+extension Connection {
+    /// Serves requests until DISC, end of stream, a bad magic or a failed send.
+    func transmit(session: NegotiatedSession, volume: any BlockVolume) throws(Errno) {
+        server.clearHandshakeTimeout(input)
+        var state = TransmissionState(session: session, volume: volume)
+        while true {
+            while receive.available >= Request.compactSize {
+                switch Request.decode(receive.readPointer) {
+                case .badMagic(let magic):
+                    Log.info("connection \(id): bad request magic 0x\(String(magic, radix: 16)); disconnecting")
+                    return
+                case .request(let request):
+                    receive.consume(Request.compactSize)
+                    guard try handle(request, &state) else { return }
+                }
+            }
+            replies.flush()
+            if replies.failed { return }
+            guard try receive.fill(atLeast: Request.compactSize) else { return }
+        }
+    }
+
+    /// Handles one request; false ends the connection.
+    private func handle(_ r: Request, _ state: inout TransmissionState) throws(Errno) -> Bool {
+        if case .reject(let error, let message) = RequestCheck.check(r, session: state.session) {
+            Log.debug("connection \(id): \(r.type?.name ?? "command \(r.typeCode)") rejected: \(error) \(message)")
+            let payload = RequestCheck.payloadLength(of: r)
+            if payload > 0 {
+                replies.flush()
+                guard try receive.discard(payload) else { return false }
+            }
+            replyError(r, state, error, message)
+            return true
+        }
+        let volume = state.volume
+        let fua = r.flags.contains(.fua)
+        switch r.type! {
+        case .read:
+            read(r, &state)
+        case .write:
+            var source = PayloadSource(receive: receive, replies: replies)
+            do {
+                try volume.write(offset: r.offset, length: Int(r.length), fua: fua && volume.flushIsCheap, from: &source)
+            } catch {
+                if case .source = error.kind { return false }
+                if source.consumed < r.length {
+                    replies.flush()
+                    guard try receive.discard(r.length - source.consumed) else { return false }
+                }
+                replyError(r, state, error)
+                return true
+            }
+            complete(r, state, syncFirst: fua && !volume.flushIsCheap)
+        case .disconnect:
+            return false
+        case .flush:
+            complete(r, state, syncFirst: true)
+        case .trim:
+            do { try volume.trim(offset: r.offset, length: r.length, fua: fua && volume.flushIsCheap) } catch {
+                replyError(r, state, error)
+                return true
+            }
+            complete(r, state, syncFirst: fua && !volume.flushIsCheap)
+        case .writeZeroes:
+            do {
+                try volume.writeZeroes(offset: r.offset, length: r.length, mayTrim: !r.flags.contains(.noHole),
+                                       fast: r.flags.contains(.fastZero), fua: fua && volume.flushIsCheap)
+            } catch {
+                replyError(r, state, error)
+                return true
+            }
+            complete(r, state, syncFirst: fua && !volume.flushIsCheap)
+        case .cache:
+            do { try volume.cache(offset: r.offset, length: r.length) } catch {
+                replyError(r, state, error)
+                return true
+            }
+            replyOK(r)
+        case .blockStatus:
+            blockStatus(r, &state)
+        case .resize:
+            replyError(r, state, .invalid, "RESIZE is not supported")
+        }
+        return true
+    }
+
+    // MARK: replies
+
+    @inline(__always)
+    private func replyOK(_ r: Request) {
+        _ = Reply.simple(error: nil, cookie: r.cookie, into: replies.header(Reply.simpleSize))
+    }
+
+    private func replyError(_ r: Request, _ state: TransmissionState, _ error: PoolError) {
+        let code: NBDErrno
+        switch error.kind {
+        case .noSpace: code = .noSpace
+        case .readOnly: code = .permission
+        case .invalid: code = error.isNotFast ? .notSupported : .invalid
+        case .notFound, .exists: code = .invalid
+        case .badPool, .io, .system, .source: code = .io
+        }
+        replyError(r, state, code, error.message)
+    }
+
+    private func replyError(_ r: Request, _ state: TransmissionState, _ error: NBDErrno, _ message: String) {
+        if state.session.structuredReplies {
+            replies.copy(Reply.errorChunk(cookie: r.cookie, error: error, message: message))
+        } else {
+            _ = Reply.simple(error: error, cookie: r.cookie, into: replies.header(Reply.simpleSize))
+        }
+    }
+
+    /// Replies success, after a flush of the volume when `syncFirst` (FLUSH, or FUA where a
+    /// sync is expensive: that work goes to a worker so this thread keeps reading requests).
+    private func complete(_ r: Request, _ state: TransmissionState, syncFirst: Bool) {
+        guard syncFirst else { return replyOK(r) }
+        let volume = state.volume
+        if volume.flushIsCheap {
+            do { try volume.flush() } catch { return replyError(r, state, error) }
+            return replyOK(r)
+        }
+        let structured = state.session.structuredReplies
+        let cookie = r.cookie
+        let replies = self.replies
+        offloaded.enter()
+        DispatchQueue.global().async { [offloaded] in
+            defer { offloaded.leave() }
+            var bytes = [UInt8](repeating: 0, count: Reply.simpleSize)
+            do throws(PoolError) {
+                try volume.flush()
+                bytes.withUnsafeMutableBytes { _ = Reply.simple(error: nil, cookie: cookie, into: $0.baseAddress!) }
+            } catch {
+                if structured {
+                    bytes = Reply.errorChunk(cookie: cookie, error: .io, message: error.message)
+                } else {
+                    bytes.withUnsafeMutableBytes { _ = Reply.simple(error: .io, cookie: cookie, into: $0.baseAddress!) }
+                }
+            }
+            replies.sendNow(bytes)
+        }
+    }
+
+    // MARK: READ
+
+    private func read(_ r: Request, _ state: inout TransmissionState) {
+        let length = Int(r.length)
+        state.segments.removeAll(keepingCapacity: true)
+        do {
+            try state.volume.read(offset: r.offset, length: length) { state.segments.append($0) }
+        } catch {
+            return replyError(r, state, error)
+        }
+        guard state.session.structuredReplies else {
+            _ = Reply.simple(error: nil, cookie: r.cookie, into: replies.header(Reply.simpleSize))
+            for s in state.segments {
+                switch s {
+                case .data(let p, let n): replies.data(p, n)
+                case .hole(let n): replies.zeroes(n)
+                }
+            }
+            return
+        }
+        if length == 0 {
+            _ = Reply.none(cookie: r.cookie, into: replies.header(Reply.noneSize))
+            return
+        }
+        if r.flags.contains(.dontFragment) {
+            _ = Reply.offsetDataHeader(cookie: r.cookie, offset: r.offset, dataLength: UInt32(length), done: true,
+                                       into: replies.header(Reply.offsetDataHeaderSize))
+            for s in state.segments {
+                switch s {
+                case .data(let p, let n): replies.data(p, n)
+                case .hole(let n): replies.zeroes(n)
+                }
+            }
+            return
+        }
+        // Consecutive data segments form one OFFSET_DATA chunk; holes become OFFSET_HOLE.
+        let segments = state.segments
+        var i = 0
+        var offset = r.offset
+        while i < segments.count {
+            if case .hole(let n) = segments[i] {
+                var total = n
+                var j = i + 1
+                while j < segments.count, case .hole(let m) = segments[j] { total += m; j += 1 }
+                _ = Reply.offsetHole(cookie: r.cookie, offset: offset, length: UInt32(total), done: j == segments.count,
+                                     into: replies.header(Reply.offsetHoleSize))
+                offset += UInt64(total)
+                i = j
+                continue
+            }
+            var total = 0
+            var j = i
+            while j < segments.count, case .data(_, let n) = segments[j] { total += n; j += 1 }
+            _ = Reply.offsetDataHeader(cookie: r.cookie, offset: offset, dataLength: UInt32(total), done: j == segments.count,
+                                       into: replies.header(Reply.offsetDataHeaderSize))
+            for k in i..<j {
+                if case .data(let p, let n) = segments[k] { replies.data(p, n) }
+            }
+            offset += UInt64(total)
+            i = j
+        }
+    }
+
+    // MARK: BLOCK_STATUS
+
+    private func blockStatus(_ r: Request, _ state: inout TransmissionState) {
+        guard r.length > 0 else { return replyError(r, state, .invalid, "BLOCK_STATUS of zero length") }
+        let one = r.flags.contains(.requestOne)
+        let contexts = state.session.metaContexts
+        for (index, context) in contexts.enumerated() {
+            state.extents.removeAll(keepingCapacity: true)
+            var covered: UInt64 = 0
+            do {
+                try state.volume.status(context: context.name, offset: r.offset, length: r.length) { n, flags in
+                    var left = n
+                    if one { left = min(left, r.length) }
+                    while left > 0 {
+                        let k = min(left, maxExtentLength)
+                        if let last = state.extents.last, last.1 == flags, UInt64(last.0) + k <= maxExtentLength {
+                            state.extents[state.extents.count - 1].0 += UInt32(k)
+                        } else {
+                            state.extents.append((UInt32(k), flags))
+                        }
+                        left -= k
+                        covered += k
+                        if one || covered >= r.length || state.extents.count >= maxExtentsPerReply { return false }
+                    }
+                    return true
+                }
+            } catch {
+                return replyError(r, state, error)
+            }
+            if state.extents.isEmpty { return replyError(r, state, .invalid, "no status for that range") }
+            let done = index == contexts.count - 1
+            let p = replies.header(Reply.blockStatusHeaderSize + 8 * state.extents.count)
+            _ = Reply.blockStatusHeader(cookie: r.cookie, contextID: context.id, extentCount: state.extents.count, done: done, into: p)
+            var at = p + Reply.blockStatusHeaderSize
+            for e in state.extents { at += Reply.extent(length: e.0, flags: e.1, into: at) }
+        }
+    }
+}
