@@ -1,0 +1,90 @@
+import Dispatch
+import Glibc
+import NBDServer
+import PmemPool
+import PmemSystem
+
+/// `pmem-nbd serve`: opens (or creates) the pool, listens, serves until SIGTERM/SIGINT,
+/// then stops accepting, finishes in-flight requests, persists and unmaps.
+public enum ServeCommand {
+    public static func run(_ o: ServeOptions) throws -> Int32 {
+        signal(SIGPIPE, SIG_IGN)
+        var st = stat()
+        if stat(o.poolPath, &st) != 0, let size = o.createSize {
+            let h = try PoolFile.create(path: o.poolPath, size: size)
+            Log.info("created pool \(o.poolPath) (\(h.poolSize) bytes, \(h.uuidString))")
+        }
+        let pool = try PoolFile.open(path: o.poolPath, readOnly: o.readOnly, persistence: o.persistence)
+        let volume = LinearVolume(pool: pool, readOnly: o.readOnly)
+        let exports = PoolExports(volumes: [volume], readOnly: o.readOnly, defaultName: o.exportName)
+        let server = Server(exports: exports)
+        Log.info("pool \(o.poolPath): \(pool.header.poolSize) bytes, persistence \(pool.persistence.domain.rawValue)\(pool.persistence.synchronousMapping ? " (MAP_SYNC)" : "")")
+
+        var sockets = o.socketActivation ? SocketActivation.inheritedSockets() : []
+        if o.stdio {
+            // One connection: on stdin/stdout, or (as `nbdinfo -- [ pmem-nbd serve -s ]` does
+            // it) the first client of a socket passed by socket activation.
+            if let listening = sockets.first {
+                let fd = try Socket.accept(listening)
+                for s in sockets { s.close() }
+                server.serveConnection(input: fd, output: fd, peer: "activated socket")
+            } else {
+                server.serveConnection(input: .standardInput, output: .standardOutput, peer: "stdio")
+            }
+            try volume.flush()
+            return 0
+        }
+
+        if !sockets.isEmpty {
+            Log.info("serving \(sockets.count) socket(s) passed by the service manager")
+        } else {
+            if let path = o.unixPath {
+                do { sockets.append(try Socket.listenUnix(path: path)) } catch {
+                    throw ServeError("cannot listen on \(path): \(error == .exists ? "another server answers there" : error.description)")
+                }
+                Log.info("listening on unix:\(path)")
+            }
+            if o.port != nil || o.unixPath == nil {
+                let port = o.port ?? ServeOptions.defaultPort
+                do { sockets += try Socket.listenTCP(host: o.bindAddress, port: port) } catch {
+                    throw ServeError("cannot listen on \(o.bindAddress):\(port): \(error)")
+                }
+                Log.info("listening on \(o.bindAddress):\(port)")
+            }
+        }
+        try server.listen(on: sockets)
+        if let pidFile = o.pidFile { try writePidFile(pidFile) }
+
+        let stop = DispatchSemaphore(value: 0)
+        var sources: [DispatchSourceSignal] = []
+        for sig in [SIGTERM, SIGINT] {
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { stop.signal() }
+            s.resume()
+            sources.append(s)
+        }
+        stop.wait()
+        Log.info("shutting down: finishing in-flight requests")
+        if !server.shutdown(timeoutSeconds: 30) { Log.warning("some connections did not finish in time") }
+        try volume.flush()
+        if let path = o.unixPath { unlink(path) }
+        if let pidFile = o.pidFile { unlink(pidFile) }
+        _ = sources
+        return 0
+    }
+
+    static func writePidFile(_ path: String) throws {
+        let text = "\(getpid())\n"
+        let tmp = path + ".tmp"
+        let fd = try FileDescriptor.open(tmp, O_WRONLY | O_CREAT | O_TRUNC)
+        defer { fd.close() }
+        try Array(text.utf8).withUnsafeBytes { try fd.writeAll($0) }
+        guard rename(tmp, path) == 0 else { throw ServeError("cannot write pid file \(path): \(Errno.current)") }
+    }
+}
+
+public struct ServeError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ d: String) { description = d }
+}

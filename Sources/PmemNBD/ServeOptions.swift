@@ -1,0 +1,22 @@
+import PmemPool
+
+/// Everything `pmem-nbd serve` was asked for.
+public struct ServeOptions: Sendable {
+    public var poolPath: String
+    /// Create the pool with this size when the file does not exist.
+    public var createSize: UInt64?
+    public var unixPath: String?
+    public var port: UInt16?
+    public var bindAddress: String = "127.0.0.1"
+    public var stdio = false
+    public var readOnly = false
+    public var exportName: String?
+    public var pidFile: String?
+    public var persistence: PersistenceMode = .auto
+    /// Use sockets passed by systemd (LISTEN_FDS) when present.
+    public var socketActivation = true
+
+    public init(poolPath: String) { self.poolPath = poolPath }
+
+    public static let defaultPort: UInt16 = 10809
+}

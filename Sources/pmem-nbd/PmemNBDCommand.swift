@@ -1,0 +1,120 @@
+import ArgumentParser
+import Glibc
+import PmemNBD
+import PmemPool
+import PmemSystem
+
+@main
+struct PmemNBDCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pmem-nbd",
+        abstract: "Serve a persistent-memory pool over the NBD protocol.",
+        discussion: """
+        Examples:
+          pmem-nbd create pool.pmem --size 4G
+          pmem-nbd serve pool.pmem --unix /tmp/pmem.sock
+          nbdinfo 'nbd+unix:///?socket=/tmp/pmem.sock'
+          pmem-nbd info pool.pmem --json
+        """,
+        subcommands: [Serve.self, Create.self, Info.self])
+}
+
+/// Runs a command body, turning pool and serve errors into one clear line on stderr.
+func reportingErrors(_ body: () throws -> Int32) throws {
+    do {
+        let code = try body()
+        if code != 0 { throw ExitCode(code) }
+    } catch let e as PoolError {
+        Log.error(e.message)
+        throw ExitCode(1)
+    } catch let e as ServeError {
+        Log.error(e.description)
+        throw ExitCode(1)
+    } catch let e as Errno {
+        Log.error(e.description)
+        throw ExitCode(1)
+    }
+}
+
+struct Create: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Format a new pool (a sparse file, or a DAX device).")
+
+    @Argument(help: "Pool file or DAX device (/dev/daxX.Y).") var pool: String
+    @Option(name: .long, help: "Pool size, e.g. 4G (required for a file; a device's size by default).") var size: String?
+    @Option(name: .long, help: "Name of the pool's volume (its NBD export name).") var name: String = "pmem0"
+    @Flag(name: .long, help: "Reformat even if the target holds data or a pool.") var force = false
+
+    func run() throws {
+        try reportingErrors {
+            var bytes: UInt64?
+            if let size {
+                guard let b = parseSize(size) else { throw ServeError("cannot parse size '\(size)' (examples: 4G, 512M, 1T)") }
+                bytes = b
+            }
+            let h = try PoolFile.create(path: pool, size: bytes, volumeName: name, force: force)
+            print("created \(pool): \(formatBytes(h.poolSize)), uuid \(h.uuidString), export '\(h.volumeName)' of \(formatBytes(h.dataSize))")
+            return 0
+        }
+    }
+}
+
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show a pool's size, persistence mode, UUID and exports.")
+
+    @Argument(help: "Pool file or device.") var pool: String
+    @Flag(name: .long, help: "Print JSON.") var json = false
+    @Option(name: .long, help: "auto, cacheline or page.") var persistence: String = "auto"
+
+    func run() throws {
+        try reportingErrors {
+            guard let mode = PersistenceMode(rawValue: persistence) else { throw ServeError("--persistence must be auto, cacheline or page") }
+            print(try PoolInfo.describe(path: pool, persistence: mode, json: json))
+            return 0
+        }
+    }
+}
+
+struct Serve: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve a pool over NBD (foreground; SIGTERM or SIGINT stops it cleanly).",
+        discussion: """
+        With neither --unix nor --port it listens on TCP \(ServeOptions.defaultPort) at --bind. Sockets passed by
+        systemd (LISTEN_FDS) are used instead when present. Aliases follow nbdkit and qemu-nbd:
+        -U/-k socket, -p port, -r read-only, -e/-x export name, -s stdio, -P pid file.
+        """)
+
+    @Argument(help: "Pool file or device.") var pool: String = "pmem-nbd.pool"
+    @Option(name: [.customLong("create")], help: "Create the pool with this size if it does not exist (e.g. 4G).") var create: String?
+    @Option(name: [.customShort("U"), .customShort("k"), .customLong("unix"), .customLong("socket")], help: "Listen on this Unix socket.") var unix: String?
+    @Option(name: [.customShort("p"), .customLong("port")], help: "Listen on this TCP port (default \(ServeOptions.defaultPort)).") var port: UInt16?
+    @Option(name: [.customShort("b"), .customShort("i"), .customLong("bind"), .customLong("ipaddr")], help: "TCP address to bind.") var bind: String = "127.0.0.1"
+    @Flag(name: [.customShort("s"), .customLong("stdio"), .customLong("single")], help: "Serve one connection on stdin/stdout.") var stdio = false
+    @Flag(name: [.customShort("r"), .customLong("read-only"), .customLong("readonly")], help: "Export read-only.") var readOnly = false
+    @Option(name: [.customShort("e"), .customShort("x"), .customLong("export-name"), .customLong("export")], help: "Advertise the default volume under this name.") var exportName: String?
+    @Option(name: [.customShort("P"), .customLong("pidfile"), .customLong("pid-file")], help: "Write the process id here once listening.") var pidfile: String?
+    @Option(name: .long, help: "auto (cache-line on DAX, page elsewhere), cacheline or page.") var persistence: String = "auto"
+    @Flag(name: [.customShort("v"), .customLong("verbose")], help: "More logging (repeat for more).") var verbose: Int
+    @Flag(name: [.customShort("f"), .customLong("foreground")], help: "Stay in the foreground (the default).") var foreground = false
+    @Flag(name: [.customShort("t"), .customLong("persistent")], help: "Keep serving after clients disconnect (the default).") var persistent = false
+
+    func run() throws {
+        Log.setLevel(Log.Level(rawValue: min(Log.Level.trace.rawValue, Log.Level.warning.rawValue + verbose)) ?? .trace)
+        try reportingErrors {
+            guard let mode = PersistenceMode(rawValue: persistence) else { throw ServeError("--persistence must be auto, cacheline or page") }
+            var o = ServeOptions(poolPath: pool)
+            if let create {
+                guard let size = parseSize(create) else { throw ServeError("cannot parse size '\(create)'") }
+                o.createSize = size
+            }
+            o.unixPath = unix
+            o.port = port
+            o.bindAddress = bind
+            o.stdio = stdio
+            o.readOnly = readOnly
+            o.exportName = exportName
+            o.pidFile = pidfile
+            o.persistence = mode
+            return try ServeCommand.run(o)
+        }
+    }
+}
