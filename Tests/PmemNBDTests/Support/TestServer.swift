@@ -1,0 +1,65 @@
+import Foundation
+import Glibc
+import NBDServer
+import PmemNBD
+import PmemPool
+import PmemSystem
+
+/// A scratch directory removed when the value goes away.
+final class ScratchDirectory {
+    let path: String
+
+    init() {
+        var template = Array("/tmp/pmem-nbd-test-XXXXXX".utf8CString)
+        guard mkdtemp(&template) != nil else { fatalError("mkdtemp: \(Errno.current)") }
+        path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    func file(_ name: String) -> String { path + "/" + name }
+
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+}
+
+/// A pool served in this process on a Unix socket.
+final class TestServer {
+    let scratch = ScratchDirectory()
+    let poolPath: String
+    let socketPath: String
+    let pool: PoolFile
+    let volume: LinearVolume
+    let server: Server
+
+    init(size: UInt64 = 64 << 20, readOnly: Bool = false, persistence: PersistenceMode = .page, exportName: String? = nil) throws {
+        poolPath = scratch.file("pool")
+        socketPath = scratch.file("s.sock")
+        try PoolFile.create(path: poolPath, size: size, volumeName: "vol0")
+        pool = try PoolFile.open(path: poolPath, readOnly: readOnly, persistence: persistence)
+        volume = LinearVolume(pool: pool, readOnly: readOnly)
+        server = Server(exports: PoolExports(volumes: [volume], readOnly: readOnly, defaultName: exportName))
+        try server.listen(on: [Socket.listenUnix(path: socketPath)])
+    }
+
+    var uri: String { "nbd+unix:///?socket=\(socketPath)" }
+    func uri(export: String) -> String { "nbd+unix:///\(export)?socket=\(socketPath)" }
+
+    /// A connected libnbd client.
+    func client(_ configure: (NBDClient) throws -> Void = { _ in }) throws -> NBDClient {
+        let c = try NBDClient()
+        try configure(c)
+        try c.connect(unix: socketPath)
+        return c
+    }
+
+    deinit { server.shutdown(timeoutSeconds: 10) }
+}
+
+/// Deterministic test data.
+func pattern(_ count: Int, seed: UInt64) -> [UInt8] {
+    var x = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+    return (0..<count).map { _ in
+        x ^= x << 13
+        x ^= x >> 7
+        x ^= x << 17
+        return UInt8(truncatingIfNeeded: x)
+    }
+}
