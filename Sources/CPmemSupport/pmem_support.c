@@ -226,6 +226,17 @@ void pmem_atomic_store64(uint64_t *word, uint64_t value) { __atomic_store_n(word
 int pmem_atomic_cas64(uint64_t *word, uint64_t expected, uint64_t desired) {
   return __atomic_compare_exchange_n(word, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
+void pmem_atomic_store64_seqcst(uint64_t *word, uint64_t value) { __atomic_store_n(word, value, __ATOMIC_SEQ_CST); }
+
+int pmem_rwlock_init_writer_preferring(pthread_rwlock_t *lock) {
+  pthread_rwlockattr_t attr;
+  pthread_rwlockattr_init(&attr);
+  pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  int r = pthread_rwlock_init(lock, &attr);
+  pthread_rwlockattr_destroy(&attr);
+  return r;
+}
+
 uint32_t pmem_atomic_load32(const uint32_t *word) { return __atomic_load_n(word, __ATOMIC_ACQUIRE); }
 void pmem_atomic_store32(uint32_t *word, uint32_t value) { __atomic_store_n(word, value, __ATOMIC_RELEASE); }
 

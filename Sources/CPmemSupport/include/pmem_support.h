@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <pthread.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -68,6 +69,11 @@ uint64_t pmem_atomic_load64(const uint64_t *word);
 void pmem_atomic_store64(uint64_t *word, uint64_t value);
 int pmem_atomic_cas64(uint64_t *word, uint64_t expected, uint64_t desired);
 uint32_t pmem_atomic_load32(const uint32_t *word);
+/// Sequentially consistent store (a store that later loads of this thread cannot pass).
+void pmem_atomic_store64_seqcst(uint64_t *word, uint64_t value);
+
+/// A pthread rwlock that prefers writers (so a commit is not starved by a stream of writers).
+int pmem_rwlock_init_writer_preferring(pthread_rwlock_t *lock);
 void pmem_atomic_store32(uint32_t *word, uint32_t value);
 
 /// fallocate(FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE): 0 or -1 with errno.
