@@ -56,12 +56,16 @@ public protocol BlockVolume: AnyObject, Sendable {
     /// Names of the NBD metadata contexts this volume answers (`base:allocation` and more).
     var metaContexts: [String] { get }
 
+    /// A guard a connection holds (entered) while it uses pointers `read` returned.
+    func makeReadGuard() -> ReadGuard
+
     /// Status flags of a metadata context from `offset`, extent by extent, as `allocation` does.
     func status(context: String, offset: UInt64, length: UInt64, _ body: (UInt64, UInt32) -> Bool) throws(PoolError)
 }
 
 extension BlockVolume {
     public var metaContexts: [String] { ["base:allocation"] }
+    public func makeReadGuard() -> ReadGuard { .none() }
 
     public func status(context: String, offset: UInt64, length: UInt64, _ body: (UInt64, UInt32) -> Bool) throws(PoolError) {
         guard context == "base:allocation" else { throw PoolError(.invalid, "unknown meta context \(context)") }

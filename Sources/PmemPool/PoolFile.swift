@@ -2,86 +2,56 @@ import CPmemSupport
 import Glibc
 import PmemSystem
 
-/// An open pool: its descriptor, its mapping and its validated header. Owns the mapping.
+/// The memory a pool engine works on: a mapping of the pool file or device (or, in crash tests,
+/// a traced image), and how to make it durable.
+public struct PoolMedia: @unchecked Sendable {
+    public let base: UnsafeMutableRawPointer
+    public let length: Int
+    public let persistence: Persistence
+    /// Keeps the mapping (and descriptor) alive; nil for test images.
+    public let file: PoolFile?
+
+    public init(base: UnsafeMutableRawPointer, length: Int, persistence: Persistence, file: PoolFile? = nil) {
+        self.base = base
+        self.length = length
+        self.persistence = persistence
+        self.file = file
+    }
+
+    /// A crash-test image: the engine works on the tracer's volatile image, emulating `domain`.
+    public init(tracer: PersistenceTracer, domain: Persistence.Domain) {
+        self.init(base: tracer.volatile, length: tracer.length,
+                  persistence: Persistence(domain: domain, synchronousMapping: domain == .cacheline,
+                                           base: tracer.volatile, length: tracer.length, fd: nil, tracer: tracer))
+    }
+}
+
+/// An open pool file or device: descriptor, lock, mapping. Validates the superblock before
+/// mapping anything; a file that is not a valid pool is refused, never reformatted.
 public final class PoolFile: @unchecked Sendable {
     public let path: String
     public let fd: FileDescriptor
     public let region: MappedRegion
-    public let header: PoolHeader
-    public let persistence: Persistence
+    public let superblock: Superblock
     public let readOnly: Bool
-    /// What backs the pool: a regular file, a character device (device DAX) or a block device.
     public let backing: Backing
 
     public enum Backing: String, Sendable { case file, characterDevice = "device-dax", blockDevice = "block-device" }
 
-    private init(path: String, fd: FileDescriptor, region: MappedRegion, header: PoolHeader,
-                 persistence: Persistence, readOnly: Bool, backing: Backing) {
+    private init(path: String, fd: FileDescriptor, region: MappedRegion, superblock: Superblock, readOnly: Bool, backing: Backing) {
         self.path = path
         self.fd = fd
         self.region = region
-        self.header = header
-        self.persistence = persistence
+        self.superblock = superblock
         self.readOnly = readOnly
         self.backing = backing
     }
 
     deinit { fd.close() }
 
-    /// Formats a new pool. A regular file is created sparse and must not exist (or be empty);
-    /// a device is formatted in place unless it already holds a pool (then `force` is needed).
-    @discardableResult
-    public static func create(path: String, size: UInt64?, volumeName: String = "pmem0", force: Bool = false) throws(PoolError) -> PoolHeader {
-        var st = stat()
-        let exists = stat(path, &st) == 0
-        let isDevice = exists && ((st.st_mode & S_IFMT) == S_IFCHR || (st.st_mode & S_IFMT) == S_IFBLK)
-        if exists && !isDevice && st.st_size > 0 && !force {
-            throw PoolError(.exists, "\(path) already exists and is not empty; refusing to overwrite it (use --force to reformat)")
-        }
-        let fd: FileDescriptor
-        do { fd = try FileDescriptor.open(path, O_RDWR | (isDevice ? 0 : O_CREAT)) } catch {
-            throw PoolError.system(error, "cannot open \(path)")
-        }
-        defer { fd.close() }
-        let backing = try backingKind(fd)
-        let available = try byteSize(fd, backing)
-        let poolSize: UInt64
-        if backing == .file {
-            guard let size else { throw PoolError(.invalid, "--size is required to create a pool file") }
-            poolSize = size & ~UInt64(4095)
-        } else {
-            if !force, let existing = try? readHeader(fd, available: available) {
-                throw PoolError(.exists, "\(path) already holds pool \(existing.uuidString); use --force to reformat it")
-            }
-            poolSize = min(size ?? available, available) & ~UInt64((2 << 20) - 1)
-        }
-        let header = try PoolHeader.layout(poolSize: poolSize, volumeName: volumeName)
-        do throws(Errno) {
-            if backing == .file {
-                try fd.truncate(to: 0)
-                try fd.truncate(to: Int(poolSize))
-            } else {
-                // A device holds old bytes: clear the metadata area the layout relies on being zero.
-                var off: UInt64 = 0
-                while off < header.dataOffset {
-                    let n = Int(min(1 << 20, header.dataOffset - off))
-                    try fd.writeAll(at: Int(off), bytes: [UInt8](repeating: 0, count: n))
-                    off += UInt64(n)
-                }
-            }
-            try fd.writeAll(at: 0, bytes: header.encode())
-            try fd.sync()
-        } catch {
-            throw PoolError.system(error, "cannot write \(path)")
-        }
-        if backing == .file { syncDirectory(of: path) }
-        return header
-    }
-
-    /// Opens and maps an existing pool. A file that is not a valid pool is refused with a
-    /// message saying why; it is never reformatted.
+    /// Opens, locks (unless `lock` is false) and maps a pool; `media` is what the engine uses.
     public static func open(path: String, readOnly: Bool = false, persistence mode: PersistenceMode = .auto,
-                            lock: Bool = true) throws(PoolError) -> PoolFile {
+                            lock: Bool = true) throws(PoolError) -> (PoolFile, PoolMedia) {
         let fd: FileDescriptor
         do { fd = try FileDescriptor.open(path, readOnly ? O_RDONLY : O_RDWR) } catch {
             if error == .noSuchFile { throw PoolError(.notFound, "\(path) does not exist; create a pool with 'pmem-nbd create \(path) --size 4G'") }
@@ -95,11 +65,10 @@ public final class PoolFile: @unchecked Sendable {
             }
             let backing = try backingKind(fd)
             let available = try byteSize(fd, backing)
-            let header = try readHeader(fd, available: available)
+            let sb = try readSuperblock(fd, available: available)
             let region: MappedRegion
             do {
-                region = try MappedRegion.map(fd, length: Int(header.poolSize), writable: !readOnly,
-                                              preferSynchronous: mode != .page)
+                region = try MappedRegion.map(fd, length: Int(sb.layout.poolSize), writable: !readOnly, preferSynchronous: mode != .page)
             } catch { throw PoolError.system(error, "cannot map \(path)") }
             let sync = region.kind == .synchronous || (readOnly && mode != .page && MappedRegion.supportsSynchronous(fd))
             let domain: Persistence.Domain
@@ -110,22 +79,65 @@ public final class PoolFile: @unchecked Sendable {
                 if !sync { Log.warning("\(path): cache-line persistence forced on a mapping without MAP_SYNC (for testing: not power-fail safe)") }
             case .page: domain = .page
             }
-            let persistence = Persistence(domain: domain, synchronousMapping: sync, region: region, fd: fd)
-            return PoolFile(path: path, fd: fd, region: region, header: header, persistence: persistence,
-                            readOnly: readOnly, backing: backing)
+            let file = PoolFile(path: path, fd: fd, region: region, superblock: sb, readOnly: readOnly, backing: backing)
+            let persistence = Persistence(domain: domain, synchronousMapping: sync, base: region.base, length: region.length, fd: fd)
+            return (file, PoolMedia(base: region.base, length: region.length, persistence: persistence, file: file))
         } catch {
             fd.close()
             throw error
         }
     }
 
-    static func readHeader(_ fd: FileDescriptor, available: UInt64) throws(PoolError) -> PoolHeader {
+    /// Prepares the file or device for a new pool of `size` bytes (a device's size when nil)
+    /// and maps it: regular files are created sparse and must not exist (or be empty) unless
+    /// `force`; a device that already holds a pool needs `force`.
+    static func prepareNew(path: String, size: UInt64?, force: Bool) throws(PoolError) -> (FileDescriptor, MappedRegion, Backing, UInt64) {
+        var st = stat()
+        let exists = stat(path, &st) == 0
+        let isDevice = exists && ((st.st_mode & S_IFMT) == S_IFCHR || (st.st_mode & S_IFMT) == S_IFBLK)
+        if exists && !isDevice && st.st_size > 0 && !force {
+            throw PoolError(.exists, "\(path) already exists and is not empty; refusing to overwrite it (use --force to reformat)")
+        }
+        let fd: FileDescriptor
+        do { fd = try FileDescriptor.open(path, O_RDWR | (isDevice ? 0 : O_CREAT)) } catch {
+            throw PoolError.system(error, "cannot open \(path)")
+        }
+        do throws(PoolError) {
+            do { try fd.lockExclusive() } catch { throw PoolError(.exists, "\(path) is in use by another pmem-nbd process") }
+            let backing = try backingKind(fd)
+            let available = try byteSize(fd, backing)
+            let poolSize: UInt64
+            if backing == .file {
+                guard let size else { throw PoolError(.invalid, "--size is required to create a pool file") }
+                poolSize = size & ~UInt64(4095)
+                do {
+                    try fd.truncate(to: 0)
+                    try fd.truncate(to: Int(poolSize))
+                } catch { throw PoolError.system(error, "cannot size \(path)") }
+            } else {
+                if !force, let existing = try? readSuperblock(fd, available: available) {
+                    throw PoolError(.exists, "\(path) already holds pool \(existing.uuidString); use --force to reformat it")
+                }
+                poolSize = min(size ?? available, available) & ~UInt64((2 << 20) - 1)
+            }
+            let region: MappedRegion
+            do { region = try MappedRegion.map(fd, length: Int(poolSize), writable: true, preferSynchronous: true) } catch {
+                throw PoolError.system(error, "cannot map \(path)")
+            }
+            return (fd, region, backing, poolSize)
+        } catch {
+            fd.close()
+            throw error
+        }
+    }
+
+    static func readSuperblock(_ fd: FileDescriptor, available: UInt64) throws(PoolError) -> Superblock {
         let buf: [UInt8]
-        do { buf = try fd.read(at: 0, count: PoolHeader.encodedSize) } catch {
+        do { buf = try fd.read(at: 0, count: Superblock.encodedSize) } catch {
             throw PoolError.system(error, "cannot read the pool header")
         }
-        let r: Result<PoolHeader, PoolError> = buf.withUnsafeBytes { b in
-            Result { () throws(PoolError) in try PoolHeader.decode(b, available: available) }
+        let r: Result<Superblock, PoolError> = buf.withUnsafeBytes { b in
+            Result { () throws(PoolError) in try Superblock.decode(b, available: available) }
         }
         return try r.get()
     }
@@ -163,18 +175,13 @@ public final class PoolFile: @unchecked Sendable {
             return n
         }
     }
-
-    /// The pool's bytes as a raw pointer for a byte offset.
-    @inline(__always)
-    public func pointer(_ offset: UInt64) -> UnsafeMutableRawPointer { region.base + Int(offset) }
 }
 
 func readSmallFile(_ path: String) -> String? {
     guard let fd = try? FileDescriptor.open(path, O_RDONLY) else { return nil }
     defer { fd.close() }
-    var buf = [UInt8](repeating: 0, count: 4096)
-    guard let n = try? buf.withUnsafeMutableBytes({ try fd.read(into: $0) }) else { return nil }
-    return String(decoding: buf[0..<n], as: UTF8.self)
+    guard let bytes = try? fd.read(at: 0, count: 4096) else { return nil }
+    return String(decoding: bytes, as: UTF8.self)
 }
 
 func syncDirectory(of path: String) {

@@ -1,0 +1,184 @@
+import CPmemSupport
+import PmemSystem
+import Synchronization
+
+/// Which connections may still be reading pool memory: epoch-based reclamation. A reader
+/// publishes the global epoch while it holds pointers into the pool (from looking up a map
+/// until its reply is sent); a freed block is stamped with the epoch and reused only once
+/// every active reader entered after that stamp.
+public final class ReaderEpochs: @unchecked Sendable {
+    static let slotCount = 4096
+    private let slots: UnsafeMutablePointer<UInt64>
+    private let inUse = Mutex<[Bool]>([Bool](repeating: false, count: ReaderEpochs.slotCount))
+    private let global = Atomic<UInt64>(1)
+
+    init() {
+        slots = .allocate(capacity: ReaderEpochs.slotCount)
+        slots.initialize(repeating: 0, count: ReaderEpochs.slotCount)
+    }
+
+    deinit { slots.deallocate() }
+
+    func register() -> Int? {
+        inUse.withLock { used in
+            guard let i = used.firstIndex(of: false) else { return nil }
+            used[i] = true
+            return i
+        }
+    }
+
+    func unregister(_ slot: Int) {
+        pmem_atomic_store64_seqcst(slots + slot, 0)
+        inUse.withLock { $0[slot] = false }
+    }
+
+    @inline(__always) func enter(_ slot: Int) {
+        pmem_atomic_store64_seqcst(slots + slot, global.load(ordering: .sequentiallyConsistent))
+    }
+
+    @inline(__always) func exit(_ slot: Int) { pmem_atomic_store64(slots + slot, 0) }
+
+    /// Stamps retired blocks: returns the current epoch and starts a new one.
+    func advance() -> UInt64 { global.add(1, ordering: .sequentiallyConsistent).oldValue }
+
+    /// The oldest epoch a reader is in, or UInt64.max when none is reading.
+    func oldestActive() -> UInt64 {
+        var m = UInt64.max
+        for i in 0..<ReaderEpochs.slotCount {
+            let v = pmem_atomic_load64(slots + i)
+            if v != 0 && v < m { m = v }
+        }
+        return m
+    }
+}
+
+/// A connection's handle for reading pool memory safely: `enter` before looking blocks up,
+/// `exit` once nothing it read from is referenced any more (its replies are sent).
+public final class ReadGuard: @unchecked Sendable {
+    let epochs: ReaderEpochs?
+    let slot: Int
+
+    init(epochs: ReaderEpochs?) {
+        if let epochs, let slot = epochs.register() {
+            self.epochs = epochs
+            self.slot = slot
+        } else {
+            self.epochs = nil
+            self.slot = -1
+        }
+    }
+
+    /// A guard that protects nothing (for volumes that never move blocks).
+    public static func none() -> ReadGuard { ReadGuard(epochs: nil) }
+
+    @inline(__always) public func enter() { epochs?.enter(slot) }
+    @inline(__always) public func exit() { epochs?.exit(slot) }
+
+    deinit { epochs?.unregister(slot) }
+}
+
+/// Hands out free physical blocks. Persistent truth is the refcount array (0 = free) and the
+/// high-water mark (every block at or above it is free); this DRAM state is rebuilt lazily, so
+/// opening a pool costs the same whatever its size:
+/// - a stack of blocks known free,
+/// - a scan cursor that walks the refcounts below the high-water mark seen at open, a chunk at
+///   a time, only when the stack is empty,
+/// - blocks freed by an operation are held until the batch that freed them is durable and
+///   every reader that might still see them has moved on (then they return to the stack).
+final class Allocator: @unchecked Sendable {
+    let layout: PoolLayout
+    let journal: Journal
+    let epochs: ReaderEpochs
+    private let lock = PosixMutex()
+    private var free: [UInt64] = []
+    private var cursor: UInt64 = 1
+    private let scanEnd: UInt64
+    /// Blocks at or above this have never been used (persisted at each commit).
+    private(set) var highWater: UInt64
+    /// Blocks freed in a batch not yet durable: batch → blocks.
+    private var quarantine: [UInt64: [UInt64]] = [:]
+    /// Durable frees waiting for readers: (epoch stamp, blocks).
+    private var limbo: [(UInt64, [UInt64])] = []
+    /// Blocks in quarantine or limbo (the scan must not hand them out).
+    private var held: Set<UInt64> = []
+    /// Blocks with a nonzero refcount (persisted at each commit).
+    let allocated: Atomic<Int64>
+
+    init(layout: PoolLayout, journal: Journal, epochs: ReaderEpochs, highWater: UInt64, allocated: Int64) {
+        self.layout = layout
+        self.journal = journal
+        self.epochs = epochs
+        self.highWater = max(1, min(highWater, layout.blockCount))
+        self.scanEnd = self.highWater
+        self.allocated = Atomic(allocated)
+    }
+
+    @inline(__always) func refcount(_ b: UInt64) -> UInt32 {
+        UInt32(truncatingIfNeeded: journal.load(layout.refcountWordOffset(b)) >> PoolLayout.refcountShift(b))
+    }
+
+    /// A block for the caller's exclusive use (not yet referenced), or nil when the pool is
+    /// full (apart from held blocks: committing may release some).
+    func reserve() -> UInt64? {
+        lock.lock()
+        defer { lock.unlock() }
+        if let b = free.popLast() { return b }
+        while cursor < scanEnd {
+            let end = min(scanEnd, cursor + 4096)
+            for b in cursor..<end where refcount(b) == 0 && !held.contains(b) { free.append(b) }
+            cursor = end
+            if !free.isEmpty {
+                free.reverse()
+                return free.popLast()
+            }
+        }
+        if highWater < layout.blockCount {
+            highWater += 1
+            return highWater - 1
+        }
+        return nil
+    }
+
+    /// Returns a reserved block that was never referenced.
+    func unreserve(_ b: UInt64) {
+        lock.withLock { free.append(b) }
+    }
+
+    /// A block's refcount dropped to zero in `batch`.
+    func freed(_ b: UInt64, batch: UInt64) {
+        lock.withLock {
+            quarantine[batch, default: []].append(b)
+            held.insert(b)
+        }
+    }
+
+    /// Batches up to `batch` are durable: their frees wait only for readers now.
+    func committed(through batch: UInt64) {
+        let stamp = epochs.advance()
+        lock.withLock {
+            var blocks: [UInt64] = []
+            for k in quarantine.keys where k <= batch { blocks += quarantine.removeValue(forKey: k)! }
+            if !blocks.isEmpty { limbo.append((stamp, blocks)) }
+        }
+        reclaim()
+    }
+
+    /// Moves blocks no reader can still see back to the free stack.
+    func reclaim() {
+        let oldest = epochs.oldestActive()
+        lock.withLock {
+            while let first = limbo.first, first.0 < oldest {
+                limbo.removeFirst()
+                for b in first.1 {
+                    held.remove(b)
+                    // Blocks the scan has yet to reach will be found by it.
+                    if b < cursor || b >= scanEnd { free.append(b) }
+                }
+            }
+        }
+    }
+
+    /// Blocks waiting on a commit or on readers.
+    var heldCount: Int { lock.withLock { held.count } }
+    var knownFree: Int { lock.withLock { free.count } }
+}

@@ -1,0 +1,282 @@
+import Glibc
+import PmemSystem
+
+/// Zeroes as a payload (WRITE_ZEROES with NO_HOLE, and partial blocks of a zeroed range).
+struct ZeroSource: ByteSource {
+    mutating func fill(_ destination: UnsafeMutableRawBufferPointer, nonTemporal: Bool) throws(Errno) {
+        guard let p = destination.baseAddress, destination.count > 0 else { return }
+        if nonTemporal { PersistentMemory.zeroNonTemporal(p, count: destination.count) } else { memset(p, 0, destination.count) }
+    }
+}
+
+/// A volume or snapshot of a version-2 pool as a block device. Writes go out of place: each
+/// 4 KiB block is written into a free block, made durable, and only then does the map point
+/// at it (in the journal's running batch) — so after a crash a block holds its old or its new
+/// contents, never a mix. Sub-block writes copy the old block first (read-modify-write).
+public final class EngineVolume: BlockVolume, @unchecked Sendable {
+    unowned let engine: PoolEngine
+    public let slot: Int
+    public let id: UInt64
+    public let name: String
+    public let kind: VolumeRecord.Kind
+    public let size: UInt64
+    public let depth: Int
+    public let readOnly: Bool
+    let rootOffset: UInt64
+    /// Held while this volume's map changes.
+    let mapLock = PosixMutex()
+    /// Serialise read-modify-write of one block between connections (striped by block).
+    private let stripes = (0..<64).map { _ in PosixMutex() }
+
+    init(engine: PoolEngine, record: VolumeRecord) {
+        self.engine = engine
+        slot = record.slot
+        id = record.id
+        name = record.name
+        kind = record.kind
+        size = record.size
+        depth = record.depth
+        readOnly = engine.readOnly || record.kind != .volume
+        rootOffset = VolumeRecord.offset(slot: record.slot) + VolumeRecord.rootField
+    }
+
+    public var summary: String { "pmem-nbd \(kind == .snapshot ? "snapshot" : "volume") \(name), \(size) bytes" }
+    public var fastZero: Bool { true }
+    public var flushIsCheap: Bool { engine.persistence.domain == .cacheline }
+    public func makeReadGuard() -> ReadGuard { engine.makeReadGuard() }
+
+    static let bs: UInt64 = 4096
+
+    // MARK: read
+
+    public func read(offset: UInt64, length: Int, _ body: (Segment) -> Void) throws(PoolError) {
+        guard offset <= size, UInt64(length) <= size - offset else { throw PoolError(.invalid, "read beyond the end") }
+        let base = UnsafeRawPointer(engine.media.base)
+        var pos = offset
+        let end = offset + UInt64(length)
+        var dataStart: UnsafeRawPointer?
+        var dataLength = 0
+        var holeLength = 0
+        func emitData() { if let d = dataStart { body(.data(d, dataLength)); dataStart = nil; dataLength = 0 } }
+        func emitHole() { if holeLength > 0 { body(.hole(holeLength)); holeLength = 0 } }
+        while pos < end {
+            let vb = pos >> 12
+            let (leaf, span) = try engine.leaf(rootOffset: rootOffset, depth: depth, vblock: vb)
+            if leaf == 0 {
+                let next = min(end, (vb + span) << 12)
+                emitData()
+                holeLength += Int(next - pos)
+                pos = next
+                continue
+            }
+            let leafEnd = min(end, ((vb | 511) + 1) << 12)
+            while pos < leafEnd {
+                let v = pos >> 12
+                let inBlock = Int(pos & 4095)
+                let n = Int(min(leafEnd, (v + 1) << 12) - pos)
+                let p = engine.journal.load(engine.entryOffset(node: leaf, index: Int(v & 511))) & MapEntry.blockMask
+                if p == 0 {
+                    emitData()
+                    holeLength += n
+                } else {
+                    guard engine.validBlock(p) else { throw PoolError(.io, "map entry for block \(v) is out of range (corrupt map)") }
+                    emitHole()
+                    let ptr = base + Int(engine.layout.blockOffset(p)) + inBlock
+                    if let d = dataStart, d + dataLength == ptr {
+                        dataLength += n
+                    } else {
+                        emitData()
+                        dataStart = ptr
+                        dataLength = n
+                    }
+                }
+                pos += UInt64(n)
+            }
+        }
+        emitData()
+        emitHole()
+    }
+
+    // MARK: write
+
+    public func write(offset: UInt64, length: Int, fua: Bool, from source: inout some ByteSource) throws(PoolError) {
+        guard !readOnly else { throw PoolError(.readOnly, "\(name) is read-only") }
+        guard offset <= size, UInt64(length) <= size - offset else { throw PoolError(.noSpace, "write beyond the end") }
+        var pos = offset
+        let end = offset + UInt64(length)
+        while pos < end {
+            // One metadata group per leaf: bounded size, at most `depth` new map nodes.
+            let chunkEnd = min(end, (((pos >> 12) | 511) + 1) << 12)
+            try writeChunk(pos, chunkEnd, &source)
+            pos = chunkEnd
+        }
+        if fua { try engine.sync() }
+    }
+
+    private func writeChunk(_ start: UInt64, _ end: UInt64, _ source: inout some ByteSource) throws(PoolError) {
+        let first = start >> 12
+        let count = Int(((end - 1) >> 12) - first + 1)
+        let headPartial = start & 4095 != 0 || (count == 1 && end & 4095 != 0)
+        let tailPartial = count > 1 && end & 4095 != 0
+        // Lock the stripes of partial blocks (ascending, once each) for the whole RMW.
+        var locked: [Int] = []
+        if headPartial { locked.append(Int(first & 63)) }
+        if tailPartial { let t = Int((first + UInt64(count - 1)) & 63); if !locked.contains(t) { locked.append(t) } }
+        locked.sort()
+        for s in locked { stripes[s].lock() }
+        defer { for s in locked { stripes[s].unlock() } }
+
+        try withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count) { (blocks) throws(PoolError) in
+            var reserved = 0
+            var published = 0
+            defer { for i in published..<reserved { engine.allocator.unreserve(blocks[i]) } }
+            for i in 0..<count {
+                blocks[i] = try engine.reserveBlock()
+                reserved += 1
+            }
+            let base = engine.media.base
+            let persistence = engine.persistence
+            let nt = persistence.prefersNonTemporal
+            for i in 0..<count {
+                let vb = first + UInt64(i)
+                let blockStart = vb << 12
+                let a = max(start, blockStart), b = min(end, blockStart + 4096)
+                let dst = base + Int(engine.layout.blockOffset(blocks[i]))
+                if b - a < 4096 {
+                    let old = try engine.lookup(rootOffset: rootOffset, depth: depth, vblock: vb)
+                    if old != 0 {
+                        guard engine.validBlock(old) else { throw PoolError(.io, "map entry for block \(vb) is out of range (corrupt map)") }
+                        PersistentMemory.copyNonTemporal(to: dst, from: base + Int(engine.layout.blockOffset(old)), count: 4096)
+                    } else {
+                        PersistentMemory.zeroNonTemporal(dst, count: 4096)
+                    }
+                }
+                do throws(Errno) {
+                    try source.fill(UnsafeMutableRawBufferPointer(start: dst + Int(a - blockStart), count: Int(b - a)), nonTemporal: nt)
+                } catch {
+                    throw PoolError(.source(error), "payload: \(error)")
+                }
+                persistence.didStoreNonTemporal(dst, 4096)
+            }
+            // The metadata group fences this thread's data before its gate is released, so the
+            // blocks are durable before any commit names them.
+            try engine.ensureNodeReserve(depth + 1)
+            try engine.withMetadata(words: 3 * count + (depth + 1) * 520 + 16) { () throws(PoolError) in
+                mapLock.lock()
+                defer { mapLock.unlock() }
+                guard let leaf = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: first, stopLevel: 0, create: true) else {
+                    throw PoolError(.io, "map walk failed")
+                }
+                for i in 0..<count {
+                    let off = engine.entryOffset(node: leaf, index: Int((first + UInt64(i)) & 511))
+                    let old = engine.journal.load(off) & MapEntry.blockMask
+                    engine.journal.store(off, blocks[i])
+                    engine.adjustRefcount(blocks[i], 1, level: -1)
+                    if old != 0 { engine.adjustRefcount(old, -1, level: -1) }
+                    published += 1
+                }
+            }
+        }
+    }
+
+    // MARK: trim and zero
+
+    public func trim(offset: UInt64, length: UInt64, fua: Bool) throws(PoolError) {
+        guard !readOnly else { throw PoolError(.readOnly, "\(name) is read-only") }
+        guard offset <= size, length <= size - offset else { throw PoolError(.invalid, "trim beyond the end") }
+        try unmap(first: (offset + 4095) >> 12, end: (offset + length) >> 12)
+        if fua { try engine.sync() }
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt64, mayTrim: Bool, fast: Bool, fua: Bool) throws(PoolError) {
+        guard !readOnly else { throw PoolError(.readOnly, "\(name) is read-only") }
+        guard offset <= size, length <= size - offset else { throw PoolError(.noSpace, "write beyond the end") }
+        if fast && !mayTrim { throw PoolError.notFast }
+        guard length > 0 else { return }
+        var zeroes = ZeroSource()
+        if !mayTrim {
+            // Provisioned zeroes: real blocks of zeroes, written like data.
+            var pos = offset
+            while pos < offset + length {
+                let n = min(offset + length - pos, 32 << 20)
+                try write(offset: pos, length: Int(n), fua: false, from: &zeroes)
+                pos += n
+            }
+        } else {
+            let first = (offset + 4095) >> 12, end = (offset + length) >> 12
+            if first > end {
+                // Inside one block.
+                try zeroPart(offset, offset + length, &zeroes)
+            } else {
+                if offset & 4095 != 0 { try zeroPart(offset, first << 12, &zeroes) }
+                if (offset + length) & 4095 != 0 { try zeroPart(end << 12, offset + length, &zeroes) }
+                try unmap(first: first, end: end)
+            }
+        }
+        if fua { try engine.sync() }
+    }
+
+    /// Zeroes part of one block: nothing to do for a hole, else a read-modify-write.
+    private func zeroPart(_ a: UInt64, _ b: UInt64, _ zeroes: inout ZeroSource) throws(PoolError) {
+        guard b > a, try engine.lookup(rootOffset: rootOffset, depth: depth, vblock: a >> 12) != 0 else { return }
+        try write(offset: a, length: Int(b - a), fua: false, from: &zeroes)
+    }
+
+    /// Unmaps whole blocks [first, end): one metadata group per leaf; a leaf covered whole is
+    /// dropped from its parent (one reference less, however shared it is).
+    func unmap(first: UInt64, end: UInt64) throws(PoolError) {
+        var v = first
+        while v < end {
+            let leafEnd = min(end, (v | 511) + 1)
+            let (leaf, span) = try engine.leaf(rootOffset: rootOffset, depth: depth, vblock: v)
+            if leaf == 0 {
+                v = min(end, v + span)
+                continue
+            }
+            let whole = v & 511 == 0 && leafEnd - v == 512 && depth > 1
+            try engine.ensureNodeReserve(depth + 1)
+            try engine.withMetadata(words: 2 * 512 + (depth + 1) * 520 + 16) { () throws(PoolError) in
+                mapLock.lock()
+                defer { mapLock.unlock() }
+                if whole {
+                    guard let parent = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: v, stopLevel: 1, create: false) else { return }
+                    let off = engine.entryOffset(node: parent, index: PoolEngine.index(v, level: 1))
+                    let child = engine.journal.load(off) & MapEntry.blockMask
+                    guard child != 0 else { return }
+                    engine.journal.store(off, 0)
+                    engine.adjustRefcount(child, -1, level: 0)
+                    return
+                }
+                guard let leaf = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: v, stopLevel: 0, create: false) else { return }
+                for u in v..<leafEnd {
+                    let off = engine.entryOffset(node: leaf, index: Int(u & 511))
+                    let old = engine.journal.load(off) & MapEntry.blockMask
+                    if old != 0 {
+                        engine.journal.store(off, 0)
+                        engine.adjustRefcount(old, -1, level: -1)
+                    }
+                }
+            }
+            v = leafEnd
+        }
+    }
+
+    // MARK: the rest
+
+    public func flush() throws(PoolError) { try engine.sync() }
+
+    public func cache(offset: UInt64, length: UInt64) throws(PoolError) {
+        guard offset <= size, length <= size - offset else { throw PoolError(.invalid, "cache beyond the end") }
+    }
+
+    public func allocation(offset: UInt64, length: UInt64, _ body: (UInt64, ExtentStatus) -> Bool) throws(PoolError) {
+        guard offset < size, length <= size - offset else { throw PoolError(.invalid, "range beyond the end") }
+        var skip = offset & 4095
+        try engine.allocationRuns(rootOffset: rootOffset, depth: depth, first: offset >> 12,
+                                  end: (offset + length + 4095) >> 12) { blocks, mapped in
+            let bytes = (blocks << 12) - skip
+            skip = 0
+            return body(bytes, mapped ? [] : [.hole, .zero])
+        }
+    }
+}

@@ -1,0 +1,166 @@
+import CPmemSupport
+import Glibc
+import Synchronization
+
+/// A model of persistent memory for crash testing (like PMDK's pmreorder).
+///
+/// The engine works on the *volatile* image (ordinary memory). `durable` holds what has surely
+/// reached media. A flush snapshots the flushed cache lines; a fence makes those snapshots
+/// durable. At any moment, every 8-byte word whose volatile value differs from its durable
+/// value may or may not have reached media (write-back, eviction, flushed-but-unfenced): a
+/// crash state is the durable image plus any subset of those words. Hardware guarantees no
+/// more than 8-byte atomicity, and the model assumes no more.
+///
+/// At each fence and sync the tracer calls `crashPoint` (before making anything durable), so
+/// a test can freeze crash states there.
+public final class PersistenceTracer: @unchecked Sendable {
+    public let length: Int
+    /// The image the engine reads and writes.
+    public let volatile: UnsafeMutableRawPointer
+    /// What is known to be on media.
+    public let durable: UnsafeMutableRawPointer
+    typealias Line = (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64)
+    /// Flushed-but-unfenced lines per thread (a fence orders only its own thread's flushes):
+    /// thread → line offset → contents at flush time.
+    private var pending: [Int32: [Int: Line]] = [:]
+    private let lock = Mutex<Void>(())
+    /// Incremental hash of the durable image (XOR of a hash per word), for counting distinct states.
+    public private(set) var durableHash: UInt64 = 0
+    /// Called at every fence/sync with the tracer itself; nil when not collecting.
+    public var crashPoint: ((PersistenceTracer, String) -> Void)?
+    /// Number of fences and syncs seen.
+    public private(set) var fences = 0
+    /// A label for the operation in progress (shown with crash points).
+    public var phase = ""
+
+    /// Wraps an image: `initial` bytes are both volatile and durable.
+    public init(image: UnsafeRawBufferPointer) {
+        length = image.count
+        volatile = .allocate(byteCount: length, alignment: 4096)
+        durable = .allocate(byteCount: length, alignment: 4096)
+        volatile.copyMemory(from: image.baseAddress!, byteCount: length)
+        durable.copyMemory(from: image.baseAddress!, byteCount: length)
+        durableHash = PersistenceTracer.hashImage(durable, length)
+    }
+
+    deinit {
+        volatile.deallocate()
+        durable.deallocate()
+    }
+
+    @inline(__always)
+    public static func wordHash(_ offset: Int, _ value: UInt64) -> UInt64 {
+        var z = UInt64(truncatingIfNeeded: offset) &* 0x9E37_79B9_7F4A_7C15 ^ value
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    static func hashImage(_ p: UnsafeRawPointer, _ n: Int) -> UInt64 {
+        var h: UInt64 = 0
+        var off = 0
+        while off < n {
+            let v = p.load(fromByteOffset: off, as: UInt64.self)
+            if v != 0 { h ^= wordHash(off, v) }
+            off += 8
+        }
+        return h
+    }
+
+    func flush(offset: Int, count: Int) {
+        guard count > 0 else { return }
+        let thread = pmem_gettid()
+        lock.withLock { _ in
+            var line = offset & ~63
+            while line < offset + count && line < length {
+                let p = volatile + line
+                pending[thread, default: [:]][line] = (p.load(fromByteOffset: 0, as: UInt64.self), p.load(fromByteOffset: 8, as: UInt64.self),
+                                 p.load(fromByteOffset: 16, as: UInt64.self), p.load(fromByteOffset: 24, as: UInt64.self),
+                                 p.load(fromByteOffset: 32, as: UInt64.self), p.load(fromByteOffset: 40, as: UInt64.self),
+                                 p.load(fromByteOffset: 48, as: UInt64.self), p.load(fromByteOffset: 56, as: UInt64.self))
+                line += 64
+            }
+        }
+    }
+
+    private func makeDurable(_ offset: Int, _ value: UInt64) {
+        let old = durable.load(fromByteOffset: offset, as: UInt64.self)
+        guard old != value else { return }
+        if old != 0 { durableHash ^= PersistenceTracer.wordHash(offset, old) }
+        if value != 0 { durableHash ^= PersistenceTracer.wordHash(offset, value) }
+        durable.storeBytes(of: value, toByteOffset: offset, as: UInt64.self)
+    }
+
+    func fence() {
+        crashPoint?(self, "fence")
+        let thread = pmem_gettid()
+        lock.withLock { _ in
+            fences += 1
+            guard let mine = pending.removeValue(forKey: thread) else { return }
+            for (line, words) in mine {
+                withUnsafeBytes(of: words) { w in
+                    for i in 0..<8 { makeDurable(line + 8 * i, w.load(fromByteOffset: 8 * i, as: UInt64.self)) }
+                }
+            }
+        }
+    }
+
+    func syncAll() {
+        crashPoint?(self, "sync")
+        lock.withLock { _ in
+            fences += 1
+            pending.removeAll(keepingCapacity: true)
+            var off = 0
+            while off < length {
+                let v = volatile.load(fromByteOffset: off, as: UInt64.self)
+                if v != durable.load(fromByteOffset: off, as: UInt64.self) { makeDurable(off, v) }
+                off += 8
+            }
+        }
+    }
+
+    /// Words whose value on media is uncertain at this instant: (offset, possible values besides
+    /// the durable one). Flushed-but-unfenced lines offer their flush-time value too.
+    public func uncertainWords() -> [(offset: Int, values: [UInt64])] {
+        lock.withLock { _ in
+            // Flush-time snapshots by line, from every thread.
+            var snapshots: [Int: [Line]] = [:]
+            for lines in pending.values { for (line, words) in lines { snapshots[line, default: []].append(words) } }
+            var out: [(Int, [UInt64])] = []
+            var off = 0
+            while off < length {
+                let snaps = snapshots[off]
+                if snaps != nil || memcmp(volatile + off, durable + off, 64) != 0 {
+                    for i in 0..<8 {
+                        let o = off + 8 * i
+                        let d = durable.load(fromByteOffset: o, as: UInt64.self)
+                        let v = volatile.load(fromByteOffset: o, as: UInt64.self)
+                        var values: [UInt64] = []
+                        if v != d { values.append(v) }
+                        for snap in snaps ?? [] {
+                            let s = withUnsafeBytes(of: snap) { $0.load(fromByteOffset: 8 * i, as: UInt64.self) }
+                            if s != d && !values.contains(s) { values.append(s) }
+                        }
+                        if !values.isEmpty { out.append((o, values)) }
+                    }
+                }
+                off += 64
+            }
+            return out
+        }
+    }
+
+    /// Builds a crash image: the durable image with the chosen words applied. Returns its hash.
+    public func crashImage(choosing chosen: [(offset: Int, value: UInt64)], into dst: UnsafeMutableRawPointer) -> UInt64 {
+        dst.copyMemory(from: durable, byteCount: length)
+        var h = durableHash
+        for (o, v) in chosen {
+            let d = durable.load(fromByteOffset: o, as: UInt64.self)
+            if d != 0 { h ^= PersistenceTracer.wordHash(o, d) }
+            if v != 0 { h ^= PersistenceTracer.wordHash(o, v) }
+            dst.storeBytes(of: v, toByteOffset: o, as: UInt64.self)
+        }
+        return h
+    }
+}
+

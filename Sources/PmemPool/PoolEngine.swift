@@ -1,0 +1,463 @@
+import CPmemSupport
+import Glibc
+import PmemSystem
+import Synchronization
+
+/// The crash-consistent pool engine (format version 2): out-of-place 4 KiB block writes, a
+/// per-volume copy-on-write radix map with reference-counted blocks, and a redo journal that
+/// commits metadata changes in atomic batches. See Docs/FORMAT.md.
+public final class PoolEngine: @unchecked Sendable {
+    public let media: PoolMedia
+    public let superblock: Superblock
+    public let layout: PoolLayout
+    public let readOnly: Bool
+    public let journal: Journal
+    let epochs = ReaderEpochs()
+    let allocator: Allocator
+    let committer: Committer
+    /// Serialises volume-table changes (create, delete, snapshot).
+    let tableLock = PosixMutex()
+    private let volumesLock = Mutex<[Int: EngineVolume]>([:])
+    /// Blocks set aside for map nodes (see `ensureNodeReserve`).
+    let nodeReserve = Mutex<[UInt64]>([])
+    /// Words replayed from the journal when this engine opened.
+    public let recoveredWords: Int
+
+    public var persistence: Persistence { media.persistence }
+
+    /// When commits run: on a background thread (servers), or on the caller's thread when a
+    /// sync or a full batch needs one (deterministic, for crash tests and tools).
+    public enum CommitMode: Sendable { case background, inline }
+
+    /// Deliberate ordering bugs, for proving that the crash-state tests catch them. Never set
+    /// outside tests.
+    public struct Faults: OptionSet, Sendable {
+        public let rawValue: Int
+        public init(rawValue: Int) { self.rawValue = rawValue }
+        /// Metadata groups end without fencing the writer's data and map nodes (cache-line domain).
+        public static let skipWriterFence = Faults(rawValue: 1)
+        /// Commits do not make data durable before the journal (page domain).
+        public static let skipDataSync = Faults(rawValue: 2)
+        /// Commits apply words in place before the journal is durable.
+        public static let applyBeforeJournal = Faults(rawValue: 4)
+    }
+
+    public let faults: Faults
+
+    // MARK: creating
+
+    /// Formats a pool image in memory (tests) or a mapped file: superblock and backup, pool
+    /// state, an empty journal and, optionally, a first volume. Everything after the
+    /// superblocks must already read as zero (sparse file, zeroed device or fresh buffer).
+    public static func format(base: UnsafeMutableRawPointer, poolSize: UInt64, volumeName: String?,
+                              volumeSize: UInt64? = nil) throws(PoolError) -> Superblock {
+        let layout = try PoolLayout.compute(poolSize: poolSize)
+        let sb = Superblock.new(layout: layout)
+        let bytes = sb.encode()
+        bytes.withUnsafeBytes { b in
+            (base + PoolLayout.superblockOffset).copyMemory(from: b.baseAddress!, byteCount: b.count)
+            (base + PoolLayout.backupSuperblockOffset).copyMemory(from: b.baseAddress!, byteCount: b.count)
+        }
+        func put(_ off: UInt64, _ v: UInt64) { (base + Int(off)).storeBytes(of: v, as: UInt64.self) }
+        put(PoolState.magicOffset, PoolState.magic)
+        put(PoolState.highWaterOffset, 1)
+        put(PoolState.generationOffset, 1)
+        put(PoolState.nextVolumeIDOffset, 1)
+        if let volumeName {
+            guard VolumeRecord.validName(volumeName) else { throw PoolError(.invalid, "invalid volume name '\(volumeName)' (1 to 63 bytes, no '@', '/' or spaces)") }
+            let size = volumeSize ?? defaultVolumeSize(layout)
+            let rec = VolumeRecord(slot: 0, kind: .volume, id: 1, parent: 0, root: 0, size: size,
+                                   depth: VolumeRecord.depth(forSize: size), created: UInt64(time(nil)), generation: 1, name: volumeName)
+            for (o, v) in rec.words() { put(o, v) }
+            put(PoolState.nextVolumeIDOffset, 2)
+            put(PoolState.generationOffset, 2)
+        }
+        return sb
+    }
+
+    /// The size a pool's first volume gets by default: the block area less a reserve for
+    /// map nodes and for out-of-place overwrites (1/16, at least 16 MiB), in whole MiB.
+    public static func defaultVolumeSize(_ layout: PoolLayout) -> UInt64 {
+        let capacity = layout.blockCount << 12
+        let reserve = max(16 << 20, capacity / 16)
+        return capacity > reserve ? (capacity - reserve) & ~UInt64((1 << 20) - 1) : max(1 << 20, capacity / 2)
+    }
+
+    /// Creates a pool file (sparse) or formats a device, with one volume.
+    @discardableResult
+    public static func create(path: String, size: UInt64?, volumeName: String = "pmem0", volumeSize: UInt64? = nil,
+                              force: Bool = false) throws(PoolError) -> Superblock {
+        let (fd, region, backing, poolSize) = try PoolFile.prepareNew(path: path, size: size, force: force)
+        defer { fd.close() }
+        let layout = try PoolLayout.compute(poolSize: poolSize)
+        if backing != .file {
+            // A device holds old bytes: clear every metadata area the format relies on being zero.
+            PersistentMemory.zeroNonTemporal(region.base, count: Int(layout.blockAreaOffset))
+            PersistentMemory.drain()
+        }
+        let sb = try format(base: region.base, poolSize: poolSize, volumeName: volumeName, volumeSize: volumeSize)
+        do {
+            try region.sync()
+            try fd.sync()
+        } catch { throw PoolError.system(error, "cannot write \(path)") }
+        if backing == .file { syncDirectory(of: path) }
+        return sb
+    }
+
+    // MARK: opening
+
+    /// Opens a pool file or device and recovers it.
+    public static func open(path: String, readOnly: Bool = false, persistence: PersistenceMode = .auto,
+                            lock: Bool = true, commitMode: CommitMode = .background) throws(PoolError) -> PoolEngine {
+        let (_, media) = try PoolFile.open(path: path, readOnly: readOnly, persistence: persistence, lock: lock)
+        return try PoolEngine(media: media, readOnly: readOnly, commitMode: commitMode)
+    }
+
+    /// Opens an engine on mapped media: validates the superblock, replays a committed journal
+    /// (read-only opens see it as pending words instead), and loads the counters. No scan of
+    /// the pool: the cost follows what was in flight, not the pool's size.
+    public init(media: PoolMedia, readOnly: Bool = false, commitMode: CommitMode = .background,
+                faults: Faults = []) throws(PoolError) {
+        self.media = media
+        self.readOnly = readOnly
+        self.faults = faults
+        let sb = try Superblock.decode(UnsafeRawBufferPointer(start: media.base, count: Superblock.encodedSize),
+                                       available: UInt64(media.length))
+        superblock = sb
+        layout = sb.layout
+        journal = Journal(base: media.base, persistence: media.persistence, area: layout.journalOffset, areaSize: layout.journalSize)
+        let stateMagic = media.base.load(fromByteOffset: Int(PoolState.magicOffset), as: UInt64.self)
+        guard stateMagic == PoolState.magic else {
+            throw PoolError(.badPool, "pool state block is damaged (bad magic); run 'pmem-nbd check'")
+        }
+        let layout = self.layout
+        if readOnly {
+            journal.overlayWithoutReplay()
+            recoveredWords = 0
+        } else {
+            recoveredWords = try journal.recover(valid: { PoolEngine.isMetadataWord($0, layout) })
+        }
+        let highWater = journal.load(PoolState.highWaterOffset)
+        let allocated = journal.load(PoolState.allocatedOffset)
+        guard highWater >= 1, highWater <= layout.blockCount, allocated < layout.blockCount else {
+            throw PoolError(.badPool, "pool counters are out of range (high water \(highWater), allocated \(allocated)); run 'pmem-nbd check'")
+        }
+        allocator = Allocator(layout: layout, journal: journal, epochs: epochs, highWater: highWater, allocated: Int64(allocated))
+        committer = Committer(mode: readOnly ? .inline : commitMode)
+        committer.engine = self
+        if !readOnly && commitMode == .background { committer.start() }
+    }
+
+    /// Words the journal may name: the state block, the volume table, refcounts and map nodes.
+    static func isMetadataWord(_ off: UInt64, _ layout: PoolLayout) -> Bool {
+        guard off & 7 == 0 else { return false }
+        if off >= PoolState.magicOffset && off < PoolState.magicOffset + 4096 { return true }
+        let table = UInt64(PoolLayout.volumeTableOffset)
+        if off >= table && off < table + UInt64(PoolLayout.volumeEntries * PoolLayout.volumeEntrySize) { return true }
+        if off >= layout.refcountOffset && off < layout.refcountOffset + layout.refcountSize { return true }
+        return off >= layout.blockAreaOffset + 4096 && off < layout.blockAreaOffset + layout.blockCount << 12
+    }
+
+    /// Commits what is pending and stops the committer. The engine must not be used afterwards.
+    public func close() throws(PoolError) {
+        if !readOnly {
+            try sync()
+            committer.stop()
+            if persistence.domain == .page {
+                // The last batch is applied; once that is durable the journal is not needed.
+                try persistence.syncAll()
+                try journal.markEmpty()
+            }
+        }
+    }
+
+    // MARK: volumes
+
+    /// The records of every volume and snapshot.
+    public func records() -> [VolumeRecord] {
+        (0..<PoolLayout.volumeEntries).compactMap { VolumeRecord.decode(slot: $0, load: journal.load) }
+    }
+
+    /// The volume (or snapshot) in a table slot, opened once and shared.
+    public func volume(slot: Int) -> EngineVolume? {
+        guard let rec = VolumeRecord.decode(slot: slot, load: journal.load), rec.kind != .deleting else { return nil }
+        return volumesLock.withLock { open in
+            if let v = open[slot], v.id == rec.id { return v }
+            let v = EngineVolume(engine: self, record: rec)
+            open[slot] = v
+            return v
+        }
+    }
+
+    /// A volume by name (`vol`, or `vol@snap` for a snapshot).
+    public func volume(named name: String) -> EngineVolume? {
+        let recs = records()
+        if let at = name.firstIndex(of: "@") {
+            let volName = String(name[..<at]), snapName = String(name[name.index(after: at)...])
+            guard let vol = recs.first(where: { $0.kind == .volume && $0.name == volName }),
+                  let snap = recs.first(where: { $0.kind == .snapshot && $0.parent == vol.id && $0.name == snapName }) else { return nil }
+            return volume(slot: snap.slot)
+        }
+        guard let rec = recs.first(where: { $0.kind == .volume && $0.name == name }) else { return nil }
+        return volume(slot: rec.slot)
+    }
+
+    func forget(slot: Int) { _ = volumesLock.withLock { $0.removeValue(forKey: slot) } }
+
+    /// A guard for reading pool memory (one per connection).
+    public func makeReadGuard() -> ReadGuard { ReadGuard(epochs: epochs) }
+
+    // MARK: space
+
+    public struct Space: Sendable, Equatable {
+        public var blocks: UInt64
+        public var allocated: UInt64
+        /// Freed blocks waiting for a commit or for readers.
+        public var held: UInt64
+        public var free: UInt64 { blocks - 1 - allocated }
+    }
+
+    public var space: Space {
+        Space(blocks: layout.blockCount, allocated: UInt64(max(0, allocator.allocated.load(ordering: .relaxed))),
+              held: UInt64(allocator.heldCount))
+    }
+
+    // MARK: durability
+
+    /// Makes every completed operation durable (NBD FLUSH): commits the running batch and waits.
+    public func sync() throws(PoolError) {
+        guard !readOnly else { return }
+        try committer.sync(through: journal.runningBatch.load(ordering: .acquiring))
+    }
+
+    /// Runs `body` as one atomic group of metadata stores of at most `words` words: inside the
+    /// gate, with room reserved in the running batch (committing first when it is full).
+    func withMetadata<T>(words: Int, _ body: () throws(PoolError) -> T) throws(PoolError) -> T {
+        if let e = committer.failure { throw e }
+        precondition(words <= journal.capacity - 64, "metadata group larger than the journal")
+        while true {
+            journal.gate.readLock()
+            if journal.tryReserve(words) {
+                defer {
+                    // The data blocks and map nodes this thread wrote for the group are durable
+                    // before a commit (which needs the gate) can name them.
+                    if !faults.contains(.skipWriterFence) { persistence.drain() }
+                    journal.gate.unlock()
+                }
+                if journal.runningReservation > journal.capacity / 2 { committer.kick() }
+                return try body()
+            }
+            journal.gate.unlock()
+            try committer.sync(through: journal.runningBatch.load(ordering: .acquiring))
+        }
+    }
+
+    /// Reserves a free block, committing to release held blocks when none is free.
+    func reserveBlock() throws(PoolError) -> UInt64 {
+        if let b = allocator.reserve() { return b }
+        for _ in 0..<3 {
+            if allocator.heldCount == 0 { break }
+            try committer.sync(through: journal.runningBatch.load(ordering: .acquiring))
+            allocator.reclaim()
+            if let b = allocator.reserve() { return b }
+            usleep(1000)
+        }
+        throw PoolError(.noSpace, "the pool is full")
+    }
+
+    /// One commit: freeze, make data durable, write the journal, apply. Called by the committer.
+    func commitOnce() throws(PoolError) -> UInt64 {
+        journal.gate.writeLock()
+        let counters: [(UInt64, UInt64)] = [
+            (PoolState.allocatedOffset, UInt64(max(0, allocator.allocated.load(ordering: .relaxed)))),
+            (PoolState.highWaterOffset, allocator.highWater),
+        ]
+        let frozen = journal.freeze(extra: counters)
+        journal.gate.unlock()
+        if !frozen.records.isEmpty {
+            persistence.tracer?.phase = "commit"
+            if persistence.domain == .page && !faults.contains(.skipDataSync) { try persistence.syncAll() }
+            if faults.contains(.applyBeforeJournal) {
+                for (off, v) in frozen.records { media.base.storeBytes(of: v, toByteOffset: Int(off), as: UInt64.self) }
+            }
+            try journal.writeJournal(frozen)
+            try journal.apply(frozen)
+        }
+        allocator.committed(through: frozen.batch)
+        return frozen.batch
+    }
+
+    // MARK: refcounts
+
+    @inline(__always) func refcount(_ b: UInt64) -> UInt32 { allocator.refcount(b) }
+
+    /// Adds `delta` to a block's refcount (gate held). At zero the block is freed; a freed map
+    /// node releases its children. `level` is the node level (0 = leaf node), or -1 for data.
+    func adjustRefcount(_ b: UInt64, _ delta: Int32, level: Int) {
+        let shift = PoolLayout.refcountShift(b)
+        var underflow = false
+        let (old, new) = journal.update(layout.refcountWordOffset(b)) { w in
+            let cur = Int64(UInt32(truncatingIfNeeded: w >> shift))
+            var next = cur + Int64(delta)
+            if next < 0 { underflow = true; next = 0 }
+            return (w & ~(UInt64(0xFFFF_FFFF) << shift)) | (UInt64(UInt32(truncatingIfNeeded: next)) << shift)
+        }
+        if underflow { Log.error("refcount underflow on block \(b): the pool is inconsistent; run 'pmem-nbd check'") }
+        let before = UInt32(truncatingIfNeeded: old >> shift), after = UInt32(truncatingIfNeeded: new >> shift)
+        if before == 0 && after > 0 { allocator.allocated.add(1, ordering: .relaxed) }
+        if before > 0 && after == 0 {
+            allocator.allocated.subtract(1, ordering: .relaxed)
+            if level >= 0 {
+                let node = layout.blockOffset(b)
+                for i in 0..<512 {
+                    let child = journal.load(node + UInt64(8 * i)) & MapEntry.blockMask
+                    if child != 0 && child < layout.blockCount { adjustRefcount(child, -1, level: level - 1) }
+                }
+            }
+            allocator.freed(b, batch: journal.runningBatch.load(ordering: .relaxed))
+        }
+    }
+
+    /// Ensures at least `n` blocks are set aside for map nodes, so a metadata section never has
+    /// to wait for a commit (called outside the gate).
+    func ensureNodeReserve(_ n: Int) throws(PoolError) {
+        while nodeReserve.withLock({ $0.count }) < n {
+            let b = try reserveBlock()
+            nodeReserve.withLock { $0.append(b) }
+        }
+    }
+
+    /// A block for a map node from the reserve (gate held; never waits).
+    func takeNodeBlock() throws(PoolError) -> UInt64 {
+        if let b = nodeReserve.withLock({ $0.popLast() }) { return b }
+        if let b = allocator.reserve() { return b }
+        throw PoolError(.noSpace, "the pool is full (no block for a map node)")
+    }
+
+    /// A new zeroed map node with refcount 1 (gate held).
+    func newNode() throws(PoolError) -> UInt64 {
+        let b = try takeNodeBlock()
+        let p = media.base + Int(layout.blockOffset(b))
+        PersistentMemory.zeroNonTemporal(p, count: 4096)
+        persistence.flush(p, 4096)
+        adjustRefcount(b, 1, level: 0)
+        return b
+    }
+
+    /// A private copy of a shared node: entries copied (as currently visible), children gain a
+    /// reference, the original loses one (gate held).
+    func copyNode(_ old: UInt64, level: Int) throws(PoolError) -> UInt64 {
+        let b = try takeNodeBlock()
+        let src = layout.blockOffset(old)
+        let dst = media.base + Int(layout.blockOffset(b))
+        for i in 0..<512 {
+            let e = journal.load(src + UInt64(8 * i))
+            dst.storeBytes(of: e, toByteOffset: 8 * i, as: UInt64.self)
+            let child = e & MapEntry.blockMask
+            if child != 0 && child < layout.blockCount { adjustRefcount(child, 1, level: level - 1) }
+        }
+        persistence.flush(dst, 4096)
+        adjustRefcount(b, 1, level: level)
+        adjustRefcount(old, -1, level: level)
+        return b
+    }
+}
+
+/// Map entries: a physical block number in the low 48 bits; 0 is a hole / absent subtree.
+public enum MapEntry {
+    public static let blockMask: UInt64 = (1 << 48) - 1
+}
+
+/// Runs commits: on its own thread every second when anything is pending, and whenever a sync
+/// or a full batch asks; or inline on the caller's thread.
+final class Committer: @unchecked Sendable {
+    let mode: PoolEngine.CommitMode
+    weak var engine: PoolEngine?
+    private let cond = PosixCondition()
+    private let commitLock = PosixMutex()
+    private var requested: UInt64 = 0
+    private var durable: UInt64 = 0
+    private var stopping = false
+    private var running = false
+    private(set) var failure: PoolError?
+    static let interval = 1.0
+
+    init(mode: PoolEngine.CommitMode) { self.mode = mode }
+
+    func start() {
+        running = true
+        OSThread.spawn(name: "pmem-commit") { [self] in loop() }
+    }
+
+    func stop() {
+        cond.withLock {
+            stopping = true
+            cond.broadcast()
+        }
+        cond.withLock { while running { _ = cond.wait(seconds: 0.1) } }
+    }
+
+    /// Asks for a commit soon without waiting.
+    func kick() {
+        guard mode == .background else { return }
+        cond.withLock {
+            requested = max(requested, durable + 1)
+            cond.broadcast()
+        }
+    }
+
+    /// Returns once every batch up to `batch` is durable.
+    func sync(through batch: UInt64) throws(PoolError) {
+        if mode == .inline {
+            try commitLock.withLock { () throws(PoolError) in
+                if durable >= batch { return }
+                try commitNow()
+            }
+            return
+        }
+        cond.lock()
+        defer { cond.unlock() }
+        requested = max(requested, batch)
+        cond.broadcast()
+        while durable < batch && failure == nil && !stopping { cond.wait() }
+        if let failure { throw failure }
+    }
+
+    private func commitNow() throws(PoolError) {
+        guard let engine else { return }
+        if let failure { throw failure }
+        do {
+            let b = try engine.commitOnce()
+            cond.withLock {
+                durable = max(durable, b)
+                cond.broadcast()
+            }
+        } catch {
+            Log.error("commit failed: \(error.message); the pool is now read-only")
+            cond.withLock {
+                failure = PoolError(.io, "commit failed: \(error.message)")
+                cond.broadcast()
+            }
+            throw error
+        }
+    }
+
+    private func loop() {
+        defer { cond.withLock { running = false; cond.broadcast() } }
+        while true {
+            cond.lock()
+            if !(requested > durable || stopping) { _ = cond.wait(seconds: Committer.interval) }
+            let stop = stopping
+            cond.unlock()
+            guard let engine else { return }
+            if engine.journal.hasPendingWords || requested > durable || stop {
+                commitLock.lock()
+                try? commitNow()
+                commitLock.unlock()
+            } else {
+                engine.allocator.reclaim()
+            }
+            if stop || failure != nil { return }
+        }
+    }
+}
