@@ -71,7 +71,8 @@ final class ReceiveBuffer {
 
     /// Moves `destination.count` bytes of the stream into `destination`: buffered bytes are
     /// copied, large remainders are read straight into the destination (no extra copy).
-    func move(into destination: UnsafeMutableRawBufferPointer, nonTemporal: Bool, beforeBlocking: () -> Void) throws(Errno) {
+    func move(into destination: UnsafeMutableRawBufferPointer, nonTemporal: Bool,
+              beforeBlocking: () -> Void, afterBlocking: () -> Void) throws(Errno) {
         var done = 0
         let total = destination.count
         while done < total {
@@ -88,6 +89,7 @@ final class ReceiveBuffer {
                 continue
             }
             beforeBlocking()
+            defer { afterBlocking() }
             let left = total - done
             if left >= 64 * 1024 {
                 let got = try fd.read(into: UnsafeMutableRawBufferPointer(start: destination.baseAddress! + done, count: left))

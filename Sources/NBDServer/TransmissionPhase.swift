@@ -5,20 +5,24 @@ import PmemPool
 import PmemSystem
 
 /// The payload of a WRITE: buffered bytes first, then straight from the socket into the
-/// destination; pending replies are sent before the thread blocks on the socket.
+/// destination. Before the thread blocks on the socket it sends pending replies and leaves its
+/// read epoch (nothing it read is referenced any more), re-entering after.
 struct PayloadSource: ByteSource {
     let receive: ReceiveBuffer
     let replies: ReplyWriter
+    let readGuard: ReadGuard
     private(set) var consumed: UInt64 = 0
 
-    init(receive: ReceiveBuffer, replies: ReplyWriter) {
+    init(receive: ReceiveBuffer, replies: ReplyWriter, readGuard: ReadGuard) {
         self.receive = receive
         self.replies = replies
+        self.readGuard = readGuard
     }
 
     mutating func fill(_ destination: UnsafeMutableRawBufferPointer, nonTemporal: Bool) throws(Errno) {
-        let replies = self.replies
-        try receive.move(into: destination, nonTemporal: nonTemporal, beforeBlocking: { replies.flush() })
+        let replies = self.replies, readGuard = self.readGuard
+        try receive.move(into: destination, nonTemporal: nonTemporal,
+                         beforeBlocking: { replies.flush(); readGuard.exit() }, afterBlocking: { readGuard.enter() })
         consumed += UInt64(destination.count)
     }
 }
@@ -28,12 +32,15 @@ struct PayloadSource: ByteSource {
 struct TransmissionState {
     let session: NegotiatedSession
     let volume: any BlockVolume
+    /// Held (entered) while replies that point into pool memory are being built and sent.
+    let readGuard: ReadGuard
     var segments: [Segment] = []
     var extents: [(UInt32, UInt32)] = []
 
     init(session: NegotiatedSession, volume: any BlockVolume) {
         self.session = session
         self.volume = volume
+        self.readGuard = volume.makeReadGuard()
         segments.reserveCapacity(64)
         extents.reserveCapacity(256)
     }
@@ -49,7 +56,10 @@ extension Connection {
     func transmit(session: NegotiatedSession, volume: any BlockVolume) throws(Errno) {
         server.clearHandshakeTimeout(input)
         var state = TransmissionState(session: session, volume: volume)
+        let readGuard = state.readGuard
+        defer { readGuard.exit() }
         while true {
+            readGuard.enter()
             while receive.available >= Request.compactSize {
                 switch Request.decode(receive.readPointer) {
                 case .badMagic(let magic):
@@ -61,6 +71,7 @@ extension Connection {
                 }
             }
             replies.flush()
+            readGuard.exit()
             if replies.failed { return }
             guard try receive.fill(atLeast: Request.compactSize) else { return }
         }
@@ -73,6 +84,8 @@ extension Connection {
             let payload = RequestCheck.payloadLength(of: r)
             if payload > 0 {
                 replies.flush()
+                state.readGuard.exit()
+                defer { state.readGuard.enter() }
                 guard try receive.discard(payload) else { return false }
             }
             replyError(r, state, error, message)
@@ -84,13 +97,15 @@ extension Connection {
         case .read:
             read(r, &state)
         case .write:
-            var source = PayloadSource(receive: receive, replies: replies)
+            var source = PayloadSource(receive: receive, replies: replies, readGuard: state.readGuard)
             do {
                 try volume.write(offset: r.offset, length: Int(r.length), fua: fua && volume.flushIsCheap, from: &source)
             } catch {
                 if case .source = error.kind { return false }
                 if source.consumed < r.length {
                     replies.flush()
+                    state.readGuard.exit()
+                    defer { state.readGuard.enter() }
                     guard try receive.discard(r.length - source.consumed) else { return false }
                 }
                 replyError(r, state, error)

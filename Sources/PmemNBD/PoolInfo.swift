@@ -1,31 +1,35 @@
 import PmemPool
 import PmemSystem
 
-/// `pmem-nbd info`: what a pool is and how it would be persisted.
+/// `pmem-nbd info`: what a pool is, how it would be persisted, its volumes and space.
 public enum PoolInfo {
     public static func describe(path: String, persistence: PersistenceMode, json: Bool) throws -> String {
         // Read-only and unlocked, so it also works while a server has the pool open.
-        let pool = try PoolFile.open(path: path, readOnly: true, persistence: persistence, lock: false)
-        let h = pool.header
-        let mode = pool.persistence.domain == .cacheline ? "cache-line" : "page"
+        let engine = try PoolEngine.open(path: path, readOnly: true, persistence: persistence, lock: false)
+        let sb = engine.superblock
+        let mode = engine.persistence.domain == .cacheline ? "cache-line" : "page"
         let flush = PersistentMemory.flushInstruction.description
-        let exports = [h.volumeName]
+        let volumes = engine.records().filter { $0.kind == .volume }
+        let space = engine.space
+        let backing = engine.media.file?.backing.rawValue ?? "memory"
         if json {
-            let names = exports.map { "\"\(jsonEscape($0))\"" }.joined(separator: ",")
+            let vols = volumes.map { "{\"name\":\"\(jsonEscape($0.name))\",\"size\":\($0.size)}" }.joined(separator: ",")
             return """
-            {"path":"\(jsonEscape(path))","uuid":"\(h.uuidString)","version":\(h.version),"pool_size":\(h.poolSize),\
-            "export_size":\(h.dataSize),"block_size":\(h.blockSize),"backing":"\(pool.backing.rawValue)",\
-            "persistence":"\(mode)","flush_instruction":"\(flush)","exports":[\(names)]}
+            {"path":"\(jsonEscape(path))","uuid":"\(sb.uuidString)","version":\(sb.version),"pool_size":\(sb.layout.poolSize),\
+            "block_size":4096,"blocks":\(space.blocks),"allocated_blocks":\(space.allocated),"free_bytes":\(space.free << 12),\
+            "backing":"\(backing)","persistence":"\(mode)","flush_instruction":"\(flush)",\
+            "exports":[\(volumes.map { "\"\(jsonEscape($0.name))\"" }.joined(separator: ","))],"volumes":[\(vols)]}
             """
         }
         return """
         pool:         \(path)
-        uuid:         \(h.uuidString)
-        format:       version \(h.version)
-        size:         \(h.poolSize) bytes (\(formatBytes(h.poolSize)))
-        backing:      \(pool.backing.rawValue)
+        uuid:         \(sb.uuidString)
+        format:       version \(sb.version)
+        size:         \(sb.layout.poolSize) bytes (\(formatBytes(sb.layout.poolSize)))
+        space:        \(formatBytes(space.allocated << 12)) used, \(formatBytes(space.free << 12)) free of \(formatBytes(space.blocks << 12))
+        backing:      \(backing)
         persistence:  \(mode)\(mode == "cache-line" ? " (MAP_SYNC, \(flush) + sfence)" : " (msync)")
-        exports:      \(exports.map { "\($0) (\(formatBytes(h.dataSize)))" }.joined(separator: ", "))
+        exports:      \(volumes.map { "\($0.name) (\(formatBytes($0.size)))" }.joined(separator: ", "))
         """
     }
 }

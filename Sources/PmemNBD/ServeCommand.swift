@@ -11,14 +11,16 @@ public enum ServeCommand {
         signal(SIGPIPE, SIG_IGN)
         var st = stat()
         if stat(o.poolPath, &st) != 0, let size = o.createSize {
-            let h = try PoolFile.create(path: o.poolPath, size: size)
-            Log.info("created pool \(o.poolPath) (\(h.poolSize) bytes, \(h.uuidString))")
+            let sb = try PoolEngine.create(path: o.poolPath, size: size)
+            Log.info("created pool \(o.poolPath) (\(sb.layout.poolSize) bytes, \(sb.uuidString))")
         }
-        let pool = try PoolFile.open(path: o.poolPath, readOnly: o.readOnly, persistence: o.persistence)
-        let volume = LinearVolume(pool: pool, readOnly: o.readOnly)
-        let exports = PoolExports(volumes: [volume], readOnly: o.readOnly, defaultName: o.exportName)
+        let engine = try PoolEngine.open(path: o.poolPath, readOnly: o.readOnly, persistence: o.persistence)
+        if engine.recoveredWords > 0 { Log.info("recovered: replayed \(engine.recoveredWords) journal words") }
+        let volumes = engine.records().filter { $0.kind == .volume }.compactMap { engine.volume(slot: $0.slot) }
+        let exports = PoolExports(volumes: volumes, readOnly: o.readOnly, defaultName: o.exportName)
         let server = Server(exports: exports)
-        Log.info("pool \(o.poolPath): \(pool.header.poolSize) bytes, persistence \(pool.persistence.domain.rawValue)\(pool.persistence.synchronousMapping ? " (MAP_SYNC)" : "")")
+        let p = engine.persistence
+        Log.info("pool \(o.poolPath): \(engine.layout.poolSize) bytes, persistence \(p.domain.rawValue)\(p.synchronousMapping ? " (MAP_SYNC)" : "")")
 
         var sockets = o.socketActivation ? SocketActivation.inheritedSockets() : []
         if o.stdio {
@@ -29,9 +31,9 @@ public enum ServeCommand {
                 for s in sockets { s.close() }
                 server.serveConnection(input: fd, output: fd, peer: "activated socket")
             } else {
-                server.serveConnection(input: .standardInput, output: .standardOutput, peer: "stdio")
+                server.serveConnection(input: FileDescriptor.standardInput, output: FileDescriptor.standardOutput, peer: "stdio")
             }
-            try volume.flush()
+            try engine.close()
             return 0
         }
 
@@ -67,7 +69,7 @@ public enum ServeCommand {
         stop.wait()
         Log.info("shutting down: finishing in-flight requests")
         if !server.shutdown(timeoutSeconds: 30) { Log.warning("some connections did not finish in time") }
-        try volume.flush()
+        try engine.close()
         if let path = o.unixPath { unlink(path) }
         if let pidFile = o.pidFile { unlink(pidFile) }
         _ = sources

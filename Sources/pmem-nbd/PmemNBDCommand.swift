@@ -16,7 +16,7 @@ struct PmemNBDCommand: ParsableCommand {
           nbdinfo 'nbd+unix:///?socket=/tmp/pmem.sock'
           pmem-nbd info pool.pmem --json
         """,
-        subcommands: [Serve.self, Create.self, Info.self])
+        subcommands: [Serve.self, Create.self, Info.self, Check.self])
 }
 
 /// Runs a command body, turning pool and serve errors into one clear line on stderr.
@@ -41,7 +41,8 @@ struct Create: ParsableCommand {
 
     @Argument(help: "Pool file or DAX device (/dev/daxX.Y).") var pool: String
     @Option(name: .long, help: "Pool size, e.g. 4G (required for a file; a device's size by default).") var size: String?
-    @Option(name: .long, help: "Name of the pool's volume (its NBD export name).") var name: String = "pmem0"
+    @Option(name: .long, help: "Name of the pool's first volume (its NBD export name).") var name: String = "pmem0"
+    @Option(name: .long, help: "Size of that volume (default: the pool's space less a reserve for copy-on-write).") var volumeSize: String?
     @Flag(name: .long, help: "Reformat even if the target holds data or a pool.") var force = false
 
     func run() throws {
@@ -51,8 +52,15 @@ struct Create: ParsableCommand {
                 guard let b = parseSize(size) else { throw ServeError("cannot parse size '\(size)' (examples: 4G, 512M, 1T)") }
                 bytes = b
             }
-            let h = try PoolFile.create(path: pool, size: bytes, volumeName: name, force: force)
-            print("created \(pool): \(formatBytes(h.poolSize)), uuid \(h.uuidString), export '\(h.volumeName)' of \(formatBytes(h.dataSize))")
+            var vsize: UInt64?
+            if let volumeSize {
+                guard let v = parseSize(volumeSize) else { throw ServeError("cannot parse size '\(volumeSize)'") }
+                vsize = v & ~UInt64(4095)
+            }
+            let sb = try PoolEngine.create(path: pool, size: bytes, volumeName: name, volumeSize: vsize, force: force)
+            let engine = try PoolEngine.open(path: pool, readOnly: true, lock: false)
+            let size = engine.records().first?.size ?? 0
+            print("created \(pool): \(formatBytes(sb.layout.poolSize)), uuid \(sb.uuidString), volume '\(name)' of \(formatBytes(size))")
             return 0
         }
     }
@@ -70,6 +78,24 @@ struct Info: ParsableCommand {
             guard let mode = PersistenceMode(rawValue: persistence) else { throw ServeError("--persistence must be auto, cacheline or page") }
             print(try PoolInfo.describe(path: pool, persistence: mode, json: json))
             return 0
+        }
+    }
+}
+
+struct Check: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check a pool's consistency (like fsck); --repair fixes what is safe.",
+        discussion: "Exit status: 0 clean, 1 problems found and all repaired, 4 problems left. The pool must not be served meanwhile.")
+
+    @Argument(help: "Pool file or device.") var pool: String
+    @Flag(name: .long, help: "Fix what can be fixed safely, and say what was done.") var repair = false
+    @Flag(name: .long, help: "Print JSON.") var json = false
+
+    func run() throws {
+        try reportingErrors {
+            let report = try PoolCheck.run(path: pool, repair: repair)
+            print(json ? report.json() : report.text())
+            return report.exitStatus
         }
     }
 }
