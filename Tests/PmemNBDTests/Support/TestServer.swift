@@ -25,16 +25,18 @@ final class TestServer {
     let scratch = ScratchDirectory()
     let poolPath: String
     let socketPath: String
-    let pool: PoolFile
-    let volume: LinearVolume
+    let engine: PoolEngine
+    let volume: EngineVolume
     let server: Server
 
-    init(size: UInt64 = 64 << 20, readOnly: Bool = false, persistence: PersistenceMode = .page, exportName: String? = nil) throws {
+    /// A pool of `size` bytes whose volume `vol0` is `volumeSize` (default: size less 16 MiB).
+    init(size: UInt64 = 80 << 20, volumeSize: UInt64? = nil, readOnly: Bool = false, persistence: PersistenceMode = .page,
+         exportName: String? = nil) throws {
         poolPath = scratch.file("pool")
         socketPath = scratch.file("s.sock")
-        try PoolFile.create(path: poolPath, size: size, volumeName: "vol0")
-        pool = try PoolFile.open(path: poolPath, readOnly: readOnly, persistence: persistence)
-        volume = LinearVolume(pool: pool, readOnly: readOnly)
+        try PoolEngine.create(path: poolPath, size: size, volumeName: "vol0", volumeSize: volumeSize ?? (size - (16 << 20)))
+        engine = try PoolEngine.open(path: poolPath, readOnly: readOnly, persistence: persistence)
+        volume = engine.volume(named: "vol0")!
         server = Server(exports: PoolExports(volumes: [volume], readOnly: readOnly, defaultName: exportName))
         try server.listen(on: [Socket.listenUnix(path: socketPath)])
     }
@@ -50,7 +52,10 @@ final class TestServer {
         return c
     }
 
-    deinit { server.shutdown(timeoutSeconds: 10) }
+    deinit {
+        server.shutdown(timeoutSeconds: 10)
+        try? engine.close()
+    }
 }
 
 /// Deterministic test data.
