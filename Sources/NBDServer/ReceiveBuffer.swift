@@ -91,10 +91,12 @@ final class ReceiveBuffer {
             beforeBlocking()
             defer { afterBlocking() }
             let left = total - done
-            if left >= 64 * 1024 {
+            // Large remainders go straight to the destination, except for persistent memory:
+            // there a non-temporal copy from this (cache-hot) buffer beats writing back every
+            // line the kernel stored.
+            if left >= 64 * 1024 && !nonTemporal {
                 let got = try fd.read(into: UnsafeMutableRawBufferPointer(start: destination.baseAddress! + done, count: left))
                 if got == 0 { throw Errno.connectionReset }
-                if nonTemporal { PersistentMemory.flush(destination.baseAddress! + done, count: got) }
                 done += got
             } else if !(try fill(atLeast: 1)) {
                 throw Errno.connectionReset

@@ -4,25 +4,21 @@ import NBDWire
 import PmemPool
 import PmemSystem
 
-/// The payload of a WRITE: buffered bytes first, then straight from the socket into the
-/// destination. Before the thread blocks on the socket it sends pending replies and leaves its
-/// read epoch (nothing it read is referenced any more), re-entering after.
+/// The payload of a WRITE: buffered bytes first, then from the socket (straight into the
+/// destination when large). Pending replies are sent before the thread blocks on the socket.
 struct PayloadSource: ByteSource {
     let receive: ReceiveBuffer
     let replies: ReplyWriter
-    let readGuard: ReadGuard
     private(set) var consumed: UInt64 = 0
 
-    init(receive: ReceiveBuffer, replies: ReplyWriter, readGuard: ReadGuard) {
+    init(receive: ReceiveBuffer, replies: ReplyWriter) {
         self.receive = receive
         self.replies = replies
-        self.readGuard = readGuard
     }
 
     mutating func fill(_ destination: UnsafeMutableRawBufferPointer, nonTemporal: Bool) throws(Errno) {
-        let replies = self.replies, readGuard = self.readGuard
-        try receive.move(into: destination, nonTemporal: nonTemporal,
-                         beforeBlocking: { replies.flush(); readGuard.exit() }, afterBlocking: { readGuard.enter() })
+        let replies = self.replies
+        try receive.move(into: destination, nonTemporal: nonTemporal, beforeBlocking: { replies.flush() }, afterBlocking: {})
         consumed += UInt64(destination.count)
     }
 }
@@ -32,7 +28,7 @@ struct PayloadSource: ByteSource {
 struct TransmissionState {
     let session: NegotiatedSession
     let volume: any BlockVolume
-    /// Held (entered) while replies that point into pool memory are being built and sent.
+    /// Entered from the first reply that points into pool memory until the batch is sent.
     let readGuard: ReadGuard
     var segments: [Segment] = []
     var extents: [(UInt32, UInt32)] = []
@@ -59,7 +55,6 @@ extension Connection {
         let readGuard = state.readGuard
         defer { readGuard.exit() }
         while true {
-            readGuard.enter()
             while receive.available >= Request.compactSize {
                 switch Request.decode(receive.readPointer) {
                 case .badMagic(let magic):
@@ -83,9 +78,7 @@ extension Connection {
             Log.debug("connection \(id): \(r.type?.name ?? "command \(r.typeCode)") rejected: \(error) \(message)")
             let payload = RequestCheck.payloadLength(of: r)
             if payload > 0 {
-                replies.flush()
-                state.readGuard.exit()
-                defer { state.readGuard.enter() }
+                releasePoolPointers(state)
                 guard try receive.discard(payload) else { return false }
             }
             replyError(r, state, error, message)
@@ -93,19 +86,29 @@ extension Connection {
         }
         let volume = state.volume
         let fua = r.flags.contains(.fua)
-        switch r.type! {
+        let type = r.type!
+        switch type {
+        case .read, .blockStatus:
+            // Replies will point into pool memory (or status was read from maps).
+            state.readGuard.enter()
+        case .write, .trim, .writeZeroes:
+            // A change may free blocks this connection's pending replies point at, and it may
+            // need freed blocks back: send those replies and leave the epoch first.
+            releasePoolPointers(state)
+        default:
+            break
+        }
+        switch type {
         case .read:
             read(r, &state)
         case .write:
-            var source = PayloadSource(receive: receive, replies: replies, readGuard: state.readGuard)
+            var source = PayloadSource(receive: receive, replies: replies)
             do {
                 try volume.write(offset: r.offset, length: Int(r.length), fua: fua && volume.flushIsCheap, from: &source)
             } catch {
                 if case .source = error.kind { return false }
                 if source.consumed < r.length {
                     replies.flush()
-                    state.readGuard.exit()
-                    defer { state.readGuard.enter() }
                     guard try receive.discard(r.length - source.consumed) else { return false }
                 }
                 replyError(r, state, error)
@@ -143,6 +146,13 @@ extension Connection {
             replyError(r, state, .invalid, "RESIZE is not supported")
         }
         return true
+    }
+
+    /// Sends queued replies that point into pool memory and leaves the read epoch.
+    private func releasePoolPointers(_ state: TransmissionState) {
+        guard state.readGuard.isEntered else { return }
+        replies.flush()
+        state.readGuard.exit()
     }
 
     // MARK: replies

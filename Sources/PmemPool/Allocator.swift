@@ -12,6 +12,9 @@ public final class ReaderEpochs: @unchecked Sendable {
     private let inUse = Mutex<[Bool]>([Bool](repeating: false, count: ReaderEpochs.slotCount))
     private let global = Atomic<UInt64>(1)
 
+    /// Stands in for guards that protect nothing.
+    static let inert = ReaderEpochs()
+
     init() {
         slots = .allocate(capacity: ReaderEpochs.slotCount)
         slots.initialize(repeating: 0, count: ReaderEpochs.slotCount)
@@ -55,26 +58,38 @@ public final class ReaderEpochs: @unchecked Sendable {
 /// A connection's handle for reading pool memory safely: `enter` before looking blocks up,
 /// `exit` once nothing it read from is referenced any more (its replies are sent).
 public final class ReadGuard: @unchecked Sendable {
-    let epochs: ReaderEpochs?
-    let slot: Int
+    private let epochs: ReaderEpochs
+    private let slot: Int
+    /// False for guards that protect nothing (volumes that never move blocks, or no slot left).
+    private let active: Bool
 
     init(epochs: ReaderEpochs?) {
         if let epochs, let slot = epochs.register() {
             self.epochs = epochs
             self.slot = slot
+            active = true
         } else {
-            self.epochs = nil
-            self.slot = -1
+            self.epochs = ReaderEpochs.inert
+            self.slot = 0
+            active = false
         }
     }
 
     /// A guard that protects nothing (for volumes that never move blocks).
     public static func none() -> ReadGuard { ReadGuard(epochs: nil) }
 
-    @inline(__always) public func enter() { epochs?.enter(slot) }
-    @inline(__always) public func exit() { epochs?.exit(slot) }
+    /// Whether the guard is entered (protects nothing when there are no epochs).
+    public private(set) var isEntered = false
 
-    deinit { epochs?.unregister(slot) }
+    @inline(__always) public func enter() {
+        if active && !isEntered { epochs.enter(slot); isEntered = true }
+    }
+
+    @inline(__always) public func exit() {
+        if active && isEntered { epochs.exit(slot); isEntered = false }
+    }
+
+    deinit { if active { epochs.unregister(slot) } }
 }
 
 /// Hands out free physical blocks. Persistent truth is the refcount array (0 = free) and the
@@ -139,7 +154,36 @@ final class Allocator: @unchecked Sendable {
         return nil
     }
 
-    /// Returns a reserved block that was never referenced.
+    /// Fills `out` with reserved blocks (one lock for all); returns how many it got and how many
+    /// more are readily available.
+    func reserve(into out: UnsafeMutableBufferPointer<UInt64>) -> (Int, UInt64) {
+        lock.lock()
+        defer { lock.unlock() }
+        var n = 0
+        while n < out.count {
+            if let b = free.popLast() {
+                out[n] = b
+            } else if highWater < layout.blockCount && cursor >= scanEnd {
+                out[n] = highWater
+                highWater += 1
+            } else {
+                // The scan (or nothing) is left: the one-at-a-time path handles it.
+                lock.unlock()
+                let b = reserve()
+                lock.lock()
+                guard let b else { return (n, 0) }
+                out[n] = b
+            }
+            n += 1
+        }
+        return (n, UInt64(free.count) + (scanEnd > cursor ? scanEnd - cursor : 0) + (layout.blockCount - highWater))
+    }
+
+    /// Returns reserved blocks that were never referenced.
+    func unreserve(_ blocks: UnsafeBufferPointer<UInt64>) {
+        lock.withLock { free.append(contentsOf: blocks) }
+    }
+
     func unreserve(_ b: UInt64) {
         lock.withLock { free.append(b) }
     }
@@ -148,7 +192,8 @@ final class Allocator: @unchecked Sendable {
     func freed(_ b: UInt64, batch: UInt64) {
         lock.withLock {
             quarantine[batch, default: []].append(b)
-            held.insert(b)
+            // Only the scan needs to know what is held, and only where it has yet to look.
+            if b >= cursor && b < scanEnd { held.insert(b) }
         }
     }
 
@@ -170,15 +215,20 @@ final class Allocator: @unchecked Sendable {
             while let first = limbo.first, first.0 < oldest {
                 limbo.removeFirst()
                 for b in first.1 {
-                    held.remove(b)
                     // Blocks the scan has yet to reach will be found by it.
-                    if b < cursor || b >= scanEnd { free.append(b) }
+                    if b < cursor || b >= scanEnd { free.append(b) } else { held.remove(b) }
                 }
             }
         }
     }
 
     /// Blocks waiting on a commit or on readers.
-    var heldCount: Int { lock.withLock { held.count } }
+    var heldCount: Int { lock.withLock { quarantine.values.reduce(0) { $0 + $1.count } + limbo.reduce(0) { $0 + $1.1.count } } }
     var knownFree: Int { lock.withLock { free.count } }
+
+    /// Blocks that can be handed out without waiting: the free stack, the unscanned range and
+    /// the never-used tail (an upper bound: the scan may find some in use).
+    var readilyAvailable: UInt64 {
+        lock.withLock { UInt64(free.count) + (scanEnd > cursor ? scanEnd - cursor : 0) + (layout.blockCount - highWater) }
+    }
 }

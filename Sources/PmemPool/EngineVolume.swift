@@ -14,7 +14,8 @@ struct ZeroSource: ByteSource {
 /// at it (in the journal's running batch) — so after a crash a block holds its old or its new
 /// contents, never a mix. Sub-block writes copy the old block first (read-modify-write).
 public final class EngineVolume: BlockVolume, @unchecked Sendable {
-    unowned let engine: PoolEngine
+    /// The engine outlives its volumes (it must be closed last); no reference counting here.
+    unowned(unsafe) let engine: PoolEngine
     public let slot: Int
     public let id: UInt64
     public let name: String
@@ -25,8 +26,6 @@ public final class EngineVolume: BlockVolume, @unchecked Sendable {
     let rootOffset: UInt64
     /// Held while this volume's map changes.
     let mapLock = PosixMutex()
-    /// Serialise read-modify-write of one block between connections (striped by block).
-    private let stripes = (0..<64).map { _ in PosixMutex() }
 
     init(engine: PoolEngine, record: VolumeRecord) {
         self.engine = engine
@@ -113,27 +112,30 @@ public final class EngineVolume: BlockVolume, @unchecked Sendable {
         if fua { try engine.sync() }
     }
 
+    @inline(__always) private func stripe(_ vblock: UInt64) -> Int {
+        Int(truncatingIfNeeded: ((vblock ^ id &* 0x9E37_79B9) &* 0x9E37_79B9_7F4A_7C15) >> 58)
+    }
+
     private func writeChunk(_ start: UInt64, _ end: UInt64, _ source: inout some ByteSource) throws(PoolError) {
         let first = start >> 12
         let count = Int(((end - 1) >> 12) - first + 1)
         let headPartial = start & 4095 != 0 || (count == 1 && end & 4095 != 0)
         let tailPartial = count > 1 && end & 4095 != 0
-        // Lock the stripes of partial blocks (ascending, once each) for the whole RMW.
+        // Read-modify-write of a partial block is serialised per block (striped engine-wide) and
+        // copies the old block inside the stripe's read epoch, so the old block cannot be reused
+        // under the copy. Stripes are locked in ascending order, once each.
         var locked: [Int] = []
-        if headPartial { locked.append(Int(first & 63)) }
-        if tailPartial { let t = Int((first + UInt64(count - 1)) & 63); if !locked.contains(t) { locked.append(t) } }
+        if headPartial { locked.append(stripe(first)) }
+        if tailPartial { let t = stripe(first + UInt64(count - 1)); if !locked.contains(t) { locked.append(t) } }
         locked.sort()
-        for s in locked { stripes[s].lock() }
-        defer { for s in locked { stripes[s].unlock() } }
+        for s in locked { engine.rmwLocks[s].lock() }
+        defer { for s in locked { engine.rmwLocks[s].unlock() } }
 
         try withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count) { (blocks) throws(PoolError) in
             var reserved = 0
             var published = 0
-            defer { for i in published..<reserved { engine.allocator.unreserve(blocks[i]) } }
-            for i in 0..<count {
-                blocks[i] = try engine.reserveBlock()
-                reserved += 1
-            }
+            defer { if published < reserved { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published..<reserved])) } }
+            reserved = try engine.reserveBlocks(blocks)
             let base = engine.media.base
             let persistence = engine.persistence
             let nt = persistence.prefersNonTemporal
@@ -143,6 +145,9 @@ public final class EngineVolume: BlockVolume, @unchecked Sendable {
                 let a = max(start, blockStart), b = min(end, blockStart + 4096)
                 let dst = base + Int(engine.layout.blockOffset(blocks[i]))
                 if b - a < 4096 {
+                    let readGuard = engine.rmwGuards[stripe(vb)]
+                    readGuard.enter()
+                    defer { readGuard.exit() }
                     let old = try engine.lookup(rootOffset: rootOffset, depth: depth, vblock: vb)
                     if old != 0 {
                         guard engine.validBlock(old) else { throw PoolError(.io, "map entry for block \(vb) is out of range (corrupt map)") }

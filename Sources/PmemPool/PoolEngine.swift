@@ -143,6 +143,9 @@ public final class PoolEngine: @unchecked Sendable {
             throw PoolError(.badPool, "pool counters are out of range (high water \(highWater), allocated \(allocated)); run 'pmem-nbd check'")
         }
         allocator = Allocator(layout: layout, journal: journal, epochs: epochs, highWater: highWater, allocated: Int64(allocated))
+        rmwLocks = (0..<64).map { _ in PosixMutex() }
+        let epochs = self.epochs
+        rmwGuards = (0..<64).map { _ in ReadGuard(epochs: epochs) }
         committer = Committer(mode: readOnly ? .inline : commitMode)
         committer.engine = self
         if !readOnly && commitMode == .background { committer.start() }
@@ -252,18 +255,48 @@ public final class PoolEngine: @unchecked Sendable {
         }
     }
 
-    /// Reserves a free block, committing to release held blocks when none is free.
+    /// Reserves a free block. When free space runs low a commit starts in the background, so
+    /// blocks freed by overwrites come back before they are needed; when none is free, waits
+    /// for commits and for readers (a few seconds at most) before answering ENOSPC.
     func reserveBlock() throws(PoolError) -> UInt64 {
-        if let b = allocator.reserve() { return b }
-        for _ in 0..<3 {
-            if allocator.heldCount == 0 { break }
+        if let b = allocator.reserve() {
+            if allocator.readilyAvailable < lowWater { committer.kick() }
+            return b
+        }
+        var waited = 0.0
+        while allocator.heldCount > 0 && waited < 5 {
             try committer.sync(through: journal.runningBatch.load(ordering: .acquiring))
             allocator.reclaim()
             if let b = allocator.reserve() { return b }
-            usleep(1000)
+            usleep(2000)
+            waited += 0.002
         }
         throw PoolError(.noSpace, "the pool is full")
     }
+
+    /// Reserves `out.count` blocks (see `reserveBlock`); returns how many (all, or throws).
+    func reserveBlocks(_ out: UnsafeMutableBufferPointer<UInt64>) throws(PoolError) -> Int {
+        let (got, available) = allocator.reserve(into: out)
+        var n = got
+        if n < out.count || available < lowWater { committer.kick() }
+        while n < out.count {
+            do {
+                out[n] = try reserveBlock()
+            } catch {
+                allocator.unreserve(UnsafeBufferPointer(rebasing: out[0..<n]))
+                throw error
+            }
+            n += 1
+        }
+        return n
+    }
+
+    /// Free blocks below which a background commit starts (1/8 of the pool, at most 64 MiB).
+    var lowWater: UInt64 { min(16384, layout.blockCount / 8) }
+
+    /// Engine-owned read epochs for read-modify-write copies, one per stripe lock.
+    let rmwGuards: [ReadGuard]
+    let rmwLocks: [PosixMutex]
 
     /// One commit: freeze, make data durable, write the journal, apply. Called by the committer.
     func commitOnce() throws(PoolError) -> UInt64 {
@@ -276,6 +309,12 @@ public final class PoolEngine: @unchecked Sendable {
         journal.gate.unlock()
         if !frozen.records.isEmpty {
             persistence.tracer?.phase = "commit"
+            let t0 = Log.enabled(.debug) ? monotonicSeconds() : 0
+            defer {
+                if Log.enabled(.debug) {
+                    Log.debug("commit \(frozen.batch): \(frozen.records.count) words in \(Int((monotonicSeconds() - t0) * 1e6)) µs")
+                }
+            }
             if persistence.domain == .page && !faults.contains(.skipDataSync) { try persistence.syncAll() }
             if faults.contains(.applyBeforeJournal) {
                 for (off, v) in frozen.records { media.base.storeBytes(of: v, toByteOffset: Int(off), as: UInt64.self) }
@@ -363,6 +402,12 @@ public final class PoolEngine: @unchecked Sendable {
     }
 }
 
+func monotonicSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
 /// Map entries: a physical block number in the low 48 bits; 0 is a hole / absent subtree.
 public enum MapEntry {
     public static let blockMask: UInt64 = (1 << 48) - 1
@@ -372,7 +417,9 @@ public enum MapEntry {
 /// or a full batch asks; or inline on the caller's thread.
 final class Committer: @unchecked Sendable {
     let mode: PoolEngine.CommitMode
-    weak var engine: PoolEngine?
+    /// Set right after the engine is built. The committer's thread holds the engine strongly
+    /// while it runs (until `stop`); inline commits are called by the engine itself.
+    unowned(unsafe) var engine: PoolEngine?
     private let cond = PosixCondition()
     private let commitLock = PosixMutex()
     private var requested: UInt64 = 0
@@ -386,7 +433,10 @@ final class Committer: @unchecked Sendable {
 
     func start() {
         running = true
-        OSThread.spawn(name: "pmem-commit") { [self] in loop() }
+        let owner = engine
+        OSThread.spawn(name: "pmem-commit") { [self] in
+            withExtendedLifetime(owner) { loop() }
+        }
     }
 
     func stop() {
@@ -397,11 +447,17 @@ final class Committer: @unchecked Sendable {
         cond.withLock { while running { _ = cond.wait(seconds: 0.1) } }
     }
 
+    /// The running batch a kick already asked for (so repeated kicks cost one atomic load).
+    private let kicked = Atomic<UInt64>(0)
+
     /// Asks for a commit soon without waiting.
     func kick() {
-        guard mode == .background else { return }
+        guard mode == .background, let engine else { return }
+        let batch = engine.journal.runningBatch.load(ordering: .relaxed)
+        if kicked.load(ordering: .relaxed) >= batch { return }
+        kicked.store(batch, ordering: .relaxed)
         cond.withLock {
-            requested = max(requested, durable + 1)
+            requested = max(requested, batch)
             cond.broadcast()
         }
     }
