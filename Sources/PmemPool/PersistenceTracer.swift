@@ -32,6 +32,9 @@ public final class PersistenceTracer: @unchecked Sendable {
     public private(set) var fences = 0
     /// A label for the operation in progress (shown with crash points).
     public var phase = ""
+    /// Bytes written to media so far: cache lines made durable by fences (64 bytes each), and
+    /// whole 4 KiB pages made durable by syncs (page-cache writeback works in pages).
+    public private(set) var durableBytes = 0
 
     /// Wraps an image: `initial` bytes are both volatile and durable.
     public init(image: UnsafeRawBufferPointer) {
@@ -97,6 +100,7 @@ public final class PersistenceTracer: @unchecked Sendable {
         lock.withLock { _ in
             fences += 1
             guard let mine = pending.removeValue(forKey: thread) else { return }
+            durableBytes += 64 * mine.count
             for (line, words) in mine {
                 withUnsafeBytes(of: words) { w in
                     for i in 0..<8 { makeDurable(line + 8 * i, w.load(fromByteOffset: 8 * i, as: UInt64.self)) }
@@ -111,10 +115,19 @@ public final class PersistenceTracer: @unchecked Sendable {
             fences += 1
             pending.removeAll(keepingCapacity: true)
             var off = 0
+            var lastPage = -1
             while off < length {
-                let v = volatile.load(fromByteOffset: off, as: UInt64.self)
-                if v != durable.load(fromByteOffset: off, as: UInt64.self) { makeDurable(off, v) }
-                off += 8
+                if memcmp(volatile + off, durable + off, 64) != 0 {
+                    for w in stride(from: off, to: off + 64, by: 8) {
+                        let v = volatile.load(fromByteOffset: w, as: UInt64.self)
+                        if v != durable.load(fromByteOffset: w, as: UInt64.self) { makeDurable(w, v) }
+                    }
+                    if off >> 12 != lastPage {
+                        lastPage = off >> 12
+                        durableBytes += 4096
+                    }
+                }
+                off += 64
             }
         }
     }

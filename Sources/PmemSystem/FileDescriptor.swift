@@ -111,8 +111,20 @@ public struct FileDescriptor: Hashable, Sendable {
         _ = try retryOnInterrupt { fcntl(rawValue, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK) }
     }
 
-    /// `flock(LOCK_EX|LOCK_NB)`: throws EWOULDBLOCK when another process holds it.
-    public func lockExclusive() throws(Errno) {
-        _ = try retryOnInterrupt { flock(rawValue, LOCK_EX | LOCK_NB) }
+    /// `flock(LOCK_EX|LOCK_NB)`, retried for up to `patience` seconds (a child forked by this
+    /// process holds a copy of the descriptor until it calls exec); throws EWOULDBLOCK when
+    /// another process keeps holding it.
+    public func lockExclusive(patience: Double = 1) throws(Errno) {
+        var waited = 0.0
+        while true {
+            do {
+                _ = try retryOnInterrupt { flock(rawValue, LOCK_EX | LOCK_NB) }
+                return
+            } catch {
+                if error != .wouldBlock || waited >= patience { throw error }
+                usleep(10_000)
+                waited += 0.01
+            }
+        }
     }
 }

@@ -35,8 +35,7 @@ import Testing
         let server = try ServerProcess(["serve", pool, "--create", "32M", "-U", sock, "--pidfile", pid])
         #expect(server.waitForSocket(sock))
         #expect((try? String(contentsOfFile: pid, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) == "\(server.pid)")
-        let c = try NBDClient()
-        try c.connect(unix: sock)
+        let c = try connectWhenReady(sock)
         try c.pwrite(pattern(4096, seed: 12), offset: 4096)
         // SIGTERM with a client still connected: the server finishes and exits 0.
         #expect(server.stop(signal: SIGTERM) == 0)
@@ -45,8 +44,7 @@ import Testing
         // What was written is in the pool.
         let again = try ServerProcess(["serve", pool, "-U", sock, "-r"])
         #expect(again.waitForSocket(sock))
-        let r = try NBDClient()
-        try r.connect(unix: sock)
+        let r = try connectWhenReady(sock)
         #expect(try r.isReadOnly)
         #expect(try r.pread(count: 4096, offset: 4096) == pattern(4096, seed: 12))
         #expect(again.stop(signal: SIGINT) == 0)

@@ -115,3 +115,20 @@ import PmemSystem
 
 /// CRC-32C as the pool header uses it.
 func PersistentMemoryCRC(_ b: UnsafeRawBufferPointer) -> UInt32 { PersistentMemory.crc32c(b) }
+
+/// Connects a libnbd client to a Unix socket, retrying while the server starts (a socket file
+/// exists between bind and listen, and a stale one may be left by a killed server).
+func connectWhenReady(_ path: String, timeout: TimeInterval = 20, configure: (NBDClient) throws -> Void = { _ in }) throws -> NBDClient {
+    let deadline = Date().addingTimeInterval(timeout)
+    while true {
+        let c = try NBDClient()
+        try configure(c)
+        do {
+            try c.connect(unix: path)
+            return c
+        } catch {
+            if Date() > deadline { throw error }
+            usleep(20_000)
+        }
+    }
+}
