@@ -17,12 +17,14 @@ let package = Package(
         .target(name: "PmemSystem", dependencies: ["CPmemSupport"]),
         // The NBD wire protocol: codec and negotiation state machine. No I/O.
         .target(name: "NBDWire"),
-        // The pool engine: on-media format, mapping, persistence, block store.
+        // The pool engine: persistence, journal, allocator, maps, recovery, check.
         .target(name: "PmemPool", dependencies: ["PmemSystem", "CPmemSupport"]),
+        // Volumes and snapshots over the engine: the block devices the server exports.
+        .target(name: "PmemVolumes", dependencies: ["PmemPool", "PmemSystem"]),
         // Sessions and listeners: sockets, handshake and transmission I/O.
-        .target(name: "NBDServer", dependencies: ["NBDWire", "PmemPool", "PmemSystem", "CPmemSupport"]),
+        .target(name: "NBDServer", dependencies: ["NBDWire", "PmemVolumes", "PmemPool", "PmemSystem", "CPmemSupport"]),
         // The application: pools exposed as NBD exports; commands the CLI calls.
-        .target(name: "PmemNBD", dependencies: ["NBDServer", "NBDWire", "PmemPool", "PmemSystem"]),
+        .target(name: "PmemNBD", dependencies: ["NBDServer", "NBDWire", "PmemVolumes", "PmemPool", "PmemSystem"]),
         .executableTarget(name: "pmem-nbd", dependencies: [
             "PmemNBD", "PmemSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -31,7 +33,7 @@ let package = Package(
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"]),
         .testTarget(name: "PmemNBDTests", dependencies: [
-            "PmemNBD", "NBDServer", "NBDWire", "PmemPool", "PmemSystem", "CLibNBD", "pmem-nbd",
+            "PmemNBD", "NBDServer", "NBDWire", "PmemVolumes", "PmemPool", "PmemSystem", "CLibNBD", "pmem-nbd",
         ]),
     ]
 )

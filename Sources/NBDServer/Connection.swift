@@ -2,6 +2,7 @@ import Dispatch
 import Glibc
 import NBDWire
 import PmemPool
+import PmemVolumes
 import PmemSystem
 
 /// One client connection, served by its own thread: the handshake, then the transmission
@@ -16,6 +17,8 @@ final class Connection: @unchecked Sendable {
     let replies: ReplyWriter
     /// Offloaded commands still running (FLUSH, FUA syncs).
     let offloaded = WaitGroup()
+    /// The volume being served, once transmission started.
+    private(set) var volume: (any BlockVolume)?
 
     init(id: UInt64, input: FileDescriptor, output: FileDescriptor, server: Server, peer: String) {
         self.id = id
@@ -49,6 +52,7 @@ final class Connection: @unchecked Sendable {
                 Log.warning("connection \(id): export '\(session.export.name)' vanished")
                 return
             }
+            server.connectionLock.withLock { _ in self.volume = volume }
             try transmit(session: session, volume: volume)
         } catch {
             Log.debug("connection \(id): \(error)")

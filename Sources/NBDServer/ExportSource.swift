@@ -1,5 +1,6 @@
 import NBDWire
 import PmemPool
+import PmemVolumes
 
 /// Where the server finds exports: the handshake's catalog plus the volume behind each name.
 public protocol ExportSource: ExportCatalog {

@@ -2,6 +2,7 @@ import Dispatch
 import Glibc
 import NBDWire
 import PmemPool
+import PmemVolumes
 import PmemSystem
 
 /// The payload of a WRITE: buffered bytes first, then from the socket (straight into the

@@ -1,40 +1,44 @@
 import NBDServer
 import NBDWire
 import PmemPool
+import PmemVolumes
 
-/// The exports of an open pool: each volume by name; the empty name means the default
-/// (first) volume.
+/// The exports of a pool, looked up afresh each time (snapshots come and go while serving):
+/// each volume as `vol`, each snapshot as `vol@snap` (read-only). The empty name is the default
+/// volume (the first), which `--export-name` can advertise under another name.
 public final class PoolExports: ExportSource, @unchecked Sendable {
-    public let volumes: [any BlockVolume]
+    public let pool: Pool
     public let readOnly: Bool
-    /// Name under which the default volume is advertised (`--export-name`), if not its own.
     public let defaultName: String?
 
-    public init(volumes: [any BlockVolume], readOnly: Bool, defaultName: String? = nil) {
-        self.volumes = volumes
+    public init(pool: Pool, readOnly: Bool, defaultName: String? = nil) {
+        self.pool = pool
         self.readOnly = readOnly
         self.defaultName = defaultName
     }
 
-    private func advertisedName(_ index: Int) -> String {
-        index == 0 ? (defaultName ?? volumes[0].name) : volumes[index].name
+    private func entries() -> [(name: String, volume: Volume)] {
+        var list = pool.exportable()
+        if let defaultName, let first = list.firstIndex(where: { $0.volume.kind == .volume }) {
+            list[first].name = defaultName
+        }
+        return list
     }
 
-    private func descriptor(_ index: Int) -> ExportDescriptor {
-        let v = volumes[index]
-        return ExportDescriptor(name: advertisedName(index), description: v.summary, size: v.size,
-                                flags: transmissionFlags(for: v, readOnly: readOnly), metaContexts: v.metaContexts)
+    private func descriptor(_ name: String, _ v: Volume) -> ExportDescriptor {
+        ExportDescriptor(name: name, description: v.summary, size: v.size,
+                         flags: transmissionFlags(for: v, readOnly: readOnly), metaContexts: v.metaContexts)
     }
 
     public func lookup(_ name: String) -> ExportDescriptor? {
-        if name.isEmpty { return volumes.isEmpty ? nil : descriptor(0) }
-        guard let i = volumes.indices.first(where: { advertisedName($0) == name }) else { return nil }
-        return descriptor(i)
+        let list = entries()
+        let found = name.isEmpty ? list.first(where: { $0.volume.kind == .volume }) : list.first(where: { $0.name == name })
+        return found.map { descriptor($0.name, $0.volume) }
     }
 
-    public func list() -> [ExportDescriptor] { volumes.indices.map(descriptor) }
+    public func list() -> [ExportDescriptor] { entries().map { descriptor($0.name, $0.volume) } }
 
     public func volume(for export: ExportDescriptor) -> (any BlockVolume)? {
-        volumes.indices.first(where: { advertisedName($0) == export.name }).map { volumes[$0] }
+        entries().first { $0.name == export.name }?.volume
     }
 }

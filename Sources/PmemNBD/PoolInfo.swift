@@ -1,5 +1,6 @@
 import PmemPool
 import PmemSystem
+import PmemVolumes
 
 /// `pmem-nbd info`: what a pool is, how it would be persisted, its volumes and space.
 public enum PoolInfo {
@@ -9,16 +10,18 @@ public enum PoolInfo {
         let sb = engine.superblock
         let mode = engine.persistence.domain == .cacheline ? "cache-line" : "page"
         let flush = PersistentMemory.flushInstruction.description
-        let volumes = engine.records().filter { $0.kind == .volume }
+        let all = engine.records()
+        let volumes = all.filter { $0.kind == .volume || $0.kind == .snapshot }
+        let names = volumes.map { Pool.exportName($0, in: all) ?? $0.name }
         let space = engine.space
         let backing = engine.media.file?.backing.rawValue ?? "memory"
         if json {
-            let vols = volumes.map { "{\"name\":\"\(jsonEscape($0.name))\",\"size\":\($0.size)}" }.joined(separator: ",")
+            let vols = zip(volumes, names).map { "{\"name\":\"\(jsonEscape($1))\",\"kind\":\"\($0.kind == .snapshot ? "snapshot" : "volume")\",\"size\":\($0.size)}" }.joined(separator: ",")
             return """
             {"path":"\(jsonEscape(path))","uuid":"\(sb.uuidString)","version":\(sb.version),"pool_size":\(sb.layout.poolSize),\
             "block_size":4096,"blocks":\(space.blocks),"allocated_blocks":\(space.allocated),"free_bytes":\(space.free << 12),\
             "backing":"\(backing)","persistence":"\(mode)","flush_instruction":"\(flush)",\
-            "exports":[\(volumes.map { "\"\(jsonEscape($0.name))\"" }.joined(separator: ","))],"volumes":[\(vols)]}
+            "exports":[\(names.map { "\"\(jsonEscape($0))\"" }.joined(separator: ","))],"volumes":[\(vols)]}
             """
         }
         return """
@@ -29,7 +32,7 @@ public enum PoolInfo {
         space:        \(formatBytes(space.allocated << 12)) used, \(formatBytes(space.free << 12)) free of \(formatBytes(space.blocks << 12))
         backing:      \(backing)
         persistence:  \(mode)\(mode == "cache-line" ? " (MAP_SYNC, \(flush) + sfence)" : " (msync)")
-        exports:      \(volumes.map { "\($0.name) (\(formatBytes($0.size)))" }.joined(separator: ", "))
+        exports:      \(zip(volumes, names).map { "\($1) (\(formatBytes($0.size)))" }.joined(separator: ", "))
         """
     }
 }

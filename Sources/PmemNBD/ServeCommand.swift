@@ -2,6 +2,7 @@ import Dispatch
 import Glibc
 import NBDServer
 import PmemPool
+import PmemVolumes
 import PmemSystem
 
 /// `pmem-nbd serve`: opens (or creates) the pool, listens, serves until SIGTERM/SIGINT,
@@ -14,11 +15,14 @@ public enum ServeCommand {
             let sb = try PoolEngine.create(path: o.poolPath, size: size)
             Log.info("created pool \(o.poolPath) (\(sb.layout.poolSize) bytes, \(sb.uuidString))")
         }
-        let engine = try PoolEngine.open(path: o.poolPath, readOnly: o.readOnly, persistence: o.persistence)
+        let pool = try Pool.open(path: o.poolPath, readOnly: o.readOnly, persistence: o.persistence)
+        let engine = pool.engine
         if engine.recoveredWords > 0 { Log.info("recovered: replayed \(engine.recoveredWords) journal words") }
-        let volumes = engine.records().filter { $0.kind == .volume }.compactMap { engine.volume(slot: $0.slot) }
-        let exports = PoolExports(volumes: volumes, readOnly: o.readOnly, defaultName: o.exportName)
+        let exports = PoolExports(pool: pool, readOnly: o.readOnly, defaultName: o.exportName)
         let server = Server(exports: exports)
+        pool.onVolumeChange { [weak server] id in
+            server?.disconnect { ($0 as? Volume)?.id == id }
+        }
         let p = engine.persistence
         Log.info("pool \(o.poolPath): \(engine.layout.poolSize) bytes, persistence \(p.domain.rawValue)\(p.synchronousMapping ? " (MAP_SYNC)" : "")")
 
@@ -33,7 +37,7 @@ public enum ServeCommand {
             } else {
                 server.serveConnection(input: FileDescriptor.standardInput, output: FileDescriptor.standardOutput, peer: "stdio")
             }
-            try engine.close()
+            try pool.close()
             return 0
         }
 
@@ -55,6 +59,13 @@ public enum ServeCommand {
             }
         }
         try server.listen(on: sockets)
+        var control: ControlServer?
+        if o.controlPath != "none" && !o.readOnly {
+            let path = o.controlPath ?? ControlClient.defaultPath(forPool: o.poolPath)
+            control = try ControlServer(path: path, pool: pool)
+            control?.start()
+            Log.info("control socket \(path)")
+        }
         if let pidFile = o.pidFile { try writePidFile(pidFile) }
 
         let stop = DispatchSemaphore(value: 0)
@@ -68,8 +79,9 @@ public enum ServeCommand {
         }
         stop.wait()
         Log.info("shutting down: finishing in-flight requests")
+        control?.stop()
         if !server.shutdown(timeoutSeconds: 30) { Log.warning("some connections did not finish in time") }
-        try engine.close()
+        try pool.close()
         if let path = o.unixPath { unlink(path) }
         if let pidFile = o.pidFile { unlink(pidFile) }
         _ = sources

@@ -15,6 +15,8 @@ public struct ServeOptions: Sendable {
     public var persistence: PersistenceMode = .auto
     /// Use sockets passed by systemd (LISTEN_FDS) when present.
     public var socketActivation = true
+    /// The control socket ("none" disables it; nil means the default next to the pool).
+    public var controlPath: String?
 
     public init(poolPath: String) { self.poolPath = poolPath }
 

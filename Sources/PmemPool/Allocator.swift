@@ -6,7 +6,7 @@ import Synchronization
 /// publishes the global epoch while it holds pointers into the pool (from looking up a map
 /// until its reply is sent); a freed block is stamped with the epoch and reused only once
 /// every active reader entered after that stamp.
-public final class ReaderEpochs: @unchecked Sendable {
+package final class ReaderEpochs: @unchecked Sendable {
     static let slotCount = 4096
     private let slots: UnsafeMutablePointer<UInt64>
     private let inUse = Mutex<[Bool]>([Bool](repeating: false, count: ReaderEpochs.slotCount))
@@ -63,7 +63,7 @@ public final class ReadGuard: @unchecked Sendable {
     /// False for guards that protect nothing (volumes that never move blocks, or no slot left).
     private let active: Bool
 
-    init(epochs: ReaderEpochs?) {
+    package init(epochs: ReaderEpochs?) {
         if let epochs, let slot = epochs.register() {
             self.epochs = epochs
             self.slot = slot
@@ -100,7 +100,7 @@ public final class ReadGuard: @unchecked Sendable {
 ///   a time, only when the stack is empty,
 /// - blocks freed by an operation are held until the batch that freed them is durable and
 ///   every reader that might still see them has moved on (then they return to the stack).
-final class Allocator: @unchecked Sendable {
+package final class Allocator: @unchecked Sendable {
     let layout: PoolLayout
     let journal: Journal
     let epochs: ReaderEpochs
@@ -117,7 +117,7 @@ final class Allocator: @unchecked Sendable {
     /// Blocks in quarantine or limbo (the scan must not hand them out).
     private var held: Set<UInt64> = []
     /// Blocks with a nonzero refcount (persisted at each commit).
-    let allocated: Atomic<Int64>
+    package let allocated: Atomic<Int64>
 
     init(layout: PoolLayout, journal: Journal, epochs: ReaderEpochs, highWater: UInt64, allocated: Int64) {
         self.layout = layout
@@ -180,11 +180,11 @@ final class Allocator: @unchecked Sendable {
     }
 
     /// Returns reserved blocks that were never referenced.
-    func unreserve(_ blocks: UnsafeBufferPointer<UInt64>) {
+    package func unreserve(_ blocks: UnsafeBufferPointer<UInt64>) {
         lock.withLock { free.append(contentsOf: blocks) }
     }
 
-    func unreserve(_ b: UInt64) {
+    package func unreserve(_ b: UInt64) {
         lock.withLock { free.append(b) }
     }
 
@@ -209,7 +209,7 @@ final class Allocator: @unchecked Sendable {
     }
 
     /// Moves blocks no reader can still see back to the free stack.
-    func reclaim() {
+    package func reclaim() {
         let oldest = epochs.oldestActive()
         lock.withLock {
             while let first = limbo.first, first.0 < oldest {
@@ -223,7 +223,7 @@ final class Allocator: @unchecked Sendable {
     }
 
     /// Blocks waiting on a commit or on readers.
-    var heldCount: Int { lock.withLock { quarantine.values.reduce(0) { $0 + $1.count } + limbo.reduce(0) { $0 + $1.1.count } } }
+    package var heldCount: Int { lock.withLock { quarantine.values.reduce(0) { $0 + $1.count } + limbo.reduce(0) { $0 + $1.1.count } } }
     var knownFree: Int { lock.withLock { free.count } }
 
     /// Blocks that can be handed out without waiting: the free stack, the unscanned range and

@@ -5,15 +5,15 @@ import PmemSystem
 /// physical data blocks. Nodes shared with snapshots or clones (refcount > 1) are copied
 /// before they change, so changing one map never changes another.
 extension PoolEngine {
-    @inline(__always) static func index(_ vblock: UInt64, level: Int) -> Int { Int((vblock >> (9 * UInt64(level))) & 511) }
+    @inline(__always) package static func index(_ vblock: UInt64, level: Int) -> Int { Int((vblock >> (9 * UInt64(level))) & 511) }
 
-    @inline(__always) func entryOffset(node: UInt64, index: Int) -> UInt64 { layout.blockOffset(node) + UInt64(8 * index) }
+    @inline(__always) package func entryOffset(node: UInt64, index: Int) -> UInt64 { layout.blockOffset(node) + UInt64(8 * index) }
 
-    @inline(__always) func validBlock(_ b: UInt64) -> Bool { b != 0 && b < layout.blockCount }
+    @inline(__always) package func validBlock(_ b: UInt64) -> Bool { b != 0 && b < layout.blockCount }
 
     /// The leaf node covering `vblock`, or 0 with the number of blocks from `vblock` to the end
     /// of the absent subtree. No locks: the caller is inside a read epoch.
-    func leaf(rootOffset: UInt64, depth: Int, vblock: UInt64) throws(PoolError) -> (leaf: UInt64, absentSpan: UInt64) {
+    package func leaf(rootOffset: UInt64, depth: Int, vblock: UInt64) throws(PoolError) -> (leaf: UInt64, absentSpan: UInt64) {
         var node = journal.load(rootOffset) & MapEntry.blockMask
         var level = depth - 1
         while true {
@@ -29,7 +29,7 @@ extension PoolEngine {
     }
 
     /// The physical block of `vblock`, 0 for a hole.
-    func lookup(rootOffset: UInt64, depth: Int, vblock: UInt64) throws(PoolError) -> UInt64 {
+    package func lookup(rootOffset: UInt64, depth: Int, vblock: UInt64) throws(PoolError) -> UInt64 {
         let (leaf, _) = try leaf(rootOffset: rootOffset, depth: depth, vblock: vblock)
         if leaf == 0 { return 0 }
         return journal.load(entryOffset(node: leaf, index: PoolEngine.index(vblock, level: 0))) & MapEntry.blockMask
@@ -38,17 +38,18 @@ extension PoolEngine {
     /// The node at `stopLevel` on the path to `vblock`, made private to this map (copied where
     /// shared) and created where absent if `create`; nil when absent and not creating.
     /// Gate and the volume's lock are held.
-    func writableNode(rootOffset: UInt64, depth: Int, vblock: UInt64, stopLevel: Int, create: Bool) throws(PoolError) -> UInt64? {
+    package func writableNode(rootOffset: UInt64, depth: Int, vblock: UInt64, stopLevel: Int, create: Bool,
+                              spares: inout NodeSpares) throws(PoolError) -> UInt64? {
         var node = journal.load(rootOffset) & MapEntry.blockMask
         var level = depth - 1
         if node == 0 {
             guard create else { return nil }
-            node = try newNode()
+            node = try newNode(&spares)
             journal.store(rootOffset, node)
         } else {
             guard validBlock(node) else { throw PoolError(.io, "map root \(node) is out of range (corrupt map)") }
             if refcount(node) > 1 {
-                node = try copyNode(node, level: level)
+                node = try copyNode(node, level: level, &spares)
                 journal.store(rootOffset, node)
             }
         }
@@ -57,12 +58,12 @@ extension PoolEngine {
             var child = journal.load(off) & MapEntry.blockMask
             if child == 0 {
                 guard create else { return nil }
-                child = try newNode()
+                child = try newNode(&spares)
                 journal.store(off, child)
             } else {
                 guard validBlock(child) else { throw PoolError(.io, "map node \(child) is out of range (corrupt map)") }
                 if refcount(child) > 1 {
-                    child = try copyNode(child, level: level - 1)
+                    child = try copyNode(child, level: level - 1, &spares)
                     journal.store(off, child)
                 }
             }
@@ -74,7 +75,7 @@ extension PoolEngine {
 
     /// Calls `body(blocks, mapped)` for consecutive runs of mapped or unmapped blocks from
     /// `first` up to `end`, skipping absent subtrees whole; stops when `body` returns false.
-    func allocationRuns(rootOffset: UInt64, depth: Int, first: UInt64, end: UInt64,
+    package func allocationRuns(rootOffset: UInt64, depth: Int, first: UInt64, end: UInt64,
                         _ body: (UInt64, Bool) -> Bool) throws(PoolError) {
         var v = first
         var runStart = first

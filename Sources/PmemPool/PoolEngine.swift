@@ -12,14 +12,11 @@ public final class PoolEngine: @unchecked Sendable {
     public let layout: PoolLayout
     public let readOnly: Bool
     public let journal: Journal
-    let epochs = ReaderEpochs()
-    let allocator: Allocator
-    let committer: Committer
+    package let epochs = ReaderEpochs()
+    package let allocator: Allocator
+    package let committer: Committer
     /// Serialises volume-table changes (create, delete, snapshot).
-    let tableLock = PosixMutex()
-    private let volumesLock = Mutex<[Int: EngineVolume]>([:])
-    /// Blocks set aside for map nodes (see `ensureNodeReserve`).
-    let nodeReserve = Mutex<[UInt64]>([])
+    package let tableLock = PosixMutex()
     /// Words replayed from the journal when this engine opened.
     public let recoveredWords: Int
 
@@ -43,6 +40,8 @@ public final class PoolEngine: @unchecked Sendable {
     }
 
     public let faults: Faults
+    /// How this engine commits.
+    public let committerMode: CommitMode
 
     // MARK: creating
 
@@ -121,6 +120,7 @@ public final class PoolEngine: @unchecked Sendable {
         self.media = media
         self.readOnly = readOnly
         self.faults = faults
+        self.committerMode = readOnly ? .inline : commitMode
         let sb = try Superblock.decode(UnsafeRawBufferPointer(start: media.base, count: Superblock.encodedSize),
                                        available: UInt64(media.length))
         superblock = sb
@@ -172,6 +172,8 @@ public final class PoolEngine: @unchecked Sendable {
                 try journal.markEmpty()
             }
         }
+        // Another process (or a later open) may have the pool now.
+        media.file?.fd.unlock()
     }
 
     // MARK: volumes
@@ -180,32 +182,6 @@ public final class PoolEngine: @unchecked Sendable {
     public func records() -> [VolumeRecord] {
         (0..<PoolLayout.volumeEntries).compactMap { VolumeRecord.decode(slot: $0, load: journal.load) }
     }
-
-    /// The volume (or snapshot) in a table slot, opened once and shared.
-    public func volume(slot: Int) -> EngineVolume? {
-        guard let rec = VolumeRecord.decode(slot: slot, load: journal.load), rec.kind != .deleting else { return nil }
-        return volumesLock.withLock { open in
-            if let v = open[slot], v.id == rec.id { return v }
-            let v = EngineVolume(engine: self, record: rec)
-            open[slot] = v
-            return v
-        }
-    }
-
-    /// A volume by name (`vol`, or `vol@snap` for a snapshot).
-    public func volume(named name: String) -> EngineVolume? {
-        let recs = records()
-        if let at = name.firstIndex(of: "@") {
-            let volName = String(name[..<at]), snapName = String(name[name.index(after: at)...])
-            guard let vol = recs.first(where: { $0.kind == .volume && $0.name == volName }),
-                  let snap = recs.first(where: { $0.kind == .snapshot && $0.parent == vol.id && $0.name == snapName }) else { return nil }
-            return volume(slot: snap.slot)
-        }
-        guard let rec = recs.first(where: { $0.kind == .volume && $0.name == name }) else { return nil }
-        return volume(slot: rec.slot)
-    }
-
-    func forget(slot: Int) { _ = volumesLock.withLock { $0.removeValue(forKey: slot) } }
 
     /// A guard for reading pool memory (one per connection).
     public func makeReadGuard() -> ReadGuard { ReadGuard(epochs: epochs) }
@@ -235,7 +211,7 @@ public final class PoolEngine: @unchecked Sendable {
 
     /// Runs `body` as one atomic group of metadata stores of at most `words` words: inside the
     /// gate, with room reserved in the running batch (committing first when it is full).
-    func withMetadata<T>(words: Int, _ body: () throws(PoolError) -> T) throws(PoolError) -> T {
+    package func withMetadata<T>(words: Int, _ body: () throws(PoolError) -> T) throws(PoolError) -> T {
         if let e = committer.failure { throw e }
         precondition(words <= journal.capacity - 64, "metadata group larger than the journal")
         while true {
@@ -258,7 +234,7 @@ public final class PoolEngine: @unchecked Sendable {
     /// Reserves a free block. When free space runs low a commit starts in the background, so
     /// blocks freed by overwrites come back before they are needed; when none is free, waits
     /// for commits and for readers (a few seconds at most) before answering ENOSPC.
-    func reserveBlock() throws(PoolError) -> UInt64 {
+    package func reserveBlock() throws(PoolError) -> UInt64 {
         if let b = allocator.reserve() {
             if allocator.readilyAvailable < lowWater { committer.kick() }
             return b
@@ -275,7 +251,7 @@ public final class PoolEngine: @unchecked Sendable {
     }
 
     /// Reserves `out.count` blocks (see `reserveBlock`); returns how many (all, or throws).
-    func reserveBlocks(_ out: UnsafeMutableBufferPointer<UInt64>) throws(PoolError) -> Int {
+    package func reserveBlocks(_ out: UnsafeMutableBufferPointer<UInt64>) throws(PoolError) -> Int {
         let (got, available) = allocator.reserve(into: out)
         var n = got
         if n < out.count || available < lowWater { committer.kick() }
@@ -292,14 +268,14 @@ public final class PoolEngine: @unchecked Sendable {
     }
 
     /// Free blocks below which a background commit starts (1/8 of the pool, at most 64 MiB).
-    var lowWater: UInt64 { min(16384, layout.blockCount / 8) }
+    package var lowWater: UInt64 { min(16384, layout.blockCount / 8) }
 
     /// Engine-owned read epochs for read-modify-write copies, one per stripe lock.
-    let rmwGuards: [ReadGuard]
-    let rmwLocks: [PosixMutex]
+    package let rmwGuards: [ReadGuard]
+    package let rmwLocks: [PosixMutex]
 
     /// One commit: freeze, make data durable, write the journal, apply. Called by the committer.
-    func commitOnce() throws(PoolError) -> UInt64 {
+    package func commitOnce() throws(PoolError) -> UInt64 {
         journal.gate.writeLock()
         let counters: [(UInt64, UInt64)] = [
             (PoolState.allocatedOffset, UInt64(max(0, allocator.allocated.load(ordering: .relaxed)))),
@@ -328,11 +304,11 @@ public final class PoolEngine: @unchecked Sendable {
 
     // MARK: refcounts
 
-    @inline(__always) func refcount(_ b: UInt64) -> UInt32 { allocator.refcount(b) }
+    @inline(__always) package func refcount(_ b: UInt64) -> UInt32 { allocator.refcount(b) }
 
     /// Adds `delta` to a block's refcount (gate held). At zero the block is freed; a freed map
     /// node releases its children. `level` is the node level (0 = leaf node), or -1 for data.
-    func adjustRefcount(_ b: UInt64, _ delta: Int32, level: Int) {
+    package func adjustRefcount(_ b: UInt64, _ delta: Int32, level: Int) {
         let shift = PoolLayout.refcountShift(b)
         var underflow = false
         let (old, new) = journal.update(layout.refcountWordOffset(b)) { w in
@@ -357,36 +333,20 @@ public final class PoolEngine: @unchecked Sendable {
         }
     }
 
-    /// Ensures at least `n` blocks are set aside for map nodes, so a metadata section never has
-    /// to wait for a commit (called outside the gate).
-    func ensureNodeReserve(_ n: Int) throws(PoolError) {
-        while nodeReserve.withLock({ $0.count }) < n {
-            let b = try reserveBlock()
-            nodeReserve.withLock { $0.append(b) }
-        }
-    }
-
-    /// A block for a map node from the reserve (gate held; never waits).
-    func takeNodeBlock() throws(PoolError) -> UInt64 {
-        if let b = nodeReserve.withLock({ $0.popLast() }) { return b }
-        if let b = allocator.reserve() { return b }
-        throw PoolError(.noSpace, "the pool is full (no block for a map node)")
-    }
-
-    /// A new zeroed map node with refcount 1 (gate held).
-    func newNode() throws(PoolError) -> UInt64 {
-        let b = try takeNodeBlock()
+    /// A new zeroed map node with refcount 1, from the caller's spares (gate held; never waits).
+    package func newNode(_ spares: inout NodeSpares) throws(PoolError) -> UInt64 {
+        let b = try spares.take()
         let p = media.base + Int(layout.blockOffset(b))
         PersistentMemory.zeroNonTemporal(p, count: 4096)
-        persistence.flush(p, 4096)
+        persistence.didStoreNonTemporal(p, 4096)
         adjustRefcount(b, 1, level: 0)
         return b
     }
 
     /// A private copy of a shared node: entries copied (as currently visible), children gain a
     /// reference, the original loses one (gate held).
-    func copyNode(_ old: UInt64, level: Int) throws(PoolError) -> UInt64 {
-        let b = try takeNodeBlock()
+    package func copyNode(_ old: UInt64, level: Int, _ spares: inout NodeSpares) throws(PoolError) -> UInt64 {
+        let b = try spares.take()
         let src = layout.blockOffset(old)
         let dst = media.base + Int(layout.blockOffset(b))
         for i in 0..<512 {
@@ -408,6 +368,33 @@ func monotonicSeconds() -> Double {
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
 
+/// Blocks an operation reserved, before entering the gate, for the map nodes it may create or
+/// copy; what it does not use goes back to the allocator.
+package struct NodeSpares: ~Copyable {
+    let allocator: Allocator
+    private var blocks: [UInt64]
+
+    /// Reserves `count` blocks (waiting for commits if needed; throws ENOSPC).
+    package init(_ engine: PoolEngine, count: Int) throws(PoolError) {
+        allocator = engine.allocator
+        blocks = []
+        blocks.reserveCapacity(count)
+        for _ in 0..<count {
+            do { blocks.append(try engine.reserveBlock()) } catch {
+                for b in blocks { engine.allocator.unreserve(b) }
+                throw error
+            }
+        }
+    }
+
+    mutating func take() throws(PoolError) -> UInt64 {
+        guard let b = blocks.popLast() else { throw PoolError(.noSpace, "the pool is full (no block for a map node)") }
+        return b
+    }
+
+    deinit { for b in blocks { allocator.unreserve(b) } }
+}
+
 /// Map entries: a physical block number in the low 48 bits; 0 is a hole / absent subtree.
 public enum MapEntry {
     public static let blockMask: UInt64 = (1 << 48) - 1
@@ -415,7 +402,7 @@ public enum MapEntry {
 
 /// Runs commits: on its own thread every second when anything is pending, and whenever a sync
 /// or a full batch asks; or inline on the caller's thread.
-final class Committer: @unchecked Sendable {
+package final class Committer: @unchecked Sendable {
     let mode: PoolEngine.CommitMode
     /// Set right after the engine is built. The committer's thread holds the engine strongly
     /// while it runs (until `stop`); inline commits are called by the engine itself.
@@ -426,7 +413,7 @@ final class Committer: @unchecked Sendable {
     private var durable: UInt64 = 0
     private var stopping = false
     private var running = false
-    private(set) var failure: PoolError?
+    package private(set) var failure: PoolError?
     static let interval = 1.0
 
     init(mode: PoolEngine.CommitMode) { self.mode = mode }
@@ -451,7 +438,7 @@ final class Committer: @unchecked Sendable {
     private let kicked = Atomic<UInt64>(0)
 
     /// Asks for a commit soon without waiting.
-    func kick() {
+    package func kick() {
         guard mode == .background, let engine else { return }
         let batch = engine.journal.runningBatch.load(ordering: .relaxed)
         if kicked.load(ordering: .relaxed) >= batch { return }
@@ -463,7 +450,7 @@ final class Committer: @unchecked Sendable {
     }
 
     /// Returns once every batch up to `batch` is durable.
-    func sync(through batch: UInt64) throws(PoolError) {
+    package func sync(through batch: UInt64) throws(PoolError) {
         if mode == .inline {
             try commitLock.withLock { () throws(PoolError) in
                 if durable >= batch { return }

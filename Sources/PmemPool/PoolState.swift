@@ -37,6 +37,20 @@ public struct VolumeRecord: Equatable, Sendable {
     public var generation: UInt64
     public var name: String
 
+    public init(slot: Int, kind: Kind, id: UInt64, parent: UInt64, root: UInt64, size: UInt64, depth: Int,
+                created: UInt64, generation: UInt64, name: String) {
+        self.slot = slot
+        self.kind = kind
+        self.id = id
+        self.parent = parent
+        self.root = root
+        self.size = size
+        self.depth = depth
+        self.created = created
+        self.generation = generation
+        self.name = name
+    }
+
     public static let kindField: UInt64 = 0, idField: UInt64 = 8, parentField: UInt64 = 16, rootField: UInt64 = 24
     public static let sizeField: UInt64 = 32, depthField: UInt64 = 40, createdField: UInt64 = 48
     public static let generationField: UInt64 = 56, nameField: UInt64 = 64, nameBytes = 64

@@ -105,6 +105,9 @@ public struct FileDescriptor: Hashable, Sendable {
         return st
     }
 
+    /// `flock(LOCK_UN)`.
+    public func unlock() { _ = flock(rawValue, LOCK_UN) }
+
     /// `fcntl(F_SETFL, O_NONBLOCK)` on or off.
     public func setNonBlocking(_ on: Bool) throws(Errno) {
         let flags = try retryOnInterrupt { fcntl(rawValue, F_GETFL) }

@@ -15,8 +15,11 @@ struct PmemNBDCommand: ParsableCommand {
           pmem-nbd serve pool.pmem --unix /tmp/pmem.sock
           nbdinfo 'nbd+unix:///?socket=/tmp/pmem.sock'
           pmem-nbd info pool.pmem --json
+          pmem-nbd snapshot create --pool pool.pmem pmem0@before-upgrade
+          pmem-nbd clone --pool pool.pmem pmem0@before-upgrade test
+          nbdinfo --map=qemu:dirty-bitmap:before-upgrade 'nbd+unix:///pmem0?socket=/tmp/pmem.sock'
         """,
-        subcommands: [Serve.self, Create.self, Info.self, Check.self])
+        subcommands: [Serve.self, Create.self, Info.self, Check.self, VolumeCommandGroup.self, SnapshotCommandGroup.self, Clone.self])
 }
 
 /// Runs a command body, turning pool and serve errors into one clear line on stderr.
@@ -122,6 +125,7 @@ struct Serve: ParsableCommand {
     @Flag(name: [.customShort("v"), .customLong("verbose")], help: "More logging (repeat for more).") var verbose: Int
     @Flag(name: [.customShort("f"), .customLong("foreground")], help: "Stay in the foreground (the default).") var foreground = false
     @Flag(name: [.customShort("t"), .customLong("persistent")], help: "Keep serving after clients disconnect (the default).") var persistent = false
+    @Option(name: .long, help: "Control socket for volume and snapshot commands (default POOL.ctl; 'none' to disable).") var control: String?
 
     func run() throws {
         Log.setLevel(Log.Level(rawValue: min(Log.Level.trace.rawValue, Log.Level.warning.rawValue + verbose)) ?? .trace)
@@ -140,6 +144,7 @@ struct Serve: ParsableCommand {
             o.exportName = exportName
             o.pidFile = pidfile
             o.persistence = mode
+            o.controlPath = control
             return try ServeCommand.run(o)
         }
     }

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import PmemPool
+import PmemVolumes
 import Testing
 
 /// The `pmem-nbd` executable: create, info, serve (Unix, TCP, stdio, socket activation),

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import PmemPool
+import PmemVolumes
 import PmemSystem
 import Testing
 
@@ -10,8 +11,8 @@ import Testing
     func makePool(_ d: ScratchDirectory) throws -> (path: String, layout: PoolLayout, root: UInt64, depth: Int) {
         let path = d.file("p.pool")
         try PoolEngine.create(path: path, size: 64 << 20, volumeName: "vol", volumeSize: 16 << 20)
-        let engine = try PoolEngine.open(path: path, persistence: .page, commitMode: .inline)
-        let v = engine.volume(named: "vol")!
+        let pool = try Pool.open(path: path, persistence: .page, commitMode: .inline)
+        let v = pool.volume(named: "vol")!
         for b in [0, 1, 2, 600, 601, 3000] {
             let data = pattern(4096, seed: UInt64(b))
             try data.withUnsafeBytes { (bytes) throws in
@@ -19,7 +20,7 @@ import Testing
                 try v.write(offset: UInt64(b) << 12, length: 4096, fua: false, from: &src)
             }
         }
-        try engine.close()
+        try pool.close()
         let ro = try PoolEngine.open(path: path, readOnly: true, lock: false)
         let rec = ro.records()[0]
         return (path, ro.layout, rec.root, rec.depth)
@@ -74,9 +75,9 @@ import Testing
         #expect(fixed.status == 1, "\(fixed.stdout)")
         let again = try check(p.path)
         #expect(again.status == 0, "\(again.stdout)")
-        let engine = try PoolEngine.open(path: p.path, readOnly: true, lock: false)
+        let ro = try Pool.open(path: p.path, readOnly: true, lock: false)
         var hole = false
-        try engine.volume(named: "vol")!.read(offset: 601 << 12, length: 4096) { if case .hole = $0 { hole = true } }
+        try ro.volume(named: "vol")!.read(offset: 601 << 12, length: 4096) { if case .hole = $0 { hole = true } }
         #expect(hole)
     }
 
@@ -133,9 +134,9 @@ import Testing
         #expect(r.status == 4 && r.stdout.contains("backup copy is good"))
         #expect(try check(p.path, repair: true).status == 1)
         #expect(try check(p.path).status == 0)
-        let engine = try PoolEngine.open(path: p.path, readOnly: true, lock: false)
+        let ro = try Pool.open(path: p.path, readOnly: true, lock: false)
         var data: [UInt8] = []
-        try engine.volume(named: "vol")!.read(offset: 600 << 12, length: 4096) {
+        try ro.volume(named: "vol")!.read(offset: 600 << 12, length: 4096) {
             if case .data(let ptr, let n) = $0 { data += Array(UnsafeRawBufferPointer(start: ptr, count: n)) }
         }
         #expect(data == pattern(4096, seed: 600))

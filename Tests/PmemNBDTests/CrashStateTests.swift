@@ -1,5 +1,6 @@
 import Foundation
 import PmemPool
+import PmemVolumes
 import Testing
 
 /// Crash consistency, tested not argued: crash states at every fence and sync of the write,

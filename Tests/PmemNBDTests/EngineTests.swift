@@ -3,6 +3,7 @@ import Glibc
 import NBDServer
 import PmemNBD
 import PmemPool
+import PmemVolumes
 import PmemSystem
 import Testing
 
@@ -20,14 +21,14 @@ import Testing
         _ = try PoolEngine.format(base: image, poolSize: size, volumeName: "vol", volumeSize: 8 << 20)
         let tracer = PersistenceTracer(image: UnsafeRawBufferPointer(start: image, count: Int(size)))
         let engine = try PoolEngine(media: PoolMedia(tracer: tracer, domain: domain))
-        let volume = engine.volume(named: "vol")!
-        let server = Server(exports: PoolExports(volumes: [volume], readOnly: false))
+        let pool = Pool(engine: engine)
+        let server = Server(exports: PoolExports(pool: pool, readOnly: false))
         let scratch = ScratchDirectory()
         let sock = scratch.file("s.sock")
         try server.listen(on: [Socket.listenUnix(path: sock)])
         defer {
             server.shutdown(timeoutSeconds: 5)
-            try? engine.close()
+            try? pool.close()
         }
         let a = try NBDClient(), b = try NBDClient()
         try a.connect(unix: sock)
@@ -41,7 +42,7 @@ import Testing
         copy.copyMemory(from: tracer.durable, byteCount: Int(size))
         let media = PoolMedia(base: copy, length: Int(size), persistence: Persistence(domain: domain, synchronousMapping: false, base: copy, length: Int(size), fd: nil))
         let recovered = try PoolEngine(media: media, commitMode: .inline)
-        let v = recovered.volume(named: "vol")!
+        let v = Pool(engine: recovered).volume(named: "vol")!
         func read(_ off: UInt64, _ n: Int) throws -> [UInt8] {
             var out: [UInt8] = []
             try v.read(offset: off, length: n) { seg in
@@ -65,8 +66,9 @@ import Testing
             let path = d.file(name)
             try PoolEngine.create(path: path, size: size, volumeName: "vol", volumeSize: 512 << 20)
             // Leave a committed batch of 2000 writes behind, as a crash would.
-            let engine = try PoolEngine.open(path: path, persistence: .page, commitMode: .inline)
-            let v = engine.volume(named: "vol")!
+            let pool = try Pool.open(path: path, persistence: .page, commitMode: .inline)
+            let engine = pool.engine
+            let v = pool.volume(named: "vol")!
             let block = [UInt8](repeating: 7, count: 4096)
             for i in 0..<2000 {
                 try block.withUnsafeBytes { (bytes) throws in
@@ -76,6 +78,8 @@ import Testing
             }
             try engine.sync()
             let journal = try FileDescriptor.open(path, O_RDONLY).read(at: Int(engine.layout.journalOffset), count: 64 + 16 * 8000)
+            // Drop the pool without closing it, as a crash would (the journal stays committed).
+            engine.media.file?.fd.unlock()
             return (path, engine.layout.journalOffset, journal)
         }
         let small = try prepare("small.pool", 1 << 30)
@@ -107,7 +111,7 @@ import Testing
         _ = try PoolEngine.format(base: image, poolSize: size, volumeName: "vol", volumeSize: 32 << 20)
         let tracer = PersistenceTracer(image: UnsafeRawBufferPointer(start: image, count: Int(size)))
         let engine = try PoolEngine(media: PoolMedia(tracer: tracer, domain: domain), commitMode: .inline)
-        let v = engine.volume(named: "vol")!
+        let v = Pool(engine: engine).volume(named: "vol")!
         var rng = SplitMix64(seed: 9)
         let block = [UInt8](repeating: 1, count: 4096)
         // Warm up: map every block once, so the measured writes are overwrites.

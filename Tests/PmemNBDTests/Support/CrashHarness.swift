@@ -1,5 +1,6 @@
 import Foundation
 import PmemPool
+import PmemVolumes
 import PmemSystem
 
 /// Enumerates crash states of the engine (see PersistenceTracer) and checks the guarantees:
@@ -69,7 +70,7 @@ final class CrashHarness {
             if distinct.count < maxStates { crashPoint(t) }
         }
         let engine = try PoolEngine(media: PoolMedia(tracer: tracer, domain: config.domain), commitMode: .inline, faults: config.faults)
-        guard let volume = engine.volume(named: "vol") else { throw PoolError(.notFound, "no volume") }
+        guard let volume = Pool(engine: engine).volume(named: "vol") else { throw PoolError(.notFound, "no volume") }
         for i in 0..<config.operations {
             if distinct.count >= maxStates || (!config.faults.isEmpty && !violations.isEmpty) { break }
             try operation(i, volume)
@@ -81,7 +82,7 @@ final class CrashHarness {
 
     // MARK: workload
 
-    private func operation(_ i: Int, _ volume: EngineVolume) throws {
+    private func operation(_ i: Int, _ volume: Volume) throws {
         let r = rng.next() % 100
         let fua = rng.next() % 5 == 0
         switch r {
@@ -118,7 +119,7 @@ final class CrashHarness {
         }
     }
 
-    private func write(_ volume: EngineVolume, offset: UInt64, length: Int, fua: Bool, id: Int) throws {
+    private func write(_ volume: Volume, offset: UInt64, length: Int, fua: Bool, id: Int) throws {
         phase = fua ? "write-fua" : "write"
         var data = [UInt8](repeating: 0, count: length)
         var x = UInt64(id + 1) &* 0x9E37_79B9_7F4A_7C15 ^ offset
@@ -230,7 +231,7 @@ final class CrashHarness {
                 violations.append("\(label): check after recovery: \(report.problems.map(\.description).joined(separator: "; "))")
                 return
             }
-            guard let volume = engine.volume(named: "vol") else { violations.append("\(label): volume missing"); return }
+            guard let volume = Pool(engine: engine).volume(named: "vol") else { violations.append("\(label): volume missing"); return }
             for b in 0..<blocks {
                 var crc: UInt32 = 0
                 var len = 0

@@ -3,6 +3,7 @@ import Glibc
 import NBDServer
 import PmemNBD
 import PmemPool
+import PmemVolumes
 import PmemSystem
 
 /// A scratch directory removed when the value goes away.
@@ -25,8 +26,9 @@ final class TestServer {
     let scratch = ScratchDirectory()
     let poolPath: String
     let socketPath: String
-    let engine: PoolEngine
-    let volume: EngineVolume
+    let pool: Pool
+    var engine: PoolEngine { pool.engine }
+    let volume: Volume
     let server: Server
 
     /// A pool of `size` bytes whose volume `vol0` is `volumeSize` (default: size less 16 MiB).
@@ -35,9 +37,9 @@ final class TestServer {
         poolPath = scratch.file("pool")
         socketPath = scratch.file("s.sock")
         try PoolEngine.create(path: poolPath, size: size, volumeName: "vol0", volumeSize: volumeSize ?? (size - (16 << 20)))
-        engine = try PoolEngine.open(path: poolPath, readOnly: readOnly, persistence: persistence)
-        volume = engine.volume(named: "vol0")!
-        server = Server(exports: PoolExports(volumes: [volume], readOnly: readOnly, defaultName: exportName))
+        pool = try Pool.open(path: poolPath, readOnly: readOnly, persistence: persistence)
+        volume = pool.volume(named: "vol0")!
+        server = Server(exports: PoolExports(pool: pool, readOnly: readOnly, defaultName: exportName))
         try server.listen(on: [Socket.listenUnix(path: socketPath)])
     }
 
@@ -54,7 +56,7 @@ final class TestServer {
 
     deinit {
         server.shutdown(timeoutSeconds: 10)
-        try? engine.close()
+        try? pool.close()
     }
 }
 

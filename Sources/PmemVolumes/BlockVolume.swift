@@ -1,3 +1,4 @@
+import PmemPool
 import PmemSystem
 
 /// A piece of a read: bytes in pool memory, or a range that reads as zeroes.

@@ -1,4 +1,5 @@
 import Glibc
+import PmemPool
 import PmemSystem
 
 /// Zeroes as a payload (WRITE_ZEROES with NO_HOLE, and partial blocks of a zeroed range).
@@ -13,8 +14,10 @@ struct ZeroSource: ByteSource {
 /// 4 KiB block is written into a free block, made durable, and only then does the map point
 /// at it (in the journal's running batch) — so after a crash a block holds its old or its new
 /// contents, never a mix. Sub-block writes copy the old block first (read-modify-write).
-public final class EngineVolume: BlockVolume, @unchecked Sendable {
-    /// The engine outlives its volumes (it must be closed last); no reference counting here.
+public final class Volume: BlockVolume, @unchecked Sendable {
+    /// The pool this volume belongs to (kept alive by the volume; `Pool.close` drops its cache).
+    let pool: Pool
+    /// The pool's engine, used on every I/O: no reference counting there (the pool holds it).
     unowned(unsafe) let engine: PoolEngine
     public let slot: Int
     public let id: UInt64
@@ -27,8 +30,13 @@ public final class EngineVolume: BlockVolume, @unchecked Sendable {
     /// Held while this volume's map changes.
     let mapLock = PosixMutex()
 
-    init(engine: PoolEngine, record: VolumeRecord) {
-        self.engine = engine
+    /// The volume a snapshot belongs to (0 for volumes).
+    public let parent: UInt64
+
+    init(pool: Pool, record: VolumeRecord) {
+        self.pool = pool
+        self.engine = pool.engine
+        parent = record.parent
         slot = record.slot
         id = record.id
         name = record.name
@@ -39,7 +47,32 @@ public final class EngineVolume: BlockVolume, @unchecked Sendable {
         rootOffset = VolumeRecord.offset(slot: record.slot) + VolumeRecord.rootField
     }
 
-    public var summary: String { "pmem-nbd \(kind == .snapshot ? "snapshot" : "volume") \(name), \(size) bytes" }
+    public var summary: String {
+        kind == .snapshot ? "snapshot \(name) (read-only), \(size) bytes" : "volume \(name), \(size) bytes"
+    }
+
+    /// `base:allocation`, and for a volume `qemu:dirty-bitmap:SNAP` for each of its snapshots.
+    public var metaContexts: [String] {
+        guard kind == .volume else { return ["base:allocation"] }
+        return ["base:allocation"] + pool.snapshots(of: id).map { Volume.dirtyBitmapPrefix + $0.name }
+    }
+
+    public func status(context: String, offset: UInt64, length: UInt64, _ body: (UInt64, UInt32) -> Bool) throws(PoolError) {
+        if context == "base:allocation" {
+            return try allocation(offset: offset, length: length) { n, s in body(n, s.rawValue) }
+        }
+        guard kind == .volume, context.hasPrefix(Volume.dirtyBitmapPrefix),
+              let snap = pool.snapshots(of: id).first(where: { Volume.dirtyBitmapPrefix + $0.name == context }) else {
+            throw PoolError(.invalid, "unknown meta context \(context)")
+        }
+        guard offset < size, length <= size - offset else { throw PoolError(.invalid, "range beyond the end") }
+        var skip = offset & 4095
+        try changedRuns(against: snap, first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, dirty in
+            let bytes = (blocks << 12) - skip
+            skip = 0
+            return body(bytes, dirty ? 1 : 0)
+        }
+    }
     public var fastZero: Bool { true }
     public var flushIsCheap: Bool { engine.persistence.domain == .cacheline }
     public func makeReadGuard() -> ReadGuard { engine.makeReadGuard() }
@@ -101,13 +134,27 @@ public final class EngineVolume: BlockVolume, @unchecked Sendable {
     public func write(offset: UInt64, length: Int, fua: Bool, from source: inout some ByteSource) throws(PoolError) {
         guard !readOnly else { throw PoolError(.readOnly, "\(name) is read-only") }
         guard offset <= size, UInt64(length) <= size - offset else { throw PoolError(.noSpace, "write beyond the end") }
-        var pos = offset
-        let end = offset + UInt64(length)
-        while pos < end {
-            // One metadata group per leaf: bounded size, at most `depth` new map nodes.
-            let chunkEnd = min(end, (((pos >> 12) | 511) + 1) << 12)
-            try writeChunk(pos, chunkEnd, &source)
-            pos = chunkEnd
+        guard length > 0 else { return }
+        let first = offset >> 12
+        let count = Int(((offset + UInt64(length) - 1) >> 12) - first + 1)
+        let leaves = Int(((offset + UInt64(length) - 1) >> 21) - (offset >> 21) + 1)
+        try withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count) { (blocks) throws(PoolError) in
+            // Every block the write needs, data and map nodes, is reserved before anything is
+            // touched: a full pool answers ENOSPC and changes nothing.
+            _ = try engine.reserveBlocks(blocks)
+            var published = 0
+            defer { if published < count { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published...])) } }
+            var spares = try NodeSpares(engine, count: leaves * depth + 1)
+            var pos = offset
+            let end = offset + UInt64(length)
+            while pos < end {
+                // One metadata group per leaf: bounded size, at most `depth` new map nodes.
+                let chunkEnd = min(end, (((pos >> 12) | 511) + 1) << 12)
+                let n = Int(((chunkEnd - 1) >> 12) - (pos >> 12) + 1)
+                try writeChunk(pos, chunkEnd, &source, UnsafeMutableBufferPointer(rebasing: blocks[published..<(published + n)]), &spares)
+                published += n
+                pos = chunkEnd
+            }
         }
         if fua { try engine.sync() }
     }
@@ -116,9 +163,12 @@ public final class EngineVolume: BlockVolume, @unchecked Sendable {
         Int(truncatingIfNeeded: ((vblock ^ id &* 0x9E37_79B9) &* 0x9E37_79B9_7F4A_7C15) >> 58)
     }
 
-    private func writeChunk(_ start: UInt64, _ end: UInt64, _ source: inout some ByteSource) throws(PoolError) {
+    /// Fills reserved `blocks` with the new contents of [start, end) (within one leaf) and
+    /// points the map at them.
+    private func writeChunk(_ start: UInt64, _ end: UInt64, _ source: inout some ByteSource,
+                            _ blocks: UnsafeMutableBufferPointer<UInt64>, _ spares: inout NodeSpares) throws(PoolError) {
         let first = start >> 12
-        let count = Int(((end - 1) >> 12) - first + 1)
+        let count = blocks.count
         let headPartial = start & 4095 != 0 || (count == 1 && end & 4095 != 0)
         let tailPartial = count > 1 && end & 4095 != 0
         // Read-modify-write of a partial block is serialised per block (striped engine-wide) and
@@ -131,55 +181,48 @@ public final class EngineVolume: BlockVolume, @unchecked Sendable {
         for s in locked { engine.rmwLocks[s].lock() }
         defer { for s in locked { engine.rmwLocks[s].unlock() } }
 
-        try withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count) { (blocks) throws(PoolError) in
-            var reserved = 0
-            var published = 0
-            defer { if published < reserved { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published..<reserved])) } }
-            reserved = try engine.reserveBlocks(blocks)
-            let base = engine.media.base
-            let persistence = engine.persistence
-            let nt = persistence.prefersNonTemporal
-            for i in 0..<count {
-                let vb = first + UInt64(i)
-                let blockStart = vb << 12
-                let a = max(start, blockStart), b = min(end, blockStart + 4096)
-                let dst = base + Int(engine.layout.blockOffset(blocks[i]))
-                if b - a < 4096 {
-                    let readGuard = engine.rmwGuards[stripe(vb)]
-                    readGuard.enter()
-                    defer { readGuard.exit() }
-                    let old = try engine.lookup(rootOffset: rootOffset, depth: depth, vblock: vb)
-                    if old != 0 {
-                        guard engine.validBlock(old) else { throw PoolError(.io, "map entry for block \(vb) is out of range (corrupt map)") }
-                        PersistentMemory.copyNonTemporal(to: dst, from: base + Int(engine.layout.blockOffset(old)), count: 4096)
-                    } else {
-                        PersistentMemory.zeroNonTemporal(dst, count: 4096)
-                    }
+        let base = engine.media.base
+        let persistence = engine.persistence
+        let nt = persistence.prefersNonTemporal
+        for i in 0..<count {
+            let vb = first + UInt64(i)
+            let blockStart = vb << 12
+            let a = max(start, blockStart), b = min(end, blockStart + 4096)
+            let dst = base + Int(engine.layout.blockOffset(blocks[i]))
+            if b - a < 4096 {
+                let readGuard = engine.rmwGuards[stripe(vb)]
+                readGuard.enter()
+                defer { readGuard.exit() }
+                let old = try engine.lookup(rootOffset: rootOffset, depth: depth, vblock: vb)
+                if old != 0 {
+                    guard engine.validBlock(old) else { throw PoolError(.io, "map entry for block \(vb) is out of range (corrupt map)") }
+                    PersistentMemory.copyNonTemporal(to: dst, from: base + Int(engine.layout.blockOffset(old)), count: 4096)
+                } else {
+                    PersistentMemory.zeroNonTemporal(dst, count: 4096)
                 }
-                do throws(Errno) {
-                    try source.fill(UnsafeMutableRawBufferPointer(start: dst + Int(a - blockStart), count: Int(b - a)), nonTemporal: nt)
-                } catch {
-                    throw PoolError(.source(error), "payload: \(error)")
-                }
-                persistence.didStoreNonTemporal(dst, 4096)
             }
-            // The metadata group fences this thread's data before its gate is released, so the
-            // blocks are durable before any commit names them.
-            try engine.ensureNodeReserve(depth + 1)
-            try engine.withMetadata(words: 3 * count + (depth + 1) * 520 + 16) { () throws(PoolError) in
-                mapLock.lock()
-                defer { mapLock.unlock() }
-                guard let leaf = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: first, stopLevel: 0, create: true) else {
-                    throw PoolError(.io, "map walk failed")
-                }
-                for i in 0..<count {
-                    let off = engine.entryOffset(node: leaf, index: Int((first + UInt64(i)) & 511))
-                    let old = engine.journal.load(off) & MapEntry.blockMask
-                    engine.journal.store(off, blocks[i])
-                    engine.adjustRefcount(blocks[i], 1, level: -1)
-                    if old != 0 { engine.adjustRefcount(old, -1, level: -1) }
-                    published += 1
-                }
+            do throws(Errno) {
+                try source.fill(UnsafeMutableRawBufferPointer(start: dst + Int(a - blockStart), count: Int(b - a)), nonTemporal: nt)
+            } catch {
+                throw PoolError(.source(error), "payload: \(error)")
+            }
+            persistence.didStoreNonTemporal(dst, 4096)
+        }
+        // The metadata group fences this thread's data before its gate is released, so the
+        // blocks are durable before any commit names them.
+        try engine.withMetadata(words: 3 * count + (depth + 1) * 520 + 16) { () throws(PoolError) in
+            mapLock.lock()
+            defer { mapLock.unlock() }
+            guard let leaf = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: first, stopLevel: 0,
+                                                     create: true, spares: &spares) else {
+                throw PoolError(.io, "map walk failed")
+            }
+            for i in 0..<count {
+                let off = engine.entryOffset(node: leaf, index: Int((first + UInt64(i)) & 511))
+                let old = engine.journal.load(off) & MapEntry.blockMask
+                engine.journal.store(off, blocks[i])
+                engine.adjustRefcount(blocks[i], 1, level: -1)
+                if old != 0 { engine.adjustRefcount(old, -1, level: -1) }
             }
         }
     }
@@ -239,12 +282,13 @@ public final class EngineVolume: BlockVolume, @unchecked Sendable {
                 continue
             }
             let whole = v & 511 == 0 && leafEnd - v == 512 && depth > 1
-            try engine.ensureNodeReserve(depth + 1)
+            var spares = try NodeSpares(engine, count: depth + 1)
             try engine.withMetadata(words: 2 * 512 + (depth + 1) * 520 + 16) { () throws(PoolError) in
                 mapLock.lock()
                 defer { mapLock.unlock() }
                 if whole {
-                    guard let parent = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: v, stopLevel: 1, create: false) else { return }
+                    guard let parent = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: v, stopLevel: 1,
+                                                               create: false, spares: &spares) else { return }
                     let off = engine.entryOffset(node: parent, index: PoolEngine.index(v, level: 1))
                     let child = engine.journal.load(off) & MapEntry.blockMask
                     guard child != 0 else { return }
@@ -252,7 +296,8 @@ public final class EngineVolume: BlockVolume, @unchecked Sendable {
                     engine.adjustRefcount(child, -1, level: 0)
                     return
                 }
-                guard let leaf = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: v, stopLevel: 0, create: false) else { return }
+                guard let leaf = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: v, stopLevel: 0,
+                                                         create: false, spares: &spares) else { return }
                 for u in v..<leafEnd {
                     let off = engine.entryOffset(node: leaf, index: Int(u & 511))
                     let old = engine.journal.load(off) & MapEntry.blockMask

@@ -1,0 +1,102 @@
+import Foundation
+import PmemPool
+import PmemVolumes
+
+/// The volume and snapshot operations as request → response dictionaries: the control
+/// socket's protocol (Docs/CONTROL.md), served by a running server and performed directly by
+/// the CLI when the pool is not being served.
+public enum VolumeRequests {
+    public static let version = 1
+
+    /// Performs one request on a pool.
+    public static func perform(_ request: [String: Any], on pool: Pool) -> [String: Any] {
+        do {
+            guard let op = request["op"] as? String else { throw PoolError(.invalid, "request has no 'op'") }
+            func string(_ key: String) throws(PoolError) -> String {
+                guard let v = request[key] as? String, !v.isEmpty else { throw PoolError(.invalid, "'\(op)' needs '\(key)'") }
+                return v
+            }
+            func size(_ key: String) throws(PoolError) -> UInt64 {
+                if let n = request[key] as? NSNumber, n.int64Value > 0 { return n.uint64Value }
+                if let s = request[key] as? String, let n = parseSize(s) { return n }
+                throw PoolError(.invalid, "'\(op)' needs '\(key)' (bytes, or a size such as 4G)")
+            }
+            switch op {
+            case "hello":
+                return ["ok": true, "version": version, "uuid": pool.engine.superblock.uuidString]
+            case "list":
+                return ["ok": true, "volumes": try list(pool), "space": space(pool)]
+            case "volume-create":
+                let r = try pool.createVolume(name: try string("name"), size: try size("size"))
+                return ["ok": true, "volume": try describe(r, pool)]
+            case "volume-delete":
+                try pool.delete(try string("name"), recursive: request["recursive"] as? Bool ?? false)
+                return ["ok": true]
+            case "volume-resize":
+                try pool.resize(try string("name"), size: try size("size"))
+                return ["ok": true]
+            case "snapshot-create":
+                let name = try string("name")
+                guard let at = name.firstIndex(of: "@") else { throw PoolError(.invalid, "snapshot names are VOL@SNAP") }
+                let r = try pool.createSnapshot(volume: String(name[..<at]), snapshot: String(name[name.index(after: at)...]))
+                return ["ok": true, "snapshot": try describe(r, pool)]
+            case "snapshot-delete":
+                let name = try string("name")
+                guard name.contains("@") else { throw PoolError(.invalid, "snapshot names are VOL@SNAP") }
+                try pool.delete(name)
+                return ["ok": true]
+            case "snapshot-rollback":
+                try pool.rollback(try string("name"))
+                return ["ok": true]
+            case "clone":
+                let r = try pool.clone(try string("source"), as: try string("name"))
+                return ["ok": true, "volume": try describe(r, pool)]
+            default:
+                throw PoolError(.invalid, "unknown op '\(op)'")
+            }
+        } catch let e as PoolError {
+            return ["ok": false, "error": e.message]
+        } catch {
+            return ["ok": false, "error": "\(error)"]
+        }
+    }
+
+    static func describe(_ r: VolumeRecord, _ pool: Pool) throws(PoolError) -> [String: Any] {
+        let all = pool.records()
+        let u = try pool.usage(of: r)
+        var d: [String: Any] = [
+            "name": Pool.exportName(r, in: all) ?? r.name, "kind": r.kind == .snapshot ? "snapshot" : "volume",
+            "size": r.size, "referenced": u.referenced, "exclusive": u.exclusive, "created": r.created, "id": r.id,
+        ]
+        if r.kind == .volume, r.parent != 0, let origin = all.first(where: { $0.id == r.parent }) {
+            d["origin"] = Pool.exportName(origin, in: all) ?? ""
+        }
+        return d
+    }
+
+    static func list(_ pool: Pool) throws(PoolError) -> [[String: Any]] {
+        let all = pool.records()
+        var out: [[String: Any]] = []
+        for v in all where v.kind == .volume {
+            out.append(try describe(v, pool))
+            for s in all where s.kind == .snapshot && s.parent == v.id { out.append(try describe(s, pool)) }
+        }
+        return out
+    }
+
+    static func space(_ pool: Pool) -> [String: Any] {
+        let s = pool.engine.space
+        return ["blocks": s.blocks, "allocated_bytes": s.allocated << 12, "free_bytes": s.free << 12,
+                "pending_bytes": s.held << 12, "deletions_pending": pool.deletionsPending]
+    }
+
+    /// One line of JSON.
+    public static func encode(_ object: [String: Any]) -> String {
+        guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return "{\"ok\":false}" }
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    public static func decode(_ line: String) -> [String: Any]? {
+        (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any]
+    }
+}

@@ -1,0 +1,208 @@
+import Glibc
+import PmemPool
+import PmemSystem
+
+/// Volume and snapshot operations. Each is one atomic group of metadata words (so a crash
+/// leaves it done or not done) and is durable when it returns. Creating a snapshot or a clone
+/// is O(1): the new map shares the volume's root node (one more reference); the first write to
+/// a shared node copies it. Deleting marks the map as being deleted and returns; its blocks are
+/// released in the background by work proportional to what is freed.
+extension Pool {
+    /// Words a table change writes at most (a record, a refcount, counters).
+    static let tableWords = 64
+
+    func findRecord(_ name: String) throws(PoolError) -> VolumeRecord {
+        let all = records()
+        guard let r = all.first(where: { Pool.exportName($0, in: all) == name }) else {
+            throw PoolError(.notFound, "no volume or snapshot named '\(name)'")
+        }
+        return r
+    }
+
+    func freeSlot() throws(PoolError) -> Int {
+        for slot in 0..<PoolLayout.volumeEntries
+        where engine.journal.load(VolumeRecord.offset(slot: slot) + VolumeRecord.kindField) == VolumeRecord.Kind.free.rawValue {
+            return slot
+        }
+        throw PoolError(.noSpace, "the volume table is full (\(PoolLayout.volumeEntries) volumes and snapshots)")
+    }
+
+    func checkWritable() throws(PoolError) {
+        if engine.readOnly { throw PoolError(.readOnly, "the pool is open read-only") }
+    }
+
+    /// Stores a record's words and takes a new id and generation (gate held).
+    func storeNew(_ r: inout VolumeRecord) {
+        let j = engine.journal
+        r.id = j.load(PoolState.nextVolumeIDOffset)
+        r.generation = j.load(PoolState.generationOffset)
+        r.created = UInt64(time(nil))
+        j.store(PoolState.nextVolumeIDOffset, r.id + 1)
+        j.store(PoolState.generationOffset, r.generation + 1)
+        for (o, v) in r.words() { j.store(o, v) }
+    }
+
+    // MARK: volumes
+
+    /// Creates an empty (thin) volume.
+    @discardableResult
+    public func createVolume(name: String, size: UInt64) throws(PoolError) -> VolumeRecord {
+        try checkWritable()
+        guard VolumeRecord.validName(name) else { throw PoolError(.invalid, "invalid volume name '\(name)' (1 to 63 bytes, no '@', '/' or spaces)") }
+        let size = size & ~UInt64(4095)
+        guard size > 0, size <= 1 << 50 else { throw PoolError(.invalid, "volume size must be between 4 KiB and 1 PiB") }
+        let rec: VolumeRecord = try engine.tableLock.withLock { () throws(PoolError) in
+            if records().contains(where: { $0.kind == .volume && $0.name == name }) { throw PoolError(.exists, "a volume named '\(name)' exists") }
+            var r = VolumeRecord(slot: try freeSlot(), kind: .volume, id: 0, parent: 0, root: 0, size: size,
+                                 depth: VolumeRecord.depth(forSize: size), created: 0, generation: 0, name: name)
+            try engine.withMetadata(words: Pool.tableWords) { storeNew(&r) }
+            return r
+        }
+        try engine.sync()
+        return rec
+    }
+
+    /// Takes a snapshot of a volume: every write completed before the call is in it, none
+    /// issued after it returns; it is durable on return.
+    @discardableResult
+    public func createSnapshot(volume name: String, snapshot: String) throws(PoolError) -> VolumeRecord {
+        try checkWritable()
+        guard VolumeRecord.validName(snapshot) else { throw PoolError(.invalid, "invalid snapshot name '\(snapshot)'") }
+        let vr = try findRecord(name)
+        guard vr.kind == .volume, let vol = volume(slot: vr.slot) else { throw PoolError(.invalid, "'\(name)' is not a volume") }
+        let rec: VolumeRecord = try engine.tableLock.withLock { () throws(PoolError) in
+            if snapshots(of: vr.id).contains(where: { $0.name == snapshot }) { throw PoolError(.exists, "\(name)@\(snapshot) exists") }
+            let slot = try freeSlot()
+            return try engine.withMetadata(words: Pool.tableWords) { () throws(PoolError) -> VolumeRecord in
+                // The map lock orders the snapshot against writes' metadata groups.
+                vol.mapLock.lock()
+                defer { vol.mapLock.unlock() }
+                let root = engine.journal.load(vol.rootOffset) & MapEntry.blockMask
+                var r = VolumeRecord(slot: slot, kind: .snapshot, id: 0, parent: vr.id, root: root, size: vol.size,
+                                     depth: vol.depth, created: 0, generation: 0, name: snapshot)
+                storeNew(&r)
+                if root != 0 { engine.adjustRefcount(root, 1, level: vol.depth - 1) }
+                return r
+            }
+        }
+        try engine.sync()
+        return rec
+    }
+
+    /// A new writable volume sharing a snapshot's blocks.
+    @discardableResult
+    public func clone(_ source: String, as name: String) throws(PoolError) -> VolumeRecord {
+        try checkWritable()
+        guard VolumeRecord.validName(name) else { throw PoolError(.invalid, "invalid volume name '\(name)'") }
+        let sr = try findRecord(source)
+        guard sr.kind == .snapshot else { throw PoolError(.invalid, "'\(source)' is not a snapshot (clone takes VOL@SNAP)") }
+        let rec: VolumeRecord = try engine.tableLock.withLock { () throws(PoolError) in
+            if records().contains(where: { $0.kind == .volume && $0.name == name }) { throw PoolError(.exists, "a volume named '\(name)' exists") }
+            let slot = try freeSlot()
+            return try engine.withMetadata(words: Pool.tableWords) { () throws(PoolError) -> VolumeRecord in
+                let root = engine.journal.load(VolumeRecord.offset(slot: sr.slot) + VolumeRecord.rootField) & MapEntry.blockMask
+                var r = VolumeRecord(slot: slot, kind: .volume, id: 0, parent: sr.id, root: root, size: sr.size,
+                                     depth: sr.depth, created: 0, generation: 0, name: name)
+                storeNew(&r)
+                if root != 0 { engine.adjustRefcount(root, 1, level: sr.depth - 1) }
+                return r
+            }
+        }
+        try engine.sync()
+        return rec
+    }
+
+    /// Replaces a volume's contents with a snapshot's, atomically. The volume's old map is
+    /// released in the background. Clients of the volume are disconnected (they reconnect to
+    /// the new contents).
+    public func rollback(_ snapshotName: String) throws(PoolError) {
+        try checkWritable()
+        let sr = try findRecord(snapshotName)
+        guard sr.kind == .snapshot, let vr = records().first(where: { $0.kind == .volume && $0.id == sr.parent }),
+              let vol = volume(slot: vr.slot) else { throw PoolError(.invalid, "'\(snapshotName)' is not a snapshot") }
+        try engine.tableLock.withLock { () throws(PoolError) in
+            let slot = try freeSlot()
+            try engine.withMetadata(words: Pool.tableWords * 2) { () throws(PoolError) in
+                vol.mapLock.lock()
+                defer { vol.mapLock.unlock() }
+                let j = engine.journal
+                let o = VolumeRecord.offset(slot: vr.slot)
+                let old = j.load(o + VolumeRecord.rootField) & MapEntry.blockMask
+                let snapRoot = j.load(VolumeRecord.offset(slot: sr.slot) + VolumeRecord.rootField) & MapEntry.blockMask
+                if snapRoot != 0 { engine.adjustRefcount(snapRoot, 1, level: sr.depth - 1) }
+                j.store(o + VolumeRecord.rootField, snapRoot)
+                j.store(o + VolumeRecord.sizeField, sr.size)
+                j.store(o + VolumeRecord.depthField, UInt64(sr.depth))
+                if old != 0 {
+                    // The old map becomes a hidden record the deleter releases.
+                    var dead = VolumeRecord(slot: slot, kind: .deleting, id: 0, parent: vr.id, root: old, size: vr.size,
+                                            depth: vr.depth, created: 0, generation: 0, name: "rollback-of-\(vr.id)")
+                    storeNew(&dead)
+                }
+            }
+        }
+        try engine.sync()
+        changed(vr.id)
+        deleter.wake()
+    }
+
+    /// Deletes a volume (with `recursive`, its snapshots too) or a snapshot. Returns once the
+    /// deletion is durable; the space comes back as the deleter releases it.
+    public func delete(_ name: String, recursive: Bool = false) throws(PoolError) {
+        try checkWritable()
+        let r = try findRecord(name)
+        var doomed = [r]
+        if r.kind == .volume {
+            let snaps = snapshots(of: r.id)
+            if !snaps.isEmpty && !recursive {
+                throw PoolError(.exists, "volume '\(name)' has \(snaps.count) snapshot(s); delete them first or use --recursive")
+            }
+            doomed += snaps
+        }
+        try engine.tableLock.withLock { () throws(PoolError) in
+            try engine.withMetadata(words: 8 * doomed.count + 8) {
+                for d in doomed {
+                    engine.journal.store(VolumeRecord.offset(slot: d.slot) + VolumeRecord.kindField, VolumeRecord.Kind.deleting.rawValue)
+                }
+            }
+        }
+        try engine.sync()
+        for d in doomed { changed(d.id) }
+        deleter.wake()
+    }
+
+    /// Grows or shrinks a volume. Growing past what the map's depth covers adds levels on top
+    /// (the old root becomes entry 0 of a new root); shrinking unmaps the tail first.
+    /// Clients of the volume are disconnected (NBD cannot announce a new size).
+    public func resize(_ name: String, size newSize: UInt64) throws(PoolError) {
+        try checkWritable()
+        let r = try findRecord(name)
+        guard r.kind == .volume, let vol = volume(slot: r.slot) else { throw PoolError(.invalid, "'\(name)' is not a volume") }
+        let size = newSize & ~UInt64(4095)
+        guard size > 0, size <= 1 << 50 else { throw PoolError(.invalid, "volume size must be between 4 KiB and 1 PiB") }
+        if size < r.size { try vol.unmap(first: size >> 12, end: r.size >> 12) }
+        let depth = max(r.depth, VolumeRecord.depth(forSize: size))
+        var spares = try NodeSpares(engine, count: depth - r.depth + 1)
+        try engine.tableLock.withLock { () throws(PoolError) in
+            try engine.withMetadata(words: Pool.tableWords) { () throws(PoolError) in
+                vol.mapLock.lock()
+                defer { vol.mapLock.unlock() }
+                let j = engine.journal
+                let o = VolumeRecord.offset(slot: r.slot)
+                var root = j.load(o + VolumeRecord.rootField) & MapEntry.blockMask
+                if root != 0 {
+                    for _ in r.depth..<depth {
+                        let top = try engine.newNode(&spares)
+                        j.store(engine.entryOffset(node: top, index: 0), root)
+                        root = top
+                    }
+                    j.store(o + VolumeRecord.rootField, root)
+                }
+                j.store(o + VolumeRecord.depthField, UInt64(depth))
+                j.store(o + VolumeRecord.sizeField, size)
+            }
+        }
+        try engine.sync()
+        changed(r.id)
+    }
+}

@@ -1,0 +1,95 @@
+import Glibc
+import PmemPool
+import PmemSystem
+import Synchronization
+
+/// A pool's volumes and snapshots over the engine: the catalog the server exports
+/// (`vol` and `vol@snap`) and the operations that change it (see Operations.swift).
+public final class Pool: @unchecked Sendable {
+    public let engine: PoolEngine
+    private let cache = Mutex<[Int: Volume]>([:])
+    let deleter: Deleter
+    private let changeHandler = Mutex<(@Sendable (UInt64) -> Void)?>(nil)
+
+    /// Opens a pool file or device (recovering it) and resumes unfinished deletions.
+    public static func open(path: String, readOnly: Bool = false, persistence: PersistenceMode = .auto,
+                            lock: Bool = true, commitMode: PoolEngine.CommitMode = .background) throws(PoolError) -> Pool {
+        let engine = try PoolEngine.open(path: path, readOnly: readOnly, persistence: persistence, lock: lock, commitMode: commitMode)
+        return Pool(engine: engine)
+    }
+
+    /// Wraps an open engine. Deletions run on a background thread when the engine commits in
+    /// the background; otherwise `runDeletions()` performs them.
+    public init(engine: PoolEngine) {
+        self.engine = engine
+        deleter = Deleter(background: !engine.readOnly && engine.committerMode == .background)
+        deleter.pool = self
+        deleter.start()
+    }
+
+    /// Stops background work and commits. Call last.
+    public func close() throws(PoolError) {
+        deleter.stop()
+        cache.withLock { $0.removeAll() }
+        try engine.close()
+    }
+
+    /// Called when a volume's contents or size changed wholesale (rollback, resize, delete),
+    /// with its id, so the server can disconnect its clients.
+    public func onVolumeChange(_ handler: @escaping @Sendable (UInt64) -> Void) { changeHandler.withLock { $0 = handler } }
+
+    func changed(_ id: UInt64) {
+        cache.withLock { c in for (k, v) in c where v.id == id { c.removeValue(forKey: k) } }
+        changeHandler.withLock { $0 }?(id)
+    }
+
+    // MARK: catalog
+
+    public func records() -> [VolumeRecord] { engine.records() }
+
+    /// The export name of a record: `vol` for a volume, `vol@snap` for a snapshot.
+    public static func exportName(_ r: VolumeRecord, in all: [VolumeRecord]) -> String? {
+        switch r.kind {
+        case .volume: return r.name
+        case .snapshot: return all.first { $0.kind == .volume && $0.id == r.parent }.map { "\($0.name)@\(r.name)" }
+        default: return nil
+        }
+    }
+
+    /// The volume or snapshot in a table slot, opened once and shared until it changes.
+    public func volume(slot: Int) -> Volume? {
+        guard let rec = VolumeRecord.decode(slot: slot, load: engine.journal.load),
+              rec.kind == .volume || rec.kind == .snapshot else { return nil }
+        return cache.withLock { c in
+            if let v = c[slot], v.id == rec.id, v.size == rec.size, v.depth == rec.depth { return v }
+            let v = Volume(pool: self, record: rec)
+            c[slot] = v
+            return v
+        }
+    }
+
+    /// A volume (`vol`) or snapshot (`vol@snap`) by export name.
+    public func volume(named name: String) -> Volume? {
+        let all = records()
+        guard let r = all.first(where: { Pool.exportName($0, in: all) == name }) else { return nil }
+        return volume(slot: r.slot)
+    }
+
+    /// Every volume and snapshot, volumes first, each followed by its snapshots.
+    public func exportable() -> [(name: String, volume: Volume)] {
+        let all = records()
+        var out: [(String, Volume)] = []
+        for v in all where v.kind == .volume {
+            if let vol = volume(slot: v.slot) { out.append((v.name, vol)) }
+            for s in all where s.kind == .snapshot && s.parent == v.id {
+                if let snap = volume(slot: s.slot) { out.append(("\(v.name)@\(s.name)", snap)) }
+            }
+        }
+        return out
+    }
+
+    /// Snapshots of the volume with id `id`, oldest first.
+    public func snapshots(of id: UInt64) -> [VolumeRecord] {
+        records().filter { $0.kind == .snapshot && $0.parent == id }.sorted { $0.generation < $1.generation }
+    }
+}
