@@ -180,7 +180,8 @@ public enum PoolCheck {
             }
             var bad: [String] = []
             if !VolumeRecord.validName(rec.name) { bad.append("invalid name") }
-            if rec.depth != VolumeRecord.depth(forSize: rec.size) { bad.append("depth \(rec.depth) does not match size \(rec.size)") }
+            // A volume that shrank keeps its deeper map.
+            if rec.depth < VolumeRecord.depth(forSize: rec.size) || rec.depth > 6 { bad.append("depth \(rec.depth) does not fit size \(rec.size)") }
             if rec.root >= layout.blockCount { bad.append("root \(rec.root) out of range") }
             if rec.size & 4095 != 0 { bad.append("size not a multiple of 4096") }
             if !ids.insert(rec.id).inserted { bad.append("duplicate id \(rec.id)") }

@@ -9,15 +9,16 @@ import Testing
 @Suite(.serialized) struct CrashStateTests {
     static var target: Int { Int(ProcessInfo.processInfo.environment["PMEM_NBD_CRASH_STATES"] ?? "") ?? 6000 }
 
-    func explore(_ domain: Persistence.Domain, states: Int, firstSeed: UInt64) throws -> (Int, Int, [String]) {
+    func explore(_ domain: Persistence.Domain, states: Int, firstSeed: UInt64, snapshots: Bool = false) throws -> (Int, Int, [String]) {
         var total = 0, points = 0
         var violations: [String] = []
         var seed = firstSeed
         while total < states {
-            let h = CrashHarness(.init(domain: domain, seed: seed))
+            let h = CrashHarness(.init(domain: domain, seed: seed, snapshots: snapshots))
             try h.run(maxStates: states - total)
             total += h.distinct.count
             points += h.points
+            if ProcessInfo.processInfo.environment["PMEM_NBD_CRASH_PHASES"] != nil { print("seed \(seed) phases: \(h.phases.sorted { $0.key < $1.key })") }
             violations += h.violations
             seed += 1
             if !violations.isEmpty { break }
@@ -30,6 +31,16 @@ import Testing
         print("cache-line crash states: \(states) distinct at \(points) crash points, \(violations.count) violations")
         #expect(violations.isEmpty, "\(violations.prefix(5))")
         #expect(states >= CrashStateTests.target)
+    }
+
+    /// Snapshot create and delete (with the background release of blocks), clone and rollback
+    /// mixed into the workload: snapshots and clones keep their exact contents, deleted ones
+    /// stay deleted, and a rollback is all or nothing.
+    @Test func snapshotOperations() throws {
+        let (states, points, violations) = try explore(.cacheline, states: CrashStateTests.target / 2, firstSeed: 2000, snapshots: true)
+        print("snapshot crash states: \(states) distinct at \(points) crash points, \(violations.count) violations")
+        #expect(violations.isEmpty, "\(violations.prefix(5))")
+        #expect(states >= CrashStateTests.target / 2)
     }
 
     /// The harness is only worth something if it fails on a broken engine: each deliberate

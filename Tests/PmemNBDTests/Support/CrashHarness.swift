@@ -21,6 +21,8 @@ final class CrashHarness {
         var seed: UInt64
         /// Deliberate engine bugs (to prove the harness finds them).
         var faults: PoolEngine.Faults = []
+        /// Mix snapshot create/delete, clone and rollback into the workload.
+        var snapshots = false
     }
 
     let config: Config
@@ -37,6 +39,14 @@ final class CrashHarness {
     private var durableIndex: [Int]
     private var latest: [[UInt8]]
     private var phase = ""
+
+    /// Snapshots and clones in the model: exact contents (per-block CRCs) and where they stand.
+    enum Status { case creating, live, deleting, gone }
+    private var snapshots: [String: (crcs: [UInt32], status: Status)] = [:]
+    private var clones: [String: (crcs: [UInt32], status: Status)] = [:]
+    /// A rollback in flight: the contents it installs (the volume must be all old or all new).
+    private var rollbackTarget: [UInt32]?
+    private var serial = 0
 
     private let scratch: UnsafeMutableRawPointer
     private let verifyCopy: UnsafeMutableRawPointer
@@ -70,10 +80,12 @@ final class CrashHarness {
             if distinct.count < maxStates { crashPoint(t) }
         }
         let engine = try PoolEngine(media: PoolMedia(tracer: tracer, domain: config.domain), commitMode: .inline, faults: config.faults)
-        guard let volume = Pool(engine: engine).volume(named: "vol") else { throw PoolError(.notFound, "no volume") }
+        let pool = Pool(engine: engine)
         for i in 0..<config.operations {
             if distinct.count >= maxStates || (!config.faults.isEmpty && !violations.isEmpty) { break }
-            try operation(i, volume)
+            // The volume object changes when a rollback replaces the map.
+            guard let volume = pool.volume(named: "vol") else { throw PoolError(.notFound, "no volume") }
+            try operation(i, volume, pool)
         }
         try engine.sync()
         crashPoint(tracer)
@@ -82,9 +94,13 @@ final class CrashHarness {
 
     // MARK: workload
 
-    private func operation(_ i: Int, _ volume: Volume) throws {
+    private func operation(_ i: Int, _ volume: Volume, _ pool: Pool) throws {
         let r = rng.next() % 100
         let fua = rng.next() % 5 == 0
+        if config.snapshots && r >= 86 {
+            try snapshotOperation(r, pool)
+            return
+        }
         switch r {
         case 0..<40:
             let b = Int(rng.next() % UInt64(blocks))
@@ -117,6 +133,83 @@ final class CrashHarness {
             try volume.flush()
             for b in 0..<blocks { durableIndex[b] = versions[b].count - 1 }
         }
+    }
+
+    private func currentCRCs() -> [UInt32] { (0..<blocks).map { versions[$0].last! } }
+
+    /// Snapshot create and delete, clone and rollback: each durable on return.
+    private func snapshotOperation(_ r: UInt64, _ pool: Pool) throws {
+        let live = snapshots.filter { $0.value.status == .live }.keys.sorted()
+        switch r {
+        case 86..<91 where snapshots.values.filter({ $0.status != .gone }).count < 3:
+            serial += 1
+            let name = "s\(serial)"
+            phase = "snapshot-create"
+            snapshots[name] = (currentCRCs(), .creating)
+            try pool.createSnapshot(volume: "vol", snapshot: name)
+            snapshots[name]!.status = .live
+            // Taking a snapshot makes every completed write durable.
+            for b in 0..<blocks { durableIndex[b] = versions[b].count - 1 }
+        case 91..<94 where !live.isEmpty:
+            let name = live[Int(rng.next() % UInt64(live.count))]
+            phase = "snapshot-delete"
+            snapshots[name]!.status = .deleting
+            try pool.delete("vol@\(name)")
+            try pool.runDeletions()
+            snapshots[name]!.status = .gone
+        case 94..<97 where !live.isEmpty && clones.count < 2:
+            let source = live[Int(rng.next() % UInt64(live.count))]
+            serial += 1
+            let name = "c\(serial)"
+            phase = "clone"
+            clones[name] = (snapshots[source]!.crcs, .creating)
+            try pool.clone("vol@\(source)", as: name)
+            clones[name]!.status = .live
+        case 97..<100 where !live.isEmpty:
+            let name = live[Int(rng.next() % UInt64(live.count))]
+            let target = snapshots[name]!.crcs
+            phase = "rollback"
+            rollbackTarget = target
+            try pool.rollback("vol@\(name)")
+            rollbackTarget = nil
+            for b in 0..<blocks {
+                versions[b].append(target[b])
+                durableIndex[b] = versions[b].count - 1
+                latest[b] = []  // rebuilt below
+            }
+            // The model's byte contents follow the snapshot's (read back from the pool).
+            let v = pool.volume(named: "vol")!
+            for b in 0..<blocks { latest[b] = try readBlock(v, b) }
+            try pool.runDeletions()
+        default:
+            phase = "flush"
+            try pool.engine.sync()
+            for b in 0..<blocks { durableIndex[b] = versions[b].count - 1 }
+        }
+    }
+
+    private func readBlock(_ v: Volume, _ b: Int) throws -> [UInt8] {
+        var out: [UInt8] = []
+        try v.read(offset: UInt64(b) << 12, length: 4096) { seg in
+            switch seg {
+            case .data(let p, let n): out += Array(UnsafeRawBufferPointer(start: p, count: n))
+            case .hole(let n): out += [UInt8](repeating: 0, count: n)
+            }
+        }
+        return out
+    }
+
+    private func blockCRC(_ v: Volume, _ b: Int) throws -> UInt32 {
+        var crc: UInt32 = 0
+        try v.read(offset: UInt64(b) << 12, length: 4096) { seg in
+            switch seg {
+            case .data(let p, let n): crc = PersistentMemory.crc32c(p, count: n, seed: crc)
+            case .hole(let n):
+                let z = [UInt8](repeating: 0, count: n)
+                crc = z.withUnsafeBytes { PersistentMemory.crc32c($0, seed: crc) }
+            }
+        }
+        return crc
     }
 
     private func write(_ volume: Volume, offset: UInt64, length: Int, fua: Bool, id: Int) throws {
@@ -169,8 +262,11 @@ final class CrashHarness {
 
     // MARK: crash states
 
+    private(set) var phases: [String: Int] = [:]
+
     private func crashPoint(_ tracer: PersistenceTracer) {
         points += 1
+        phases[phase, default: 0] += 1
         let uncertain = tracer.uncertainWords()
         var tries: [[(offset: Int, value: UInt64)]] = [[], uncertain.map { ($0.offset, $0.values[0]) }]
         if !uncertain.isEmpty {
@@ -231,26 +327,49 @@ final class CrashHarness {
                 violations.append("\(label): check after recovery: \(report.problems.map(\.description).joined(separator: "; "))")
                 return
             }
-            guard let volume = Pool(engine: engine).volume(named: "vol") else { violations.append("\(label): volume missing"); return }
+            let pool = Pool(engine: engine)
+            guard let volume = pool.volume(named: "vol") else { violations.append("\(label): volume missing"); return }
+            var newOnly = 0, oldOnly = 0
             for b in 0..<blocks {
-                var crc: UInt32 = 0
-                var len = 0
-                try volume.read(offset: UInt64(b) << 12, length: 4096) { seg in
-                    switch seg {
-                    case .data(let p, let n): crc = PersistentMemory.crc32c(p, count: n, seed: crc)
-                    case .hole(let n):
-                        let z = [UInt8](repeating: 0, count: n)
-                        crc = z.withUnsafeBytes { PersistentMemory.crc32c($0, seed: crc) }
-                    }
-                    len += { if case .data(_, let n) = seg { return n } else if case .hole(let n) = seg { return n } else { return 0 } }()
-                }
+                let crc = try blockCRC(volume, b)
                 let allowed = versions[b][durableIndex[b]...]
+                if let target = rollbackTarget {
+                    // During a rollback: the whole old contents, or the whole snapshot.
+                    let old = allowed.contains(crc), new = target[b] == crc
+                    if !old && !new { violations.append("\(label): block \(b) is neither before nor after the rollback"); return }
+                    if old && !new { oldOnly += 1 }
+                    if new && !old { newOnly += 1 }
+                    continue
+                }
                 if !allowed.contains(crc) {
                     let older = versions[b][..<durableIndex[b]].contains(crc)
                     violations.append("\(label): block \(b) holds \(older ? "an older version than one acknowledged durable" : "content that was never written (torn)")")
                     return
                 }
             }
+            if newOnly > 0 && oldOnly > 0 { violations.append("\(label): torn rollback (\(oldOnly) blocks old, \(newOnly) new)"); return }
+            for (kind, table) in [("snapshot", snapshots), ("clone", clones)] {
+                for (name, entry) in table {
+                    let export = kind == "snapshot" ? "vol@\(name)" : name
+                    let v = pool.volume(named: export)
+                    switch (entry.status, v) {
+                    case (.live, nil):
+                        violations.append("\(label): \(kind) \(export) is missing"); return
+                    case (.gone, .some):
+                        violations.append("\(label): deleted \(kind) \(export) is back"); return
+                    case (_, .some(let v)) where entry.status != .gone:
+                        for b in 0..<blocks where try blockCRC(v, b) != entry.crcs[b] {
+                            violations.append("\(label): \(kind) \(export) block \(b) differs from the contents it was taken with"); return
+                        }
+                    default:
+                        break
+                    }
+                }
+            }
+            // Finishing an interrupted deletion leaves the pool clean too.
+            try pool.runDeletions()
+            let after = try PoolCheck.run(media: media, repair: false)
+            if !after.clean { violations.append("\(label): check after finishing deletions: \(after.problems.map(\.description).joined(separator: "; "))") }
         } catch {
             violations.append("\(label): recovery or read failed: \(error)")
         }
