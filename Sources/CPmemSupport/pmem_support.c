@@ -244,6 +244,13 @@ int pmem_punch_hole(int fd, int64_t offset, int64_t length) {
   return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
+int pmem_fallocate(int fd, int64_t offset, int64_t length) { return fallocate(fd, 0, offset, length); }
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+int pmem_populate_write(void *addr, size_t length) { return madvise(addr, length, MADV_POPULATE_WRITE); }
+
 int64_t pmem_block_device_size(int fd) {
   uint64_t size = 0;
   if (ioctl(fd, BLKGETSIZE64, &size) != 0) return -1;

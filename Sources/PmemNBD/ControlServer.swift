@@ -136,7 +136,9 @@ public enum VolumeCommand {
         var response = VolumeRequests.perform(request, on: pool)
         // Offline there is no background deleter: finish deletions before returning.
         if response["ok"] as? Bool == true {
+            let start = DispatchTime.now().uptimeNanoseconds
             do { try pool.runDeletions() } catch { response = ["ok": false, "error": error.message] }
+            response["deletion_us"] = (DispatchTime.now().uptimeNanoseconds - start) / 1000
         }
         return response
     }

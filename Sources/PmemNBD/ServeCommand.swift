@@ -17,6 +17,7 @@ public enum ServeCommand {
         }
         let pool = try Pool.open(path: o.poolPath, readOnly: o.readOnly, persistence: o.persistence)
         let engine = pool.engine
+        if o.prefault && !o.readOnly { engine.prefaultInBackground() }
         if engine.recoveredWords > 0 { Log.info("recovered: replayed \(engine.recoveredWords) journal words") }
         let exports = PoolExports(pool: pool, readOnly: o.readOnly, defaultName: o.exportName)
         let server = Server(exports: exports)

@@ -17,6 +17,8 @@ public struct ServeOptions: Sendable {
     public var socketActivation = true
     /// The control socket ("none" disables it; nil means the default next to the pool).
     public var controlPath: String?
+    /// Fault the pool's blocks in at start (in the background).
+    public var prefault = false
 
     public init(poolPath: String) { self.poolPath = poolPath }
 

@@ -8,8 +8,15 @@ import PmemVolumes
 public enum VolumeRequests {
     public static let version = 1
 
-    /// Performs one request on a pool.
+    /// Performs one request on a pool; the response says how long it took (`elapsed_us`).
     public static func perform(_ request: [String: Any], on pool: Pool) -> [String: Any] {
+        let start = DispatchTime.now().uptimeNanoseconds
+        var response = performUntimed(request, on: pool)
+        response["elapsed_us"] = (DispatchTime.now().uptimeNanoseconds - start) / 1000
+        return response
+    }
+
+    static func performUntimed(_ request: [String: Any], on pool: Pool) -> [String: Any] {
         do {
             guard let op = request["op"] as? String else { throw PoolError(.invalid, "request has no 'op'") }
             func string(_ key: String) throws(PoolError) -> String {
@@ -28,7 +35,7 @@ public enum VolumeRequests {
                 return ["ok": true, "volumes": try list(pool), "space": space(pool)]
             case "volume-create":
                 let r = try pool.createVolume(name: try string("name"), size: try size("size"))
-                return ["ok": true, "volume": try describe(r, pool)]
+                return ["ok": true, "volume": try describe(r, pool, usage: false)]
             case "volume-delete":
                 try pool.delete(try string("name"), recursive: request["recursive"] as? Bool ?? false)
                 return ["ok": true]
@@ -39,7 +46,7 @@ public enum VolumeRequests {
                 let name = try string("name")
                 guard let at = name.firstIndex(of: "@") else { throw PoolError(.invalid, "snapshot names are VOL@SNAP") }
                 let r = try pool.createSnapshot(volume: String(name[..<at]), snapshot: String(name[name.index(after: at)...]))
-                return ["ok": true, "snapshot": try describe(r, pool)]
+                return ["ok": true, "snapshot": try describe(r, pool, usage: false)]
             case "snapshot-delete":
                 let name = try string("name")
                 guard name.contains("@") else { throw PoolError(.invalid, "snapshot names are VOL@SNAP") }
@@ -50,7 +57,7 @@ public enum VolumeRequests {
                 return ["ok": true]
             case "clone":
                 let r = try pool.clone(try string("source"), as: try string("name"))
-                return ["ok": true, "volume": try describe(r, pool)]
+                return ["ok": true, "volume": try describe(r, pool, usage: false)]
             default:
                 throw PoolError(.invalid, "unknown op '\(op)'")
             }
@@ -61,13 +68,18 @@ public enum VolumeRequests {
         }
     }
 
-    static func describe(_ r: VolumeRecord, _ pool: Pool) throws(PoolError) -> [String: Any] {
+    /// A record as JSON; with `usage`, its referenced and exclusive bytes (a walk of its map).
+    static func describe(_ r: VolumeRecord, _ pool: Pool, usage: Bool = true) throws(PoolError) -> [String: Any] {
         let all = pool.records()
-        let u = try pool.usage(of: r)
         var d: [String: Any] = [
             "name": Pool.exportName(r, in: all) ?? r.name, "kind": r.kind == .snapshot ? "snapshot" : "volume",
-            "size": r.size, "referenced": u.referenced, "exclusive": u.exclusive, "created": r.created, "id": r.id,
+            "size": r.size, "created": r.created, "id": r.id,
         ]
+        if usage {
+            let u = try pool.usage(of: r)
+            d["referenced"] = u.referenced
+            d["exclusive"] = u.exclusive
+        }
         if r.kind == .volume, r.parent != 0, let origin = all.first(where: { $0.id == r.parent }) {
             d["origin"] = Pool.exportName(origin, in: all) ?? ""
         }

@@ -83,11 +83,17 @@ public final class PoolEngine: @unchecked Sendable {
     }
 
     /// Creates a pool file (sparse) or formats a device, with one volume.
+    /// With `prefault`, a file pool's blocks are allocated now (fallocate), so the file system
+    /// cannot run out of space under it later (a write fault would then be SIGBUS) and first
+    /// writes do not pay for allocation.
     @discardableResult
     public static func create(path: String, size: UInt64?, volumeName: String = "pmem0", volumeSize: UInt64? = nil,
-                              force: Bool = false) throws(PoolError) -> Superblock {
+                              force: Bool = false, prefault: Bool = false) throws(PoolError) -> Superblock {
         let (fd, region, backing, poolSize) = try PoolFile.prepareNew(path: path, size: size, force: force)
         defer { fd.close() }
+        if prefault && backing == .file && pmem_fallocate(fd.rawValue, 0, Int64(poolSize)) != 0 {
+            throw PoolError.system(.current, "cannot allocate \(poolSize) bytes for \(path)")
+        }
         let layout = try PoolLayout.compute(poolSize: poolSize)
         if backing != .file {
             // A device holds old bytes: clear every metadata area the format relies on being zero.
@@ -149,6 +155,27 @@ public final class PoolEngine: @unchecked Sendable {
         committer = Committer(mode: readOnly ? .inline : commitMode)
         committer.engine = self
         if !readOnly && commitMode == .background { committer.start() }
+    }
+
+    /// Faults the whole block area in, writable, on a background thread, so that first writes to
+    /// never-used blocks do not take page faults (`serve --prefault`).
+    public func prefaultInBackground() {
+        let start = Int(layout.blockAreaOffset), length = Int(layout.blockCount << 12)
+        OSThread.spawn(name: "pmem-prefault") { [self] in
+            withExtendedLifetime(self) {
+                let base = media.base + start
+                var off = 0
+                let step = 64 << 20
+                while off < length {
+                    if pmem_populate_write(base + off, min(step, length - off)) != 0 {
+                        Log.warning("prefault: madvise(MADV_POPULATE_WRITE): \(Errno.current)")
+                        return
+                    }
+                    off += step
+                }
+                Log.info("prefault: \(length) bytes of blocks are mapped")
+            }
+        }
     }
 
     /// Words the journal may name: the state block, the volume table, refcounts and map nodes.

@@ -47,6 +47,7 @@ struct Create: ParsableCommand {
     @Option(name: .long, help: "Name of the pool's first volume (its NBD export name).") var name: String = "pmem0"
     @Option(name: .long, help: "Size of that volume (default: the pool's space less a reserve for copy-on-write).") var volumeSize: String?
     @Flag(name: .long, help: "Reformat even if the target holds data or a pool.") var force = false
+    @Flag(name: .long, help: "Allocate the file's space now (fallocate): no surprise ENOSPC from the file system later.") var prefault = false
 
     func run() throws {
         try reportingErrors {
@@ -60,7 +61,7 @@ struct Create: ParsableCommand {
                 guard let v = parseSize(volumeSize) else { throw ServeError("cannot parse size '\(volumeSize)'") }
                 vsize = v & ~UInt64(4095)
             }
-            let sb = try PoolEngine.create(path: pool, size: bytes, volumeName: name, volumeSize: vsize, force: force)
+            let sb = try PoolEngine.create(path: pool, size: bytes, volumeName: name, volumeSize: vsize, force: force, prefault: prefault)
             let engine = try PoolEngine.open(path: pool, readOnly: true, lock: false)
             let size = engine.records().first?.size ?? 0
             print("created \(pool): \(formatBytes(sb.layout.poolSize)), uuid \(sb.uuidString), volume '\(name)' of \(formatBytes(size))")
@@ -126,6 +127,7 @@ struct Serve: ParsableCommand {
     @Flag(name: [.customShort("f"), .customLong("foreground")], help: "Stay in the foreground (the default).") var foreground = false
     @Flag(name: [.customShort("t"), .customLong("persistent")], help: "Keep serving after clients disconnect (the default).") var persistent = false
     @Option(name: .long, help: "Control socket for volume and snapshot commands (default POOL.ctl; 'none' to disable).") var control: String?
+    @Flag(name: .long, help: "Fault the pool's blocks into memory at start, in the background.") var prefault = false
 
     func run() throws {
         Log.setLevel(Log.Level(rawValue: min(Log.Level.trace.rawValue, Log.Level.warning.rawValue + verbose)) ?? .trace)
@@ -145,6 +147,7 @@ struct Serve: ParsableCommand {
             o.pidFile = pidfile
             o.persistence = mode
             o.controlPath = control
+            o.prefault = prefault
             return try ServeCommand.run(o)
         }
     }

@@ -79,6 +79,12 @@ void pmem_atomic_store32(uint32_t *word, uint32_t value);
 /// fallocate(FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE): 0 or -1 with errno.
 int pmem_punch_hole(int fd, int64_t offset, int64_t length);
 
+/// fallocate(mode 0): reserves the file's blocks. 0 or -1 with errno.
+int pmem_fallocate(int fd, int64_t offset, int64_t length);
+
+/// madvise(MADV_POPULATE_WRITE) (Linux 5.14): faults pages in writable, without writing.
+int pmem_populate_write(void *addr, size_t length);
+
 /// Size in bytes of a block device (BLKGETSIZE64), or -1.
 int64_t pmem_block_device_size(int fd);
 
