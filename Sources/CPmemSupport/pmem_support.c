@@ -317,6 +317,57 @@ int pmem_peer_credentials(int fd, uint32_t *uid, int32_t *pid) {
   return 0;
 }
 
+int pmem_memfd(const char *name) { return (int)syscall(SYS_memfd_create, name, 1u /* MFD_CLOEXEC */); }
+
+ssize_t pmem_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+  struct iovec iov = {(void *)buf, len};
+  struct msghdr msg;
+  memset(&msg, 0, sizeof msg);
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  char control[CMSG_SPACE(4 * sizeof(int))];
+  if (nfds > 0) {
+    if (nfds > 4) nfds = 4;
+    memset(control, 0, sizeof control);
+    msg.msg_control = control;
+    msg.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
+    memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
+  }
+  ssize_t r;
+  do { r = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+  return r;
+}
+
+ssize_t pmem_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds) {
+  struct iovec iov = {buf, len};
+  struct msghdr msg;
+  memset(&msg, 0, sizeof msg);
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  char control[CMSG_SPACE(4 * sizeof(int))];
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  *nfds = 0;
+  ssize_t r;
+  do { r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC); } while (r < 0 && errno == EINTR);
+  if (r < 0) return r;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+      int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+      int *p = (int *)CMSG_DATA(c);
+      for (int i = 0; i < n; i++) {
+        if (*nfds < maxfds) fds[(*nfds)++] = p[i];
+        else close(p[i]);
+      }
+    }
+  }
+  return r;
+}
+
 int pmem_tcp_nodelay(int fd) {
   int one = 1;
   return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);

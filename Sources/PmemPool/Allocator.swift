@@ -118,6 +118,12 @@ package final class Allocator: @unchecked Sendable {
     private var held: Set<UInt64> = []
     /// Blocks with a nonzero refcount (persisted at each commit).
     package let allocated: Atomic<Int64>
+    /// Blocks someone outside may still read (a feed lease holder): block → holds.
+    private var pins: [UInt64: Int] = [:]
+    /// Pinned blocks that are free apart from their pins.
+    private var pinnedFree: Set<UInt64> = []
+    /// Blocks on damaged media: never handed out again.
+    private var bad: Set<UInt64> = []
 
     init(layout: PoolLayout, journal: Journal, epochs: ReaderEpochs, highWater: UInt64, allocated: Int64) {
         self.layout = layout
@@ -137,7 +143,9 @@ package final class Allocator: @unchecked Sendable {
     func reserve() -> UInt64? {
         lock.lock()
         defer { lock.unlock() }
-        if let b = free.popLast() { return b }
+        while let b = free.popLast() {
+            if !bad.contains(b) { return b }
+        }
         while cursor < scanEnd {
             let end = min(scanEnd, cursor + 4096)
             for b in cursor..<end where refcount(b) == 0 && !held.contains(b) { free.append(b) }
@@ -147,9 +155,9 @@ package final class Allocator: @unchecked Sendable {
                 return free.popLast()
             }
         }
-        if highWater < layout.blockCount {
+        while highWater < layout.blockCount {
             highWater += 1
-            return highWater - 1
+            if !bad.contains(highWater - 1) { return highWater - 1 }
         }
         return nil
     }
@@ -161,9 +169,9 @@ package final class Allocator: @unchecked Sendable {
         defer { lock.unlock() }
         var n = 0
         while n < out.count {
-            if let b = free.popLast() {
+            if let b = free.popLast(), !bad.contains(b) {
                 out[n] = b
-            } else if highWater < layout.blockCount && cursor >= scanEnd {
+            } else if highWater < layout.blockCount && cursor >= scanEnd && !bad.contains(highWater) {
                 out[n] = highWater
                 highWater += 1
             } else {
@@ -215,9 +223,48 @@ package final class Allocator: @unchecked Sendable {
             while let first = limbo.first, first.0 < oldest {
                 limbo.removeFirst()
                 for b in first.1 {
+                    if bad.contains(b) { continue }
+                    if pins[b] != nil {
+                        pinnedFree.insert(b)
+                        continue
+                    }
                     // Blocks the scan has yet to reach will be found by it.
                     if b < cursor || b >= scanEnd { free.append(b) } else { held.remove(b) }
                 }
+            }
+        }
+    }
+
+    /// Keeps a block from being reused until `unpin` (a lease holder may still read it).
+    package func pin(_ b: UInt64) {
+        lock.withLock { pins[b, default: 0] += 1 }
+    }
+
+    package func unpin(_ b: UInt64) {
+        lock.withLock {
+            guard let n = pins[b] else { return }
+            if n > 1 {
+                pins[b] = n - 1
+                return
+            }
+            pins[b] = nil
+            if pinnedFree.remove(b) != nil {
+                if b < cursor || b >= scanEnd { free.append(b) } else { held.remove(b) }
+            }
+        }
+    }
+
+    package var pinCount: Int { lock.withLock { pins.count } }
+
+    /// Marks blocks as on damaged media: a free one is never handed out, a used one is never
+    /// reused once freed.
+    package func markBad(_ blocks: [UInt64]) {
+        lock.withLock {
+            for b in blocks {
+                bad.insert(b)
+                if let i = free.firstIndex(of: b) { free.remove(at: i) }
+                // The scan must not find it either.
+                held.insert(b)
             }
         }
     }

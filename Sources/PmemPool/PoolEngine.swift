@@ -294,6 +294,31 @@ public final class PoolEngine: @unchecked Sendable {
         return n
     }
 
+    // MARK: damaged media
+
+    private let badBlocks = Mutex<Set<UInt64>>([])
+    private let badCount = Atomic<Int>(0)
+
+    /// Whether any block is known bad (checked on every read without locking).
+    @inline(__always) package var hasBadBlocks: Bool { badCount.load(ordering: .relaxed) != 0 }
+    package func isBad(_ b: UInt64) -> Bool { badBlocks.withLock { $0.contains(b) } }
+
+    /// Records blocks as on damaged media (reads of them fail with EIO; they are never reused).
+    /// Returns those not known before.
+    @discardableResult
+    public func markBad(_ blocks: [UInt64]) -> [UInt64] {
+        let new = badBlocks.withLock { set -> [UInt64] in
+            let n = blocks.filter { validBlock($0) && !set.contains($0) }
+            set.formUnion(n)
+            badCount.store(set.count, ordering: .relaxed)
+            return n
+        }
+        if !new.isEmpty { allocator.markBad(new) }
+        return new
+    }
+
+    public var badBlockList: [UInt64] { badBlocks.withLock { $0.sorted() } }
+
     /// Free blocks below which a background commit starts (1/8 of the pool, at most 64 MiB).
     package var lowWater: UInt64 { min(16384, layout.blockCount / 8) }
 

@@ -48,6 +48,7 @@ extension Pool {
     @discardableResult
     public func createVolume(name: String, size: UInt64) throws(PoolError) -> VolumeRecord {
         try checkWritable()
+        let observer = self.observer
         guard VolumeRecord.validName(name) else { throw PoolError(.invalid, "invalid volume name '\(name)' (1 to 63 bytes, no '@', '/' or spaces)") }
         let size = size & ~UInt64(4095)
         guard size > 0, size <= 1 << 50 else { throw PoolError(.invalid, "volume size must be between 4 KiB and 1 PiB") }
@@ -59,6 +60,7 @@ extension Pool {
             return r
         }
         try engine.sync()
+        observer?.volumeChanged(.volumeCreated, volume: rec.id, aux: 0)
         return rec
     }
 
@@ -70,6 +72,11 @@ extension Pool {
         guard VolumeRecord.validName(snapshot) else { throw PoolError(.invalid, "invalid snapshot name '\(snapshot)'") }
         let vr = try findRecord(name)
         guard vr.kind == .volume, let vol = volume(slot: vr.slot) else { throw PoolError(.invalid, "'\(name)' is not a volume") }
+        // Write leases on the volume are recalled first: their holders must stop storing into
+        // blocks the snapshot is about to share.
+        let observer = self.observer
+        observer?.beginMove(volume: vr.id, first: 0, count: vol.size >> 12)
+        defer { observer?.endMove(volume: vr.id, first: 0, count: vol.size >> 12) }
         let rec: VolumeRecord = try engine.tableLock.withLock { () throws(PoolError) in
             if snapshots(of: vr.id).contains(where: { $0.name == snapshot }) { throw PoolError(.exists, "\(name)@\(snapshot) exists") }
             let slot = try freeSlot()
@@ -86,6 +93,7 @@ extension Pool {
             }
         }
         try engine.sync()
+        observer?.volumeChanged(.snapshotCreated, volume: vr.id, aux: rec.id)
         return rec
     }
 
@@ -109,6 +117,7 @@ extension Pool {
             }
         }
         try engine.sync()
+        observer?.volumeChanged(.volumeCreated, volume: rec.id, aux: sr.id)
         return rec
     }
 
@@ -120,6 +129,9 @@ extension Pool {
         let sr = try findRecord(snapshotName)
         guard sr.kind == .snapshot, let vr = records().first(where: { $0.kind == .volume && $0.id == sr.parent }),
               let vol = volume(slot: vr.slot) else { throw PoolError(.invalid, "'\(snapshotName)' is not a snapshot") }
+        let observer = self.observer
+        observer?.beginMove(volume: vr.id, first: 0, count: max(vol.size, sr.size) >> 12)
+        defer { observer?.endMove(volume: vr.id, first: 0, count: max(vol.size, sr.size) >> 12) }
         try engine.tableLock.withLock { () throws(PoolError) in
             let slot = try freeSlot()
             try engine.withMetadata(words: Pool.tableWords * 2) { () throws(PoolError) in
@@ -142,6 +154,7 @@ extension Pool {
             }
         }
         try engine.sync()
+        observer?.volumeChanged(.rollback, volume: vr.id, aux: sr.id)
         changed(vr.id)
         deleter.wake()
     }
@@ -159,6 +172,9 @@ extension Pool {
             }
             doomed += snaps
         }
+        let observer = self.observer
+        for d in doomed { observer?.beginMove(volume: d.id, first: 0, count: d.size >> 12) }
+        defer { for d in doomed { observer?.endMove(volume: d.id, first: 0, count: d.size >> 12) } }
         try engine.tableLock.withLock { () throws(PoolError) in
             try engine.withMetadata(words: 8 * doomed.count + 8) {
                 for d in doomed {
@@ -167,7 +183,10 @@ extension Pool {
             }
         }
         try engine.sync()
-        for d in doomed { changed(d.id) }
+        for d in doomed {
+            observer?.volumeChanged(d.kind == .snapshot ? .snapshotDeleted : .volumeDeleted, volume: d.kind == .snapshot ? d.parent : d.id, aux: d.id)
+            changed(d.id)
+        }
         deleter.wake()
     }
 
@@ -180,6 +199,9 @@ extension Pool {
         guard r.kind == .volume, let vol = volume(slot: r.slot) else { throw PoolError(.invalid, "'\(name)' is not a volume") }
         let size = newSize & ~UInt64(4095)
         guard size > 0, size <= 1 << 50 else { throw PoolError(.invalid, "volume size must be between 4 KiB and 1 PiB") }
+        let observer = self.observer
+        observer?.beginMove(volume: r.id, first: 0, count: max(r.size, size) >> 12)
+        defer { observer?.endMove(volume: r.id, first: 0, count: max(r.size, size) >> 12) }
         if size < r.size { try vol.unmap(first: size >> 12, end: r.size >> 12) }
         let depth = max(r.depth, VolumeRecord.depth(forSize: size))
         var spares = try NodeSpares(engine, count: depth - r.depth + 1)
@@ -203,6 +225,7 @@ extension Pool {
             }
         }
         try engine.sync()
+        observer?.volumeChanged(.resized, volume: r.id, aux: size)
         changed(r.id)
     }
 }

@@ -10,6 +10,9 @@ public final class Pool: @unchecked Sendable {
     private let cache = Mutex<[Int: Volume]>([:])
     let deleter: Deleter
     private let changeHandler = Mutex<(@Sendable (UInt64) -> Void)?>(nil)
+    private let observerBox = Mutex<(any MappingObserver)?>(nil)
+    /// Whether an observer is installed (checked on every write without locking).
+    let observing = Atomic<Bool>(false)
 
     /// Opens a pool file or device (recovering it) and resumes unfinished deletions.
     public static func open(path: String, readOnly: Bool = false, persistence: PersistenceMode = .auto,
@@ -37,6 +40,17 @@ public final class Pool: @unchecked Sendable {
     /// Called when a volume's contents or size changed wholesale (rollback, resize, delete),
     /// with its id, so the server can disconnect its clients.
     public func onVolumeChange(_ handler: @escaping @Sendable (UInt64) -> Void) { changeHandler.withLock { $0 = handler } }
+
+    /// Installs the mapping-change observer (the feed).
+    public func setObserver(_ o: (any MappingObserver)?) {
+        observerBox.withLock { $0 = o }
+        observing.store(o != nil, ordering: .releasing)
+    }
+
+    /// The observer, if one is installed.
+    @inline(__always) var observer: (any MappingObserver)? {
+        observing.load(ordering: .acquiring) ? observerBox.withLock { $0 } : nil
+    }
 
     func changed(_ id: UInt64) {
         cache.withLock { c in for (k, v) in c where v.id == id { c.removeValue(forKey: k) } }

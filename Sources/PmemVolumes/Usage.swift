@@ -32,3 +32,52 @@ extension Pool {
         return u
     }
 }
+
+extension Volume {
+    /// Runs of blocks from `first` to `end` that are shared (the block, or a map node above it,
+    /// has more than one reference) or not; holes count as not shared.
+    func sharingRuns(first: UInt64, end: UInt64, _ body: (UInt64, Bool) -> Bool) throws(PoolError) {
+        let j = engine.journal
+        var v = first
+        var runStart = first
+        var runShared: Bool?
+        func emit(_ shared: Bool) -> Bool {
+            if runShared == shared { return true }
+            if let s = runShared, v > runStart, !body(v - runStart, s) { return false }
+            runStart = v
+            runShared = shared
+            return true
+        }
+        while v < end {
+            // Walk down to the leaf, noting whether any node on the way is shared.
+            var node = j.load(rootOffset) & MapEntry.blockMask
+            var level = depth - 1
+            var shared = node != 0 && engine.refcount(node) > 1
+            var span = UInt64(1) << (9 * UInt64(depth))
+            while node != 0 && level > 0 {
+                node = j.load(engine.entryOffset(node: node, index: PoolEngine.index(v, level: level))) & MapEntry.blockMask
+                span = UInt64(1) << (9 * UInt64(level))
+                if node != 0 && engine.refcount(node) > 1 { shared = true }
+                level -= 1
+            }
+            if node == 0 {
+                guard emit(false) else { return }
+                v = min(end, (v & ~(span - 1)) + span)
+                continue
+            }
+            if shared {
+                // The whole leaf is shared with another map.
+                guard emit(true) else { return }
+                v = min(end, (v | 511) + 1)
+                continue
+            }
+            let leafEnd = min(end, (v | 511) + 1)
+            while v < leafEnd {
+                let p = j.load(engine.entryOffset(node: node, index: Int(v & 511))) & MapEntry.blockMask
+                guard emit(p != 0 && engine.refcount(p) > 1) else { return }
+                v += 1
+            }
+        }
+        if let s = runShared, end > runStart { _ = body(end - runStart, s) }
+    }
+}

@@ -51,15 +51,29 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         kind == .snapshot ? "snapshot \(name) (read-only), \(size) bytes" : "volume \(name), \(size) bytes"
     }
 
-    /// `base:allocation`, and for a volume `qemu:dirty-bitmap:SNAP` for each of its snapshots.
+    /// The `pmem-nbd:sharing` context: bit 0 set where a block is shared with a snapshot or a
+    /// clone (its next write through this volume will copy).
+    public static let sharingContext = "pmem-nbd:sharing"
+
+    /// `base:allocation`, `pmem-nbd:sharing`, and for a volume `qemu:dirty-bitmap:SNAP` for each
+    /// of its snapshots.
     public var metaContexts: [String] {
-        guard kind == .volume else { return ["base:allocation"] }
-        return ["base:allocation"] + pool.snapshots(of: id).map { Volume.dirtyBitmapPrefix + $0.name }
+        guard kind == .volume else { return ["base:allocation", Volume.sharingContext] }
+        return ["base:allocation", Volume.sharingContext] + pool.snapshots(of: id).map { Volume.dirtyBitmapPrefix + $0.name }
     }
 
     public func status(context: String, offset: UInt64, length: UInt64, _ body: (UInt64, UInt32) -> Bool) throws(PoolError) {
         if context == "base:allocation" {
             return try allocation(offset: offset, length: length) { n, s in body(n, s.rawValue) }
+        }
+        if context == Volume.sharingContext {
+            guard offset < size, length <= size - offset else { throw PoolError(.invalid, "range beyond the end") }
+            var skip = offset & 4095
+            return try sharingRuns(first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, shared in
+                let bytes = (blocks << 12) - skip
+                skip = 0
+                return body(bytes, shared ? 1 : 0)
+            }
         }
         guard kind == .volume, context.hasPrefix(Volume.dirtyBitmapPrefix),
               let snap = pool.snapshots(of: id).first(where: { Volume.dirtyBitmapPrefix + $0.name == context }) else {
@@ -112,6 +126,9 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                     holeLength += n
                 } else {
                     guard engine.validBlock(p) else { throw PoolError(.io, "map entry for block \(v) is out of range (corrupt map)") }
+                    if engine.hasBadBlocks && engine.isBad(p) {
+                        throw PoolError(.io, "block \(v) of \(name) is on damaged media (physical block \(p)); rewriting it moves it")
+                    }
                     emitHole()
                     let ptr = base + Int(engine.layout.blockOffset(p)) + inBlock
                     if let d = dataStart, d + dataLength == ptr {
@@ -132,6 +149,10 @@ public final class Volume: BlockVolume, @unchecked Sendable {
     // MARK: write
 
     public func write(offset: UInt64, length: Int, fua: Bool, from source: inout some ByteSource) throws(PoolError) {
+        try write(offset: offset, length: length, fua: fua, from: &source, reason: .write)
+    }
+
+    func write(offset: UInt64, length: Int, fua: Bool, from source: inout some ByteSource, reason: MappingChangeReason) throws(PoolError) {
         guard !readOnly else { throw PoolError(.readOnly, "\(name) is read-only") }
         guard offset <= size, UInt64(length) <= size - offset else { throw PoolError(.noSpace, "write beyond the end") }
         guard length > 0 else { return }
@@ -145,13 +166,17 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             var published = 0
             defer { if published < count { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published...])) } }
             var spares = try NodeSpares(engine, count: leaves * depth + 1)
+            let observer = pool.observer
+            observer?.beginMove(volume: id, first: first, count: UInt64(count))
+            defer { observer?.endMove(volume: id, first: first, count: UInt64(count)) }
             var pos = offset
             let end = offset + UInt64(length)
             while pos < end {
                 // One metadata group per leaf: bounded size, at most `depth` new map nodes.
                 let chunkEnd = min(end, (((pos >> 12) | 511) + 1) << 12)
                 let n = Int(((chunkEnd - 1) >> 12) - (pos >> 12) + 1)
-                try writeChunk(pos, chunkEnd, &source, UnsafeMutableBufferPointer(rebasing: blocks[published..<(published + n)]), &spares)
+                try writeChunk(pos, chunkEnd, &source, UnsafeMutableBufferPointer(rebasing: blocks[published..<(published + n)]), &spares,
+                               observer, reason)
                 published += n
                 pos = chunkEnd
             }
@@ -166,7 +191,8 @@ public final class Volume: BlockVolume, @unchecked Sendable {
     /// Fills reserved `blocks` with the new contents of [start, end) (within one leaf) and
     /// points the map at them.
     private func writeChunk(_ start: UInt64, _ end: UInt64, _ source: inout some ByteSource,
-                            _ blocks: UnsafeMutableBufferPointer<UInt64>, _ spares: inout NodeSpares) throws(PoolError) {
+                            _ blocks: UnsafeMutableBufferPointer<UInt64>, _ spares: inout NodeSpares,
+                            _ observer: (any MappingObserver)?, _ reason: MappingChangeReason) throws(PoolError) {
         let first = start >> 12
         let count = blocks.count
         let headPartial = start & 4095 != 0 || (count == 1 && end & 4095 != 0)
@@ -217,6 +243,15 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                                                      create: true, spares: &spares) else {
                 throw PoolError(.io, "map walk failed")
             }
+            if let observer {
+                // Announced before the map changes (the feed raises its sequence number first).
+                withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count) { old in
+                    for i in 0..<count {
+                        old[i] = engine.journal.load(engine.entryOffset(node: leaf, index: Int((first + UInt64(i)) & 511))) & MapEntry.blockMask
+                    }
+                    observer.willRemap(volume: id, first: first, old: UnsafeBufferPointer(old), new: UnsafeBufferPointer(blocks), reason: reason)
+                }
+            }
             for i in 0..<count {
                 let off = engine.entryOffset(node: leaf, index: Int((first + UInt64(i)) & 511))
                 let old = engine.journal.load(off) & MapEntry.blockMask
@@ -232,7 +267,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
     public func trim(offset: UInt64, length: UInt64, fua: Bool) throws(PoolError) {
         guard !readOnly else { throw PoolError(.readOnly, "\(name) is read-only") }
         guard offset <= size, length <= size - offset else { throw PoolError(.invalid, "trim beyond the end") }
-        try unmap(first: (offset + 4095) >> 12, end: (offset + length) >> 12)
+        try unmap(first: (offset + 4095) >> 12, end: (offset + length) >> 12, reason: .trim)
         if fua { try engine.sync() }
     }
 
@@ -247,7 +282,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             var pos = offset
             while pos < offset + length {
                 let n = min(offset + length - pos, 32 << 20)
-                try write(offset: pos, length: Int(n), fua: false, from: &zeroes)
+                try write(offset: pos, length: Int(n), fua: false, from: &zeroes, reason: .zero)
                 pos += n
             }
         } else {
@@ -258,7 +293,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             } else {
                 if offset & 4095 != 0 { try zeroPart(offset, first << 12, &zeroes) }
                 if (offset + length) & 4095 != 0 { try zeroPart(end << 12, offset + length, &zeroes) }
-                try unmap(first: first, end: end)
+                try unmap(first: first, end: end, reason: .zero)
             }
         }
         if fua { try engine.sync() }
@@ -267,12 +302,15 @@ public final class Volume: BlockVolume, @unchecked Sendable {
     /// Zeroes part of one block: nothing to do for a hole, else a read-modify-write.
     private func zeroPart(_ a: UInt64, _ b: UInt64, _ zeroes: inout ZeroSource) throws(PoolError) {
         guard b > a, try engine.lookup(rootOffset: rootOffset, depth: depth, vblock: a >> 12) != 0 else { return }
-        try write(offset: a, length: Int(b - a), fua: false, from: &zeroes)
+        try write(offset: a, length: Int(b - a), fua: false, from: &zeroes, reason: .zero)
     }
 
     /// Unmaps whole blocks [first, end): one metadata group per leaf; a leaf covered whole is
     /// dropped from its parent (one reference less, however shared it is).
-    func unmap(first: UInt64, end: UInt64) throws(PoolError) {
+    func unmap(first: UInt64, end: UInt64, reason: MappingChangeReason = .trim) throws(PoolError) {
+        let observer = pool.observer
+        if end > first { observer?.beginMove(volume: id, first: first, count: end - first) }
+        defer { if end > first { observer?.endMove(volume: id, first: first, count: end - first) } }
         var v = first
         while v < end {
             let leafEnd = min(end, (v | 511) + 1)
@@ -292,12 +330,14 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                     let off = engine.entryOffset(node: parent, index: PoolEngine.index(v, level: 1))
                     let child = engine.journal.load(off) & MapEntry.blockMask
                     guard child != 0 else { return }
+                    if let observer { announceUnmap(observer, leaf: child, first: v, count: 512, reason: reason) }
                     engine.journal.store(off, 0)
                     engine.adjustRefcount(child, -1, level: 0)
                     return
                 }
                 guard let leaf = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: v, stopLevel: 0,
                                                          create: false, spares: &spares) else { return }
+                if let observer { announceUnmap(observer, leaf: leaf, first: v, count: Int(leafEnd - v), reason: reason) }
                 for u in v..<leafEnd {
                     let off = engine.entryOffset(node: leaf, index: Int(u & 511))
                     let old = engine.journal.load(off) & MapEntry.blockMask
@@ -308,6 +348,18 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                 }
             }
             v = leafEnd
+        }
+    }
+
+    /// Tells the observer that the mapped blocks of a leaf range are being unmapped.
+    private func announceUnmap(_ observer: any MappingObserver, leaf: UInt64, first: UInt64, count: Int, reason: MappingChangeReason) {
+        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count * 2) { buf in
+            let old = UnsafeMutableBufferPointer(rebasing: buf[0..<count]), new = UnsafeMutableBufferPointer(rebasing: buf[count...])
+            for i in 0..<count {
+                old[i] = engine.journal.load(engine.entryOffset(node: leaf, index: Int((first + UInt64(i)) & 511))) & MapEntry.blockMask
+                new[i] = 0
+            }
+            observer.willRemap(volume: id, first: first, old: UnsafeBufferPointer(old), new: UnsafeBufferPointer(new), reason: reason)
         }
     }
 

@@ -121,6 +121,17 @@ int pmem_gettid(void);
 /// SO_PEERCRED of a Unix socket: writes the peer's uid and pid; 0 or -1.
 int pmem_peer_credentials(int fd, uint32_t *uid, int32_t *pid);
 
+/// memfd_create(name, MFD_CLOEXEC): an anonymous file to share by descriptor.
+int pmem_memfd(const char *name);
+
+/// sendmsg of `len` bytes with up to 4 descriptors attached (SCM_RIGHTS), MSG_NOSIGNAL.
+/// Returns bytes sent or -1.
+ssize_t pmem_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+
+/// recvmsg of up to `len` bytes; descriptors received (at most `maxfds`) are stored in `fds`
+/// and their number in `*nfds`. Returns bytes received (0 at end of stream) or -1.
+ssize_t pmem_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
+
 /// Sets TCP_NODELAY.
 int pmem_tcp_nodelay(int fd);
 
