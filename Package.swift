@@ -6,6 +6,8 @@ let package = Package(
     products: [
         .executable(name: "pmem-nbd", targets: ["pmem-nbd"]),
         .library(name: "NBDWire", targets: ["NBDWire"]),
+        .library(name: "PmemDAX", targets: ["PmemDAX"]),
+        .executable(name: "pmem-dax-read", targets: ["pmem-dax-read"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -21,19 +23,31 @@ let package = Package(
         .target(name: "PmemPool", dependencies: ["PmemSystem", "CPmemSupport"]),
         // Volumes and snapshots over the engine: the block devices the server exports.
         .target(name: "PmemVolumes", dependencies: ["PmemPool", "PmemSystem"]),
+        // The mapping-change feed's wire format. No I/O.
+        .target(name: "FeedWire"),
+        // The mapping-change feed service: events, leases, map and reverse queries.
+        .target(name: "PmemFeed", dependencies: ["FeedWire", "PmemVolumes", "PmemPool", "PmemSystem", "CPmemSupport"]),
+        // A client connection to the feed (framing, descriptors passed with WELCOME).
+        .target(name: "PmemFeedClient", dependencies: ["FeedWire", "PmemSystem", "CPmemSupport"]),
         // Sessions and listeners: sockets, handshake and transmission I/O.
         .target(name: "NBDServer", dependencies: ["NBDWire", "PmemVolumes", "PmemPool", "PmemSystem", "CPmemSupport"]),
         // The application: pools exposed as NBD exports; commands the CLI calls.
-        .target(name: "PmemNBD", dependencies: ["NBDServer", "NBDWire", "PmemVolumes", "PmemPool", "PmemSystem"]),
+        .target(name: "PmemNBD", dependencies: ["NBDServer", "NBDWire", "PmemFeed", "PmemFeedClient", "FeedWire", "PmemVolumes", "PmemPool", "PmemSystem"]),
         .executableTarget(name: "pmem-nbd", dependencies: [
-            "PmemNBD", "PmemSystem",
+            "PmemNBD", "PmemSystem", "PmemFeedClient", "FeedWire",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // The DAX client library: a local process reads (and with a write lease, writes) pool
+        // memory directly, following the feed; falls back to NBD through libnbd.
+        .target(name: "PmemDAX", dependencies: ["PmemFeedClient", "FeedWire", "PmemSystem", "CPmemSupport", "CLibNBD"]),
+        // Example: reads a volume through PmemDAX; --bench compares with NBD.
+        .executableTarget(name: "pmem-dax-read", dependencies: ["PmemDAX", "CLibNBD", "PmemSystem"]),
         // libnbd, for tests that drive the server through a real client.
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"]),
         .testTarget(name: "PmemNBDTests", dependencies: [
             "PmemNBD", "NBDServer", "NBDWire", "PmemVolumes", "PmemPool", "PmemSystem", "CLibNBD", "pmem-nbd",
+            "PmemFeed", "PmemFeedClient", "FeedWire", "PmemDAX",
         ]),
     ]
 )

@@ -1,0 +1,339 @@
+import FeedWire
+import Glibc
+import PmemPool
+import PmemSystem
+import PmemVolumes
+
+/// The heart of the mapping-change feed. As the volumes' `MappingObserver` it numbers every
+/// change, publishes the number in the status page *before* the map changes, keeps the recent
+/// events in a ring for subscribers (and for resuming after a reconnect), pins blocks that a
+/// read-lease holder may still be reading, and recalls write leases before anything moves
+/// their blocks — fencing a holder that misses the deadline.
+public final class FeedHub: MappingObserver, @unchecked Sendable {
+    let pool: Pool
+    let engine: PoolEngine
+    let status: StatusPage
+    /// Seconds a write-lease holder has to return a recalled lease.
+    public let recallDeadline: Double
+    /// Guards everything below; its condition wakes session writers and recall waiters.
+    let cond = PosixCondition()
+    private(set) var sequence: UInt64 = 0
+    private var ring: [FeedEvent?]
+    private var ringStart: UInt64 = 1
+    var sessions: [UInt64: FeedSession] = [:]
+    private var nextSessionID: UInt64 = 1
+    var leases: [UInt64: Lease] = [:]
+    private var nextLeaseID: UInt64 = 1
+    private var writeLeaseCount = 0
+    private var moves: [UInt64: (volume: UInt64, first: UInt64, count: UInt64)] = [:]
+    private var nextMoveID: UInt64 = 1
+    private var stopping = false
+
+    /// Events kept for subscribers that fall behind or reconnect.
+    public let ringCapacity: Int
+
+    public init(pool: Pool, recallDeadline: Double = 2, ringCapacity: Int = 65_536) throws {
+        self.pool = pool
+        self.engine = pool.engine
+        self.recallDeadline = recallDeadline
+        self.ringCapacity = ringCapacity
+        status = try StatusPage()
+        ring = Array(repeating: nil, count: ringCapacity)
+        OSThread.spawn(name: "pmem-feed-reap") { [self] in reaper() }
+    }
+
+    /// Stops the reaper and wakes every waiter.
+    public func stop() {
+        cond.withLock {
+            stopping = true
+            cond.broadcast()
+        }
+    }
+
+    var now: Double { monotonicNow() }
+
+    // MARK: events
+
+    /// Appends an event (lock held): numbers it, publishes the number, keeps it in the ring.
+    @discardableResult
+    private func append(_ make: (UInt64) -> FeedEvent) -> UInt64 {
+        sequence += 1
+        status.publish(sequence)
+        let slot = Int(sequence % UInt64(ringCapacity))
+        ring[slot] = make(sequence)
+        if sequence - ringStart >= UInt64(ringCapacity) { ringStart = sequence - UInt64(ringCapacity) + 1 }
+        cond.broadcast()
+        return sequence
+    }
+
+    /// Events from `from` on (lock held); nil when they have left the ring (resync needed).
+    func events(from: UInt64, max: Int) -> [FeedEvent]? {
+        if from < ringStart { return nil }
+        var out: [FeedEvent] = []
+        var s = from
+        while s <= sequence && out.count < max {
+            if let e = ring[Int(s % UInt64(ringCapacity))] { out.append(e) }
+            s += 1
+        }
+        return out
+    }
+
+    var oldestRetained: UInt64 { ringStart }
+
+    public func willRemap(volume: UInt64, first: UInt64, old: UnsafeBufferPointer<UInt64>, new: UnsafeBufferPointer<UInt64>,
+                          reason: MappingChangeReason) {
+        cond.lock()
+        defer { cond.unlock() }
+        let seq = append { s in
+            FeedEvent(sequence: s, kind: .remap, reason: RemapReason(rawValue: reason.rawValue) ?? .other, volume: volume,
+                      first: first, entries: (0..<old.count).map { (old[$0], new[$0]) })
+        }
+        // A block a read-lease holder may be reading stays put until it acknowledges.
+        for lease in leases.values where lease.mode == .read && !lease.session.fenced
+            && lease.overlaps(volume: volume, first: first, count: UInt64(old.count)) {
+            for i in 0..<old.count where old[i] != 0 && old[i] != new[i] && lease.covers(volume: volume, block: first + UInt64(i)) {
+                engine.allocator.pin(old[i])
+                lease.session.pins.append(Pin(sequence: seq, block: old[i], lease: lease.id))
+            }
+        }
+    }
+
+    public func volumeChanged(_ change: VolumeChange, volume: UInt64, aux: UInt64) {
+        cond.lock()
+        defer { cond.unlock() }
+        let kind = FeedEventKind(rawValue: change.rawValue) ?? .resized
+        let seq = append { FeedEvent(sequence: $0, kind: kind, volume: volume, aux: aux) }
+        if change == .rollback || change == .volumeDeleted || change == .snapshotDeleted {
+            // Every block of the old map is about to be released: holders of read leases on
+            // the volume keep all frees back (through their read epoch) until they acknowledge.
+            for s in sessions.values where !s.fenced && s.hasReadLease(on: volume) { s.holdFrees(until: seq) }
+            for lease in leases.values where lease.volume == volume { lease.expires = 0 }
+        }
+    }
+
+    /// A media error: the physical block and its owners.
+    func mediaError(block: UInt64, owners: [(UInt64, UInt64)]) {
+        cond.withLock { _ = append { FeedEvent(sequence: $0, kind: .mediaError, volume: 0, first: block, entries: owners) } }
+    }
+
+    // MARK: moves and write leases
+
+    public func beginMove(volume: UInt64, first: UInt64, count: UInt64) {
+        var fenced: [Lease] = []
+        cond.lock()
+        let id = nextMoveID
+        nextMoveID += 1
+        moves[id] = (volume, first, count)
+        while writeLeaseCount > 0 && !stopping {
+            let conflicting = leases.values.filter { $0.mode == .write && !$0.returned && $0.overlaps(volume: volume, first: first, count: count) }
+            if conflicting.isEmpty { break }
+            var pendingDeadline = Double.infinity
+            for lease in conflicting {
+                if lease.recallDeadline == nil {
+                    lease.recallDeadline = now + recallDeadline
+                    lease.session.send(FeedMessages.recall(lease: lease.id, deadlineMs: UInt32(recallDeadline * 1000)))
+                }
+                pendingDeadline = min(pendingDeadline, lease.recallDeadline!)
+            }
+            if now >= pendingDeadline {
+                for lease in conflicting where lease.recallDeadline! <= now {
+                    fenced += fence(lease.session)
+                }
+                continue
+            }
+            _ = cond.wait(seconds: max(0.001, pendingDeadline - now))
+        }
+        cond.unlock()
+        // Blocks a fenced holder may still store into are moved away from the volume (outside
+        // the lock: this writes through the volume, which reports back here).
+        for lease in fenced { relocate(lease) }
+    }
+
+    public func endMove(volume: UInt64, first: UInt64, count: UInt64) {
+        cond.withLock {
+            if let id = moves.first(where: { $0.value == (volume, first, count) })?.key { moves[id] = nil }
+            cond.broadcast()
+        }
+    }
+
+    /// Voids every lease of a session that missed a recall deadline (lock held); returns its
+    /// write leases, whose blocks must be moved away.
+    func fence(_ s: FeedSession) -> [Lease] {
+        guard !s.fenced else { return [] }
+        s.fenced = true
+        Log.warning("feed: client \(s.id) (\(s.name)) missed a recall deadline; fencing it")
+        var writes: [Lease] = []
+        for lease in leases.values where lease.session === s {
+            if lease.mode == .write {
+                writes.append(lease)
+                // The blocks it may still write into are never reused while it is connected.
+                for b in lease.blocks { engine.allocator.pin(b); s.fencedPins.append(b) }
+            }
+            s.send(FeedMessages.fenced(lease: lease.id))
+            dropLease(lease)
+        }
+        s.releasePins(through: .max)
+        cond.broadcast()
+        return writes
+    }
+
+    /// Copies a fenced write lease's blocks to new ones, so the volume no longer uses blocks
+    /// the fenced holder can still store into.
+    func relocate(_ lease: Lease) {
+        guard let volume = pool.volume(id: lease.volume) else { return }
+        do {
+            try volume.relocate(first: lease.first, count: lease.count, reason: .fence)
+        } catch {
+            Log.error("feed: relocating blocks of a fenced lease failed: \(error.message)")
+        }
+    }
+
+    /// Removes a lease (lock held) and releases what it held.
+    func dropLease(_ lease: Lease) {
+        guard leases.removeValue(forKey: lease.id) != nil else { return }
+        if lease.mode == .write { writeLeaseCount -= 1 }
+        lease.session.releasePins(lease: lease.id)
+        cond.broadcast()
+    }
+
+    // MARK: granting
+
+    /// Grants a lease and queues the reply (`reply` is called with the hub locked, so the
+    /// client hears of the lease before any later event). Returns the refusal otherwise.
+    func grant(_ s: FeedSession, mode: LeaseMode, volumeID: UInt64, first: UInt64, count: UInt64, duration: Double,
+               reply: (Lease, UInt64, [UInt64]) -> Void) -> Result<(Lease, UInt64, [UInt64]), FeedDenial> {
+        guard let volume = pool.volume(id: volumeID) else { return .failure(FeedDenial("no volume with id \(volumeID)")) }
+        guard count > 0, count <= UInt64(FeedProtocol.maxRangeBlocks), first < volume.size >> 12, count <= (volume.size >> 12) - first else {
+            return .failure(FeedDenial("range outside the volume"))
+        }
+        if mode == .write && volume.readOnly { return .failure(FeedDenial("\(volume.name) is read-only")) }
+        for attempt in 0..<4 {
+            if mode == .write {
+                // No other write lease, no move in progress over the range.
+                let busy = cond.withLock { () -> String? in
+                    if s.fenced { return "this client is fenced" }
+                    if leases.values.contains(where: { $0.mode == .write && $0.overlaps(volume: volumeID, first: first, count: count) }) {
+                        return "another write lease covers part of the range"
+                    }
+                    while moves.values.contains(where: { $0.volume == volumeID && $0.first < first + count && first < $0.first + $0.count }) && !stopping {
+                        _ = cond.wait(seconds: 0.05)
+                    }
+                    return nil
+                }
+                if let busy { return .failure(FeedDenial(busy)) }
+                // Blocks shared with snapshots or clones (or holes) get blocks of their own first.
+                do { try volume.makeExclusive(first: first, count: count) } catch { return .failure(FeedDenial(error.message)) }
+            }
+            let result: (Lease, UInt64, [UInt64])? = volume.withMapLocked {
+                cond.withLock {
+                    if s.fenced { return nil }
+                    if mode == .write && moves.values.contains(where: { $0.volume == volumeID && $0.first < first + count && first < $0.first + $0.count }) {
+                        return nil
+                    }
+                    let blocks: [UInt64]?
+                    do {
+                        blocks = mode == .write ? try volume.exclusiveBlocks(first: first, count: count) : try volume.currentBlocks(first: first, count: count)
+                    } catch { return nil }
+                    guard let blocks else { return nil }
+                    let lease = Lease(id: nextLeaseID, mode: mode, volume: volumeID, first: first, count: count,
+                                      expires: now + duration, session: s)
+                    nextLeaseID += 1
+                    lease.blocks = mode == .write ? blocks : []
+                    leases[lease.id] = lease
+                    if mode == .write { writeLeaseCount += 1 }
+                    reply(lease, sequence, blocks)
+                    return (lease, sequence, blocks)
+                }
+            }
+            if let result { return .success(result) }
+            if s.fenced { return .failure(FeedDenial("this client is fenced")) }
+            _ = attempt
+        }
+        return .failure(FeedDenial("the range kept changing; try again"))
+    }
+
+    /// The mapping of a range with the sequence number it is consistent with; `reply` is called
+    /// with the hub locked (so it precedes later events).
+    func map(volumeID: UInt64, first: UInt64, count: UInt64, reply: (UInt64, [UInt64]) -> Void) -> Result<(UInt64, [UInt64]), FeedDenial> {
+        guard let volume = pool.volume(id: volumeID) else { return .failure(FeedDenial("no volume with id \(volumeID)")) }
+        guard count <= UInt64(FeedProtocol.maxRangeBlocks), first < volume.size >> 12, count <= (volume.size >> 12) - first else {
+            return .failure(FeedDenial("range outside the volume"))
+        }
+        return volume.withMapLocked {
+            do throws(PoolError) {
+                let blocks = try volume.currentBlocks(first: first, count: count)
+                return .success(cond.withLock {
+                    reply(sequence, blocks)
+                    return (sequence, blocks)
+                })
+            } catch { return .failure(FeedDenial(error.message)) }
+        }
+    }
+
+    // MARK: sessions
+
+    func register(_ s: FeedSession) -> UInt64 {
+        cond.withLock {
+            let id = nextSessionID
+            nextSessionID += 1
+            sessions[id] = s
+            pool.setObserver(self)
+            return id
+        }
+    }
+
+    func unregister(_ s: FeedSession) {
+        cond.withLock {
+            sessions[s.id] = nil
+            for lease in leases.values where lease.session === s { dropLease(lease) }
+            s.releasePins(through: .max)
+            for b in s.fencedPins { engine.allocator.unpin(b) }
+            s.fencedPins = []
+            s.endFreeHold()
+            // Events keep being recorded after the last subscriber leaves, so one that
+            // reconnects can resume from its sequence number.
+            cond.broadcast()
+        }
+    }
+
+    /// Expires leases and releases what they held.
+    private func reaper() {
+        cond.lock()
+        while !stopping {
+            _ = cond.wait(seconds: 0.2)
+            let t = now
+            for lease in leases.values where lease.expires <= t {
+                if lease.mode == .write && !lease.returned && lease.recallDeadline == nil {
+                    // An expired write lease is recalled like any other: it must be returned.
+                    lease.recallDeadline = t + recallDeadline
+                    lease.session.send(FeedMessages.recall(lease: lease.id, deadlineMs: UInt32(recallDeadline * 1000)))
+                    continue
+                }
+                if lease.mode == .write, let d = lease.recallDeadline, d > t, !lease.returned { continue }
+                if lease.mode == .write && !lease.returned {
+                    let writes = fence(lease.session)
+                    cond.unlock()
+                    for w in writes { relocate(w) }
+                    cond.lock()
+                    continue
+                }
+                dropLease(lease)
+            }
+        }
+        cond.unlock()
+    }
+
+    var leaseCount: Int { cond.withLock { leases.count } }
+}
+
+/// Why a request was refused.
+struct FeedDenial: Error {
+    let reason: String
+    init(_ reason: String) { self.reason = reason }
+}
+
+func monotonicNow() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}

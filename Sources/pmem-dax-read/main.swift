@@ -1,0 +1,88 @@
+// pmem-dax-read: reads a volume of a served pool straight from pool memory through the
+// PmemDAX library (falling back to NBD), or with --bench compares 4 KiB read latency through
+// DAX and through NBD (libnbd) on the same blocks.
+//   pmem-dax-read --feed POOL.feed --nbd SOCK VOLUME OFFSET LENGTH > out
+//   pmem-dax-read --feed POOL.feed --nbd SOCK VOLUME --bench N
+import CLibNBD
+import Glibc
+import PmemDAX
+import PmemSystem
+
+func fail(_ message: String) -> Never {
+    _ = try? FileDescriptor.standardError.writeAll(bytes: Array("pmem-dax-read: \(message)\n".utf8))
+    exit(1)
+}
+
+/// A number with `digits` decimals.
+func fixed(_ x: Double, _ digits: Int = 2) -> String {
+    var scale = 1.0
+    for _ in 0..<digits { scale *= 10 }
+    let n = Int((x * scale).rounded())
+    let frac = String(n % Int(scale))
+    return "\(n / Int(scale)).\(String(repeating: "0", count: digits - frac.count))\(frac)"
+}
+
+func main() {
+var args = Array(CommandLine.arguments.dropFirst())
+func option(_ name: String) -> String? {
+    guard let i = args.firstIndex(of: name), i + 1 < args.count else { return nil }
+    defer { args.removeSubrange(i...(i + 1)) }
+    return args[i + 1]
+}
+guard let feed = option("--feed") else { fail("usage: pmem-dax-read --feed SOCKET [--nbd SOCKET] VOLUME (OFFSET LENGTH | --bench N)") }
+let nbdSocket = option("--nbd")
+let bench = option("--bench").flatMap { Int($0) }
+guard let volumeName = args.first else { fail("name a volume") }
+
+do {
+    let pool = try DAXPool(feed: feed, nbd: nbdSocket)
+    let volume = try pool.volume(named: volumeName)
+    if let n = bench {
+        guard let nbdSocket else { fail("--bench needs --nbd to compare with") }
+        let blocks = max(1, min(volume.size >> 12, 16_384))
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        var rng = SystemRandomNumberGenerator()
+        // Warm up the leases, then time DAX reads.
+        for b in 0..<min(blocks, 4096) where b % 512 == 0 { try volume.read(offset: b << 12, count: 4096, into: buf) }
+        func clock() -> Double {
+            var ts = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &ts)
+            return Double(ts.tv_sec) * 1e9 + Double(ts.tv_nsec)
+        }
+        var dax: [Double] = []
+        for _ in 0..<n {
+            let b = UInt64.random(in: 0..<blocks, using: &rng)
+            let t0 = clock()
+            try volume.read(offset: b << 12, count: 4096, into: buf)
+            dax.append(clock() - t0)
+        }
+        guard let h = nbd_create() else { fail("libnbd") }
+        nbd_set_export_name(h, volumeName)
+        guard nbd_connect_unix(h, nbdSocket) == 0 else { fail("libnbd: \(String(cString: nbd_get_error()))") }
+        var nbd: [Double] = []
+        for _ in 0..<n {
+            let b = UInt64.random(in: 0..<blocks, using: &rng)
+            let t0 = clock()
+            guard nbd_pread(h, buf, 4096, b << 12, 0) == 0 else { fail("libnbd read failed") }
+            nbd.append(clock() - t0)
+        }
+        nbd_close(h)
+        func pct(_ a: [Double], _ p: Double) -> Double { let s = a.sorted(); return s[min(s.count - 1, Int(Double(s.count) * p))] / 1000 }
+        print("4 KiB reads of \(volumeName), \(n) each:")
+        print("DAX  p50 \(fixed(pct(dax, 0.5))) us  p99 \(fixed(pct(dax, 0.99))) us")
+        print("NBD  p50 \(fixed(pct(nbd, 0.5))) us  p99 \(fixed(pct(nbd, 0.99))) us")
+        print("ratio DAX/NBD  p50 \(fixed(pct(dax, 0.5) / pct(nbd, 0.5), 3))  p99 \(fixed(pct(dax, 0.99) / pct(nbd, 0.99), 3))")
+        print("direct reads \(pool.daxReads), retries \(pool.retries), NBD fallbacks \(pool.fallbacks)")
+    } else {
+        guard args.count >= 3, let offset = UInt64(args[1]), let length = Int(args[2]) else { fail("give OFFSET and LENGTH (bytes)") }
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: max(1, length), alignment: 4096)
+        try volume.read(offset: offset, count: length, into: buf)
+        try FileDescriptor.standardOutput.writeAll(UnsafeRawBufferPointer(start: buf, count: length))
+    }
+    pool.close()
+} catch {
+    fail("\(error)")
+}
+}
+
+main()
