@@ -3,6 +3,7 @@ import Glibc
 import NBDServer
 import PmemPool
 import PmemVolumes
+import PmemFeed
 import PmemSystem
 
 /// `pmem-nbd serve`: opens (or creates) the pool, listens, serves until SIGTERM/SIGINT,
@@ -67,6 +68,19 @@ public enum ServeCommand {
             control?.start()
             Log.info("control socket \(path)")
         }
+        var feed: FeedServer?
+        var media: MediaErrors?
+        if o.feedPath != "none" {
+            let hub = try FeedHub(pool: pool, recallDeadline: o.recallDeadline)
+            let path = o.feedPath ?? FeedPaths.defaultPath(forPool: o.poolPath)
+            do { feed = try FeedServer(path: path, hub: hub) } catch {
+                throw ServeError("cannot listen on the feed socket \(path): \(error)")
+            }
+            feed?.start()
+            media = MediaErrors(hub: hub, file: o.badBlocksFile, poolPath: o.poolPath)
+            media?.start()
+            Log.info("mapping-change feed \(path)")
+        }
         if let pidFile = o.pidFile { try writePidFile(pidFile) }
 
         let stop = DispatchSemaphore(value: 0)
@@ -81,6 +95,8 @@ public enum ServeCommand {
         stop.wait()
         Log.info("shutting down: finishing in-flight requests")
         control?.stop()
+        media?.stop()
+        feed?.stop()
         if !server.shutdown(timeoutSeconds: 30) { Log.warning("some connections did not finish in time") }
         try pool.close()
         if let path = o.unixPath { unlink(path) }

@@ -19,6 +19,12 @@ public struct ServeOptions: Sendable {
     public var controlPath: String?
     /// Fault the pool's blocks in at start (in the background).
     public var prefault = false
+    /// The mapping-change feed's socket ("none" disables it; nil means POOL.feed).
+    public var feedPath: String?
+    /// A file of bad byte ranges of the pool (`OFFSET LENGTH` per line), for tests.
+    public var badBlocksFile: String?
+    /// Seconds a write-lease holder has to return a recalled lease.
+    public var recallDeadline: Double = 2
 
     public init(poolPath: String) { self.poolPath = poolPath }
 

@@ -19,7 +19,12 @@ struct PmemNBDCommand: ParsableCommand {
           pmem-nbd clone --pool pool.pmem pmem0@before-upgrade test
           nbdinfo --map=qemu:dirty-bitmap:before-upgrade 'nbd+unix:///pmem0?socket=/tmp/pmem.sock'
         """,
-        subcommands: [Serve.self, Create.self, Info.self, Check.self, VolumeCommandGroup.self, SnapshotCommandGroup.self, Clone.self])
+        subcommands: [Serve.self, Create.self, Info.self, Check.self, VolumeCommandGroup.self, SnapshotCommandGroup.self, Clone.self, Feed.self])
+
+    static func main() {
+        SignalMask.unblockAll()
+        main(nil)
+    }
 }
 
 /// Runs a command body, turning pool and serve errors into one clear line on stderr.
@@ -128,6 +133,9 @@ struct Serve: ParsableCommand {
     @Flag(name: [.customShort("t"), .customLong("persistent")], help: "Keep serving after clients disconnect (the default).") var persistent = false
     @Option(name: .long, help: "Control socket for volume and snapshot commands (default POOL.ctl; 'none' to disable).") var control: String?
     @Flag(name: .long, help: "Fault the pool's blocks into memory at start, in the background.") var prefault = false
+    @Option(name: .long, help: "Mapping-change feed socket (default POOL.feed; 'none' to disable).") var feed: String?
+    @Option(name: .long, help: "File of bad byte ranges of the pool, 'OFFSET LENGTH' per line (testing media errors).") var badblocks: String?
+    @Option(name: .long, help: "Seconds a write-lease holder has to return a recalled lease before it is fenced.") var recallDeadline: Double = 2
 
     func run() throws {
         Log.setLevel(Log.Level(rawValue: min(Log.Level.trace.rawValue, Log.Level.warning.rawValue + verbose)) ?? .trace)
@@ -148,6 +156,9 @@ struct Serve: ParsableCommand {
             o.persistence = mode
             o.controlPath = control
             o.prefault = prefault
+            o.feedPath = feed
+            o.badBlocksFile = badblocks
+            o.recallDeadline = recallDeadline
             return try ServeCommand.run(o)
         }
     }

@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import NBDServer
 import PmemNBD
+import PmemFeed
 import PmemPool
 import PmemVolumes
 import PmemSystem
@@ -30,10 +31,16 @@ final class TestServer {
     var engine: PoolEngine { pool.engine }
     let volume: Volume
     let server: Server
+    /// The mapping-change feed, when asked for.
+    var hub: FeedHub?
+    var feed: FeedServer?
+    var media: MediaErrors?
+    var feedPath: String { scratch.file("s.feed") }
 
     /// A pool of `size` bytes whose volume `vol0` is `volumeSize` (default: size less 16 MiB).
     init(size: UInt64 = 80 << 20, volumeSize: UInt64? = nil, readOnly: Bool = false, persistence: PersistenceMode = .page,
-         exportName: String? = nil) throws {
+         exportName: String? = nil, withFeed: Bool = false, recallDeadline: Double = 2, badBlocks: String? = nil,
+         ringCapacity: Int = 65_536) throws {
         poolPath = scratch.file("pool")
         socketPath = scratch.file("s.sock")
         try PoolEngine.create(path: poolPath, size: size, volumeName: "vol0", volumeSize: volumeSize ?? (size - (16 << 20)))
@@ -41,6 +48,15 @@ final class TestServer {
         volume = pool.volume(named: "vol0")!
         server = Server(exports: PoolExports(pool: pool, readOnly: readOnly, defaultName: exportName))
         try server.listen(on: [Socket.listenUnix(path: socketPath)])
+        pool.onVolumeChange { [server] id in server.disconnect { ($0 as? Volume)?.id == id } }
+        if withFeed {
+            let hub = try FeedHub(pool: pool, recallDeadline: recallDeadline, ringCapacity: ringCapacity)
+            self.hub = hub
+            feed = try FeedServer(path: scratch.file("s.feed"), hub: hub)
+            feed?.start()
+            media = MediaErrors(hub: hub, file: badBlocks, poolPath: poolPath)
+            media?.start()
+        }
     }
 
     var uri: String { "nbd+unix:///?socket=\(socketPath)" }
@@ -55,6 +71,8 @@ final class TestServer {
     }
 
     deinit {
+        media?.stop()
+        feed?.stop()
         server.shutdown(timeoutSeconds: 10)
         try? pool.close()
     }
