@@ -56,13 +56,22 @@ import Testing
         let exports = try c.optList()
         #expect(exports.map(\.name) == ["vol0"])
         #expect(exports[0].description.contains("vol0"))
-        #expect(try c.optListMetaContexts() == ["base:allocation"])
+        // Every context the export answers: allocation, and our sharing map (no snapshots yet,
+        // so no dirty bitmaps).
+        #expect(try c.optListMetaContexts() == ["base:allocation", "pmem-nbd:sharing"])
         try c.setExportName("missing")
         #expect(throws: LibNBDError.self) { try c.optInfo() }
         try c.setExportName("vol0")
         try c.optInfo()
         #expect(try c.size == s.volume.size)
         try c.optAbort()
+        // A namespace query lists only the contexts in that namespace.
+        let q = try NBDClient()
+        try q.setOptMode(true)
+        try q.connect(unix: s.socketPath)
+        try q.addMetaContext("base:")
+        #expect(try q.optListMetaContexts() == ["base:allocation"])
+        try q.optAbort()
     }
 
     @Test func optionModeThenGo() throws {
