@@ -15,6 +15,8 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     let status: StatusPage
     /// Seconds a write-lease holder has to return a recalled lease.
     public let recallDeadline: Double
+    /// Seconds a read-lease holder may leave an event that pinned a block unacknowledged.
+    public let ackDeadline: Double
     /// Guards everything below; its condition wakes session writers and recall waiters.
     let cond = PosixCondition()
     private(set) var sequence: UInt64 = 0
@@ -32,10 +34,11 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     /// Events kept for subscribers that fall behind or reconnect.
     public let ringCapacity: Int
 
-    public init(pool: Pool, recallDeadline: Double = 2, ringCapacity: Int = 65_536) throws {
+    public init(pool: Pool, recallDeadline: Double = 2, ackDeadline: Double = 10, ringCapacity: Int = 65_536) throws {
         self.pool = pool
         self.engine = pool.engine
         self.recallDeadline = recallDeadline
+        self.ackDeadline = ackDeadline
         self.ringCapacity = ringCapacity
         status = try StatusPage()
         ring = Array(repeating: nil, count: ringCapacity)
@@ -93,7 +96,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             && lease.overlaps(volume: volume, first: first, count: UInt64(old.count)) {
             for i in 0..<old.count where old[i] != 0 && old[i] != new[i] && lease.covers(volume: volume, block: first + UInt64(i)) {
                 engine.allocator.pin(old[i])
-                lease.session.pins.append(Pin(sequence: seq, block: old[i], lease: lease.id))
+                lease.session.pins.append(Pin(sequence: seq, block: old[i], lease: lease.id, since: now))
             }
         }
     }
@@ -158,10 +161,10 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
 
     /// Voids every lease of a session that missed a recall deadline (lock held); returns its
     /// write leases, whose blocks must be moved away.
-    func fence(_ s: FeedSession) -> [Lease] {
+    func fence(_ s: FeedSession, because reason: String = "missed a recall deadline") -> [Lease] {
         guard !s.fenced else { return [] }
         s.fenced = true
-        Log.warning("feed: client \(s.id) (\(s.name)) missed a recall deadline; fencing it")
+        Log.warning("feed: client \(s.id) (\(s.name)) \(reason); fencing it")
         var writes: [Lease] = []
         for lease in leases.values where lease.session === s {
             if lease.mode == .write {
@@ -192,7 +195,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     func dropLease(_ lease: Lease) {
         guard leases.removeValue(forKey: lease.id) != nil else { return }
         if lease.mode == .write { writeLeaseCount -= 1 }
-        lease.session.releasePins(lease: lease.id)
+        // Its pins stay until the holder acknowledges the events that took them.
         cond.broadcast()
     }
 
@@ -318,6 +321,16 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                     continue
                 }
                 dropLease(lease)
+            }
+            // A holder that sits on pinned blocks (never acknowledges) would keep them from
+            // reuse forever: past the deadline it is fenced and its pins go.
+            for session in sessions.values where !session.fenced {
+                if let oldest = session.pins.first, t - oldest.since > ackDeadline {
+                    let writes = fence(session, because: "left an event unacknowledged for \(Int(t - oldest.since)) s")
+                    cond.unlock()
+                    for w in writes { relocate(w) }
+                    cond.lock()
+                }
             }
         }
         cond.unlock()

@@ -57,14 +57,6 @@ final class FeedSession: @unchecked Sendable {
         pins = keep
     }
 
-    func releasePins(lease: UInt64) {
-        var keep: [Pin] = []
-        for p in pins {
-            if p.lease == lease { hub.engine.allocator.unpin(p.block) } else { keep.append(p) }
-        }
-        pins = keep
-    }
-
     func holdFrees(until seq: UInt64) {
         holdUntil = max(holdUntil, seq)
         freeHold.enter()

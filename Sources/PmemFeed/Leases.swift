@@ -34,10 +34,15 @@ final class Lease {
     }
 }
 
-/// A freed-or-moving physical block a read-lease holder may still be reading: released when the
-/// holder acknowledges the event that moved it, or when its lease ends.
+/// A freed-or-moving physical block a read-lease holder may still be reading (or has lent out):
+/// released only when the holder acknowledges the event that moved it — not when the lease
+/// ends, since a copy or a borrow begun under the lease may still be using the block — or
+/// when the holder disconnects or is fenced.
 struct Pin {
     var sequence: UInt64
     var block: UInt64
     var lease: UInt64
+    /// Monotonic time the pin was taken: a holder that leaves a pin unacknowledged for longer
+    /// than the hub's acknowledgement deadline is fenced.
+    var since: Double
 }

@@ -71,7 +71,7 @@ public enum ServeCommand {
         var feed: FeedServer?
         var media: MediaErrors?
         if o.feedPath != "none" {
-            let hub = try FeedHub(pool: pool, recallDeadline: o.recallDeadline)
+            let hub = try FeedHub(pool: pool, recallDeadline: o.recallDeadline, ackDeadline: o.ackDeadline)
             let path = o.feedPath ?? FeedPaths.defaultPath(forPool: o.poolPath)
             do { feed = try FeedServer(path: path, hub: hub) } catch {
                 throw ServeError("cannot listen on the feed socket \(path): \(error)")

@@ -25,6 +25,8 @@ public struct ServeOptions: Sendable {
     public var badBlocksFile: String?
     /// Seconds a write-lease holder has to return a recalled lease.
     public var recallDeadline: Double = 2
+    /// Seconds a feed client may leave an event that pinned a block unacknowledged.
+    public var ackDeadline: Double = 10
 
     public init(poolPath: String) { self.poolPath = poolPath }
 

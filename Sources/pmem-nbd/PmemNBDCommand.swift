@@ -136,6 +136,7 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: "Mapping-change feed socket (default POOL.feed; 'none' to disable).") var feed: String?
     @Option(name: .long, help: "File of bad byte ranges of the pool, 'OFFSET LENGTH' per line (testing media errors).") var badblocks: String?
     @Option(name: .long, help: "Seconds a write-lease holder has to return a recalled lease before it is fenced.") var recallDeadline: Double = 2
+    @Option(name: .long, help: "Seconds a feed client may leave an event that pinned a block unacknowledged before it is fenced.") var ackDeadline: Double = 10
 
     func run() throws {
         Log.setLevel(Log.Level(rawValue: min(Log.Level.trace.rawValue, Log.Level.warning.rawValue + verbose)) ?? .trace)
@@ -159,6 +160,7 @@ struct Serve: ParsableCommand {
             o.feedPath = feed
             o.badBlocksFile = badblocks
             o.recallDeadline = recallDeadline
+            o.ackDeadline = ackDeadline
             return try ServeCommand.run(o)
         }
     }

@@ -166,6 +166,53 @@ final class FeedProbe {
         #expect(probe.events.dropFirst(before).contains { $0.kind == .remap && $0.entries.contains { $0.1 == old } }, "released after the acknowledgement")
     }
 
+    /// Churns through every block of a small pool so freed blocks get reused; returns whether
+    /// `block` became the new home of some virtual block.
+    func churnReuses(_ block: UInt64, _ s: TestServer, _ c: NBDClient, _ probe: FeedProbe, rounds: Int, ack: Bool) throws -> Bool {
+        let before = probe.events.count
+        for round in 0..<rounds {
+            for i in 0..<1024 { try c.pwrite(pattern(4096, seed: UInt64(round * 7919 + i)), offset: UInt64(600 + i % 1000) << 12) }
+            try c.flush()
+            try probe.pump { probe.events.count >= before + (round + 1) * 1024 }
+            if ack { try probe.c.ack(probe.events.last!.sequence) }
+        }
+        return probe.events.dropFirst(before).contains { $0.kind == .remap && $0.entries.contains { $0.1 == block } }
+    }
+
+    /// Giving a read lease back does not free the blocks it pinned: a copy or a lent block may
+    /// still be in use until the holder acknowledges the events that moved them.
+    @Test func pinsOutliveTheLeaseUntilAcknowledged() throws {
+        let s = try TestServer(size: 24 << 20, volumeSize: 8 << 20, withFeed: true)
+        let c = try s.client()
+        try c.pwrite(pattern(4096, seed: 5), offset: 0)
+        let probe = try FeedProbe(s.feedPath)
+        let lease = try probe.lease(.read, volume: volumeID(s), first: 0, count: 512)
+        let old = lease.blocks[0]
+        try c.pwrite(pattern(4096, seed: 6), offset: 0)
+        try probe.pump { probe.events.contains { $0.kind == .remap && $0.first == 0 } }
+        try probe.c.release(lease.id)
+        #expect(try !churnReuses(old, s, c, probe, rounds: 3, ack: false), "reused after the lease ended, before the acknowledgement")
+        try probe.c.ack(probe.events.last!.sequence)
+        usleep(100_000)
+        #expect(try churnReuses(old, s, c, probe, rounds: 6, ack: true), "released by the acknowledgement")
+    }
+
+    /// A holder that never acknowledges would keep pinned blocks forever: after the
+    /// acknowledgement deadline it is fenced and the blocks go back to the pool.
+    @Test func holderThatNeverAcknowledgesIsFenced() throws {
+        let s = try TestServer(size: 24 << 20, volumeSize: 8 << 20, withFeed: true, ackDeadline: 0.5)
+        let c = try s.client()
+        try c.pwrite(pattern(4096, seed: 5), offset: 0)
+        let probe = try FeedProbe(s.feedPath)
+        let lease = try probe.lease(.read, volume: volumeID(s), first: 0, count: 512)
+        let old = lease.blocks[0]
+        try c.pwrite(pattern(4096, seed: 6), offset: 0)
+        _ = try probe.reply(.fenced)
+        #expect(try churnReuses(old, s, c, probe, rounds: 6, ack: false), "a fenced holder's pins are released")
+        // A fenced client gets no new leases.
+        #expect(throws: (any Error).self) { try probe.lease(.read, volume: volumeID(s), first: 0, count: 512) }
+    }
+
     @Test func writeLeaseStoresDirectlyAndIsRecalledBeforeASnapshot() throws {
         let s = try TestServer(withFeed: true)
         let c = try s.client()

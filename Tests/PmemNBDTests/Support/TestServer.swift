@@ -39,8 +39,8 @@ final class TestServer {
 
     /// A pool of `size` bytes whose volume `vol0` is `volumeSize` (default: size less 16 MiB).
     init(size: UInt64 = 80 << 20, volumeSize: UInt64? = nil, readOnly: Bool = false, persistence: PersistenceMode = .page,
-         exportName: String? = nil, withFeed: Bool = false, recallDeadline: Double = 2, badBlocks: String? = nil,
-         ringCapacity: Int = 65_536) throws {
+         exportName: String? = nil, withFeed: Bool = false, recallDeadline: Double = 2, ackDeadline: Double = 10,
+         badBlocks: String? = nil, ringCapacity: Int = 65_536) throws {
         poolPath = scratch.file("pool")
         socketPath = scratch.file("s.sock")
         try PoolEngine.create(path: poolPath, size: size, volumeName: "vol0", volumeSize: volumeSize ?? (size - (16 << 20)))
@@ -50,7 +50,7 @@ final class TestServer {
         try server.listen(on: [Socket.listenUnix(path: socketPath)])
         pool.onVolumeChange { [server] id in server.disconnect { ($0 as? Volume)?.id == id } }
         if withFeed {
-            let hub = try FeedHub(pool: pool, recallDeadline: recallDeadline, ringCapacity: ringCapacity)
+            let hub = try FeedHub(pool: pool, recallDeadline: recallDeadline, ackDeadline: ackDeadline, ringCapacity: ringCapacity)
             self.hub = hub
             feed = try FeedServer(path: scratch.file("s.feed"), hub: hub)
             feed?.start()
