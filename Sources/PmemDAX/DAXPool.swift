@@ -34,6 +34,11 @@ public final class DAXPool: @unchecked Sendable {
     private var nextRequest: UInt64 = 1
     var volumes: [FeedVolume] = []
     var writeLeases: [UInt64: DAXWriteLease] = [:]
+    /// Blocks lent out by `withMappedBlock`, by the sequence number processed when lent (count).
+    var borrows: [UInt64: Int] = [:]
+    private var acknowledged: UInt64 = 0
+    /// Read-lease requests in flight: request id → the region they are for.
+    var pendingRegions: [UInt64: RegionKey] = [:]
     private var closed = false
     private var nbd: [String: OpaquePointer] = [:]
 
@@ -106,9 +111,10 @@ public final class DAXPool: @unchecked Sendable {
 
     /// Sends a request and waits for its reply (matched by request id where the reply has one,
     /// else by type).
-    func request(_ send: (UInt64) throws -> Void, match: @escaping (UInt16) -> Bool = { _ in true }) throws -> [UInt8] {
+    func request(region: RegionKey? = nil, _ send: (UInt64) throws -> Void, match: @escaping (UInt16) -> Bool = { _ in true }) throws -> [UInt8] {
         let id = cond.withLock { () -> UInt64 in
             defer { nextRequest += 1 }
+            if let region { pendingRegions[nextRequest] = region }
             return nextRequest
         }
         try send(id)
@@ -143,17 +149,27 @@ public final class DAXPool: @unchecked Sendable {
             switch FeedMessage(rawValue: type) {
             case .events:
                 guard let events = try? FeedConnection.decodeEvents(payload), let last = events.last else { continue }
-                cond.withLock {
+                let ack = cond.withLock { () -> UInt64? in
                     for e in events { apply(e) }
                     processed = max(processed, last.sequence)
                     cond.broadcast()
+                    return acknowledgeable()
                 }
-                // Acknowledge once applied: the server may reuse leased blocks these moved.
-                try? connection.ack(last.sequence)
+                // Acknowledge once applied (and no borrowed block may have moved): the server
+                // may then reuse leased blocks these events moved.
+                if let ack { try? connection.ack(ack) }
             case .mapReply, .leaseGranted, .leaseDenied, .reverseReply:
                 var r = FeedReader(payload)
                 let id = (try? r.u64()) ?? 0
-                cond.withLock { replies[id] = (type, payload); cond.broadcast() }
+                cond.withLock {
+                    // A read lease's region goes into the map before the next frame is read:
+                    // the events after the grant apply to it.
+                    if let key = pendingRegions.removeValue(forKey: id), type == FeedMessage.leaseGranted.rawValue {
+                        installRegion(key, grant: payload)
+                    }
+                    replies[id] = (type, payload)
+                    cond.broadcast()
+                }
             case .volumes:
                 cond.withLock { replies[unmatched] = (type, payload); unmatched += 1; cond.broadcast() }
             case .recall:
@@ -172,17 +188,41 @@ public final class DAXPool: @unchecked Sendable {
                     for (k, reg) in regions where reg.lease == lease { regions[k] = nil }
                 }
             case .resync:
-                cond.withLock {
+                // Events were lost: every region is rebuilt from fresh leases; the skipped
+                // events are acknowledged (nothing maps through them any more).
+                let ack = cond.withLock { () -> UInt64? in
+                    for (_, reg) in regions { reg.valid = false }
                     regions.removeAll()
                     var r = FeedReader(payload)
                     processed = max(processed, (try? r.u64()) ?? processed)
                     cond.broadcast()
+                    return acknowledgeable()
                 }
+                if let ack { try? connection.ack(ack) }
             default:
                 break
             }
         }
         cond.withLock { closed = true; cond.broadcast() }
+    }
+
+    /// Installs a granted read lease's region (lock held), ending the lease it replaces.
+    private func installRegion(_ key: RegionKey, grant payload: [UInt8]) {
+        var r = FeedReader(payload)
+        guard let _ = try? r.u64(), let lease = try? r.u64(), let _ = try? r.u8(), let _ = try? r.u8(), let _ = try? r.u16(),
+              let ms = try? r.u32(), let seq = try? r.u64(), let _ = try? r.u64(), let _ = try? r.u64(),
+              let n = try? r.u32(), let _ = try? r.u32() else { return }
+        var blocks: [UInt64] = []
+        blocks.reserveCapacity(Int(n))
+        for _ in 0..<n {
+            guard let b = try? r.u64() else { return }
+            blocks.append(b)
+        }
+        if let old = regions[key] {
+            old.valid = false
+            try? connection.release(old.lease)
+        }
+        regions[key] = Region(lease: lease, since: seq, expires: monotonic() + Double(ms) / 1000, blocks: blocks)
     }
 
     /// Applies an event to the local maps (lock held).
@@ -205,6 +245,25 @@ public final class DAXPool: @unchecked Sendable {
         }
     }
 
+    /// The sequence number to acknowledge now, if it advanced (lock held): everything
+    /// processed, but nothing after the oldest borrow began — a later event may have moved the
+    /// borrowed block, which must stay put until the borrower is done.
+    func acknowledgeable() -> UInt64? {
+        let limit = min(processed, borrows.keys.min() ?? processed)
+        guard limit > acknowledged else { return nil }
+        acknowledged = limit
+        return limit
+    }
+
+    /// Ends a borrow that began at `start`, sending an acknowledgement it held back.
+    func endBorrow(_ start: UInt64) {
+        let ack = cond.withLock { () -> UInt64? in
+            if let n = borrows[start], n > 1 { borrows[start] = n - 1 } else { borrows[start] = nil }
+            return acknowledgeable()
+        }
+        if let ack { try? connection.ack(ack) }
+    }
+
     /// Waits until every event up to `sequence` is applied.
     func waitProcessed(_ sequence: UInt64) throws {
         cond.lock()
@@ -219,7 +278,23 @@ public final class DAXPool: @unchecked Sendable {
 
     func nbdRead(_ export: String, offset: UInt64, into p: UnsafeMutableRawPointer, count: Int) throws {
         guard let socket = nbdSocket else { throw DAXError("no NBD socket to fall back to") }
-        let h: OpaquePointer = try cond.withLock { () throws -> OpaquePointer in
+        // A connection the server dropped (a rollback or resize disconnects a volume's clients)
+        // is replaced once.
+        for attempt in 0..<2 {
+            let h = try nbdHandle(export, socket: socket)
+            if nbd_pread(h, p, count, offset, 0) == 0 {
+                cond.withLock { fallbacks += 1 }
+                return
+            }
+            let message = String(cString: nbd_get_error())
+            if attempt == 1 || nbd_aio_is_dead(h) == 0 && nbd_aio_is_closed(h) == 0 { throw DAXError("libnbd: \(message)") }
+            cond.withLock { nbd[export] = nil }
+            nbd_close(h)
+        }
+    }
+
+    private func nbdHandle(_ export: String, socket: String) throws -> OpaquePointer {
+        try cond.withLock { () throws -> OpaquePointer in
             if let h = nbd[export] { return h }
             guard let h = nbd_create() else { throw DAXError("libnbd: \(String(cString: nbd_get_error()))") }
             nbd_set_export_name(h, export)
@@ -231,8 +306,6 @@ public final class DAXPool: @unchecked Sendable {
             nbd[export] = h
             return h
         }
-        guard nbd_pread(h, p, count, offset, 0) == 0 else { throw DAXError("libnbd: \(String(cString: nbd_get_error()))") }
-        cond.withLock { fallbacks += 1 }
     }
 
     func countRead(retried: Int) {

@@ -25,31 +25,16 @@ public final class DAXVolume: @unchecked Sendable {
         if let r = pool.cond.withLock({ pool.regions[key] }), r.valid, r.expires - now > pool.leaseDuration / 3 { return r }
         let first = index << 9
         let count = UInt32(min(512, (info.size >> 12) - first))
-        let payload: [UInt8]
         do {
-            payload = try pool.request { id in
+            // The reader thread installs the region as the grant arrives (see DAXPool).
+            _ = try pool.request(region: key) { id in
                 try pool.connection.requestLease(id, mode: .read, volume: info.id, first: first, count: count,
                                                  durationMs: UInt32(pool.leaseDuration * 1000))
             }
         } catch {
             return nil
         }
-        var r = FeedReader(payload)
-        _ = try r.u64()
-        let lease = try r.u64()
-        _ = try r.u8(); _ = try r.u8(); _ = try r.u16()
-        let ms = try r.u32()
-        let seq = try r.u64()
-        _ = try r.u64(); _ = try r.u64()
-        let n = Int(try r.u32())
-        _ = try r.u32()
-        var blocks: [UInt64] = []
-        for _ in 0..<n { blocks.append(try r.u64()) }
-        let region = Region(lease: lease, since: seq, expires: now + Double(ms) / 1000, blocks: blocks)
-        pool.cond.withLock {
-            if let old = pool.regions[key] { try? pool.connection.release(old.lease) }
-            pool.regions[key] = region
-        }
+        let region = pool.cond.withLock { pool.regions[key] }
         return region
     }
 
@@ -121,6 +106,32 @@ public final class DAXVolume: @unchecked Sendable {
         }
         throw DAXError("the blocks kept moving; gave up after 100 tries")
     }
+
+    /// Lends block `block` of the volume in place — pool memory, no copy — for the duration of
+    /// `body`; nil when it cannot be leased (read it with `read` then). The block may be moved
+    /// by the server meanwhile (a write elsewhere goes to a new block), so the bytes can be
+    /// older than the volume's current contents, but they stay the block's own: the client holds
+    /// back its acknowledgement of any event after the borrow began, and the server reuses a
+    /// leased block only after that acknowledgement. Holes read as zeros.
+    public func withMappedBlock<T>(_ block: UInt64, _ body: (UnsafeRawBufferPointer) throws -> T) throws -> T? {
+        guard block < info.size >> 12 else { throw DAXError("block \(block) is beyond the end of \(info.name)") }
+        for _ in 0..<100 {
+            guard let region = try region(block >> 9) else { return nil }
+            let lent: (UInt64, UInt64)? = pool.cond.withLock {
+                guard region.valid, pool.regions[RegionKey(volume: info.id, index: block >> 9)] === region else { return nil }
+                let start = pool.processed
+                pool.borrows[start, default: 0] += 1
+                return (start, region.blocks[Int(block & 511)])
+            }
+            guard let (start, physical) = lent else { continue }
+            defer { pool.endBorrow(start) }
+            if physical == 0 { return try body(UnsafeRawBufferPointer(start: DAXVolume.zeros, count: 4096)) }
+            return try body(UnsafeRawBufferPointer(start: pool.base + pool.blockArea + Int(physical) << 12, count: 4096))
+        }
+        throw DAXError("the region kept changing; gave up after 100 tries")
+    }
+
+    nonisolated(unsafe) static let zeros = UnsafeRawPointer(UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096).initializeMemory(as: UInt8.self, repeating: 0, count: 4096))
 
     // MARK: write leases
 
