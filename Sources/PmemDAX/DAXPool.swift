@@ -149,14 +149,16 @@ public final class DAXPool: @unchecked Sendable {
             switch FeedMessage(rawValue: type) {
             case .events:
                 guard let events = try? FeedConnection.decodeEvents(payload), let last = events.last else { continue }
+                // Acknowledged once applied (and no borrowed block may have moved): the server
+                // may then reuse leased blocks these events moved. Under a stream of events
+                // one acknowledgement covers several batches (below), but never more than 4096
+                // events wait for one.
                 let ack = cond.withLock { () -> UInt64? in
                     for e in events { apply(e) }
                     processed = max(processed, last.sequence)
                     cond.broadcast()
-                    return acknowledgeable()
+                    return acknowledgeable(minimum: 4096)
                 }
-                // Acknowledge once applied (and no borrowed block may have moved): the server
-                // may then reuse leased blocks these events moved.
                 if let ack { try? connection.ack(ack) }
             case .mapReply, .leaseGranted, .leaseDenied, .reverseReply:
                 var r = FeedReader(payload)
@@ -202,6 +204,8 @@ public final class DAXPool: @unchecked Sendable {
             default:
                 break
             }
+            // Nothing more waiting: acknowledge what has been applied.
+            if !connection.hasPendingInput, let ack = cond.withLock({ acknowledgeable() }) { try? connection.ack(ack) }
         }
         cond.withLock { closed = true; cond.broadcast() }
     }
@@ -248,9 +252,9 @@ public final class DAXPool: @unchecked Sendable {
     /// The sequence number to acknowledge now, if it advanced (lock held): everything
     /// processed, but nothing after the oldest borrow began — a later event may have moved the
     /// borrowed block, which must stay put until the borrower is done.
-    func acknowledgeable() -> UInt64? {
+    func acknowledgeable(minimum: UInt64 = 1) -> UInt64? {
         let limit = min(processed, borrows.keys.min() ?? processed)
-        guard limit > acknowledged else { return nil }
+        guard limit >= acknowledged + minimum else { return nil }
         acknowledged = limit
         return limit
     }

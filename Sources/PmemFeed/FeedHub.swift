@@ -25,6 +25,10 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     var sessions: [UInt64: FeedSession] = [:]
     private var nextSessionID: UInt64 = 1
     var leases: [UInt64: Lease] = [:]
+    /// The read leases of `leases`, by map leaf.
+    private var readLeases = ReadLeaseIndex()
+    /// Wakes the reaper early (to stop); it is not woken by every event.
+    private let reaperWake = PosixCondition()
     private var nextLeaseID: UInt64 = 1
     private var writeLeaseCount = 0
     private var moves: [UInt64: (volume: UInt64, first: UInt64, count: UInt64)] = [:]
@@ -51,6 +55,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             stopping = true
             cond.broadcast()
         }
+        reaperWake.withLock { reaperWake.broadcast() }
     }
 
     var now: Double { monotonicNow() }
@@ -92,11 +97,21 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                       first: first, entries: (0..<old.count).map { (old[$0], new[$0]) })
         }
         // A block a read-lease holder may be reading stays put until it acknowledges.
-        for lease in leases.values where lease.mode == .read && !lease.session.fenced
-            && lease.overlaps(volume: volume, first: first, count: UInt64(old.count)) {
-            for i in 0..<old.count where old[i] != 0 && old[i] != new[i] && lease.covers(volume: volume, block: first + UInt64(i)) {
-                engine.allocator.pin(old[i])
-                lease.session.pins.append(Pin(sequence: seq, block: old[i], lease: lease.id, since: now))
+        guard !readLeases.isEmpty, !old.isEmpty else { return }
+        let t = now
+        let last = first + UInt64(old.count) - 1
+        for leaf in (first >> 9)...(last >> 9) {
+            guard let over = readLeases.leases(volume: volume, leaf: leaf) else { continue }
+            let a = max(first, leaf << 9), b = min(last, (leaf << 9) | 511)
+            for lease in over where !lease.session.fenced {
+                let lo = max(a, lease.first), hi = min(b, lease.first + lease.count - 1)
+                guard lo <= hi else { continue }
+                for v in lo...hi {
+                    let i = Int(v - first)
+                    guard old[i] != 0 && old[i] != new[i] else { continue }
+                    engine.allocator.pin(old[i])
+                    lease.session.pins.append(Pin(sequence: seq, block: old[i], lease: lease.id, since: t))
+                }
             }
         }
     }
@@ -194,6 +209,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     /// Removes a lease (lock held) and releases what it held.
     func dropLease(_ lease: Lease) {
         guard leases.removeValue(forKey: lease.id) != nil else { return }
+        if lease.mode == .read { readLeases.remove(lease) }
         if lease.mode == .write { writeLeaseCount -= 1 }
         // Its pins stay until the holder acknowledges the events that took them.
         cond.broadcast()
@@ -243,6 +259,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                     nextLeaseID += 1
                     lease.blocks = mode == .write ? blocks : []
                     leases[lease.id] = lease
+                    if mode == .read { readLeases.insert(lease) }
                     if mode == .write { writeLeaseCount += 1 }
                     reply(lease, sequence, blocks)
                     return (lease, sequence, blocks)
@@ -301,9 +318,10 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
 
     /// Expires leases and releases what they held.
     private func reaper() {
-        cond.lock()
-        while !stopping {
-            _ = cond.wait(seconds: 0.2)
+        while true {
+            reaperWake.withLock { _ = reaperWake.wait(seconds: 0.2) }
+            cond.lock()
+            if stopping { break }
             let t = now
             for lease in leases.values where lease.expires <= t {
                 if lease.mode == .write && !lease.returned && lease.recallDeadline == nil {
@@ -325,13 +343,14 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             // A holder that sits on pinned blocks (never acknowledges) would keep them from
             // reuse forever: past the deadline it is fenced and its pins go.
             for session in sessions.values where !session.fenced {
-                if let oldest = session.pins.first, t - oldest.since > ackDeadline {
+                if let oldest = session.pins.oldest, t - oldest.since > ackDeadline {
                     let writes = fence(session, because: "left an event unacknowledged for \(Int(t - oldest.since)) s")
                     cond.unlock()
                     for w in writes { relocate(w) }
                     cond.lock()
                 }
             }
+            cond.unlock()
         }
         cond.unlock()
     }

@@ -14,7 +14,7 @@ final class FeedSession: @unchecked Sendable {
     var name = "?"
     /// All state below is guarded by the hub's lock.
     var fenced = false
-    var pins: [Pin] = []
+    var pins = PinQueue()
     var fencedPins: [UInt64] = []
     /// Volume subscribed to (0 = all), and the next event to send; nil before SUBSCRIBE.
     var subscription: UInt64 = 0
@@ -50,11 +50,8 @@ final class FeedSession: @unchecked Sendable {
     }
 
     func releasePins(through seq: UInt64) {
-        var keep: [Pin] = []
-        for p in pins {
-            if p.sequence <= seq { hub.engine.allocator.unpin(p.block) } else { keep.append(p) }
-        }
-        pins = keep
+        let allocator = hub.engine.allocator
+        pins.removeThrough(seq) { released in allocator.unpin(released.lazy.map(\.block)) }
     }
 
     func holdFrees(until seq: UInt64) {

@@ -98,6 +98,12 @@ public final class FeedConnection: @unchecked Sendable {
 
     public func close() { Socket.shutdown(fd) }
 
+    /// Whether a frame (or part of one) is already waiting to be received (`poll(2)`, no wait).
+    public var hasPendingInput: Bool {
+        var p = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
+        return poll(&p, 1, 0) > 0 && p.revents & Int16(POLLIN) != 0
+    }
+
     private func readExactly(_ n: Int) throws -> [UInt8]? {
         var buf = [UInt8](repeating: 0, count: n)
         var got = 0

@@ -241,16 +241,23 @@ package final class Allocator: @unchecked Sendable {
     }
 
     package func unpin(_ b: UInt64) {
-        lock.withLock {
-            guard let n = pins[b] else { return }
-            if n > 1 {
-                pins[b] = n - 1
-                return
-            }
-            pins[b] = nil
-            if pinnedFree.remove(b) != nil {
-                if b < cursor || b >= scanEnd { free.append(b) } else { held.remove(b) }
-            }
+        lock.withLock { unpinLocked(b) }
+    }
+
+    /// Unpins several blocks under one acquisition of the lock.
+    package func unpin(_ blocks: some Sequence<UInt64>) {
+        lock.withLock { for b in blocks { unpinLocked(b) } }
+    }
+
+    private func unpinLocked(_ b: UInt64) {
+        guard let n = pins[b] else { return }
+        if n > 1 {
+            pins[b] = n - 1
+            return
+        }
+        pins[b] = nil
+        if pinnedFree.remove(b) != nil {
+            if b < cursor || b >= scanEnd { free.append(b) } else { held.remove(b) }
         }
     }
 
