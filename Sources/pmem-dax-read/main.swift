@@ -3,6 +3,8 @@
 // DAX and through NBD (libnbd) on the same blocks.
 //   pmem-dax-read --feed POOL.feed --nbd SOCK VOLUME OFFSET LENGTH > out
 //   pmem-dax-read --feed POOL.feed --nbd SOCK VOLUME --bench N
+//   pmem-dax-read --feed POOL.feed VOLUME --hold SECONDS   (read leases on the whole volume,
+//     following and acknowledging events: what a busy DAX reader costs the server)
 import CLibNBD
 import Glibc
 import PmemDAX
@@ -29,15 +31,29 @@ func option(_ name: String) -> String? {
     defer { args.removeSubrange(i...(i + 1)) }
     return args[i + 1]
 }
-guard let feed = option("--feed") else { fail("usage: pmem-dax-read --feed SOCKET [--nbd SOCKET] VOLUME (OFFSET LENGTH | --bench N)") }
+guard let feed = option("--feed") else { fail("usage: pmem-dax-read --feed SOCKET [--nbd SOCKET] VOLUME (OFFSET LENGTH | --bench N | --hold SECONDS)") }
 let nbdSocket = option("--nbd")
 let bench = option("--bench").flatMap { Int($0) }
+let hold = option("--hold").flatMap { Double($0) }
 guard let volumeName = args.first else { fail("name a volume") }
 
 do {
     let pool = try DAXPool(feed: feed, nbd: nbdSocket)
     let volume = try pool.volume(named: volumeName)
-    if let n = bench {
+    if let seconds = hold {
+        // One read per 2 MiB region leases the whole volume; then the feed thread keeps the
+        // map current and acknowledges while this thread waits.
+        pool.leaseDuration = max(60, seconds * 2)
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        var b: UInt64 = 0
+        while b < volume.size >> 12 {
+            try volume.read(offset: b << 12, count: 4096, into: buf)
+            b += 512
+        }
+        let line = "holding read leases on \(volume.size >> 21) regions of \(volumeName) for \(Int(seconds)) s\n"
+        try FileDescriptor.standardOutput.writeAll(bytes: Array(line.utf8))
+        usleep(UInt32(seconds * 1_000_000))
+    } else if let n = bench {
         guard let nbdSocket else { fail("--bench needs --nbd to compare with") }
         let blocks = max(1, min(volume.size >> 12, 16_384))
         let buf = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
