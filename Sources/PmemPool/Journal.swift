@@ -105,6 +105,19 @@ public final class Journal: @unchecked Sendable {
         pthread_mutex_unlock(&s.pointee.lock)
     }
 
+    /// Stores a word in the running batch and returns its previous value, under one
+    /// acquisition of the shard. The gate must be held (shared).
+    @inline(__always)
+    public func exchange(_ offset: UInt64, _ value: UInt64) -> UInt64 {
+        let s = shard(offset)
+        pthread_mutex_lock(&s.pointee.lock)
+        let old = s.pointee.running.updateValue(value, forKey: offset)
+        if old == nil { pending.add(1, ordering: .releasing) }
+        let previous = old ?? s.pointee.committing[offset] ?? pmem_atomic_load64(poolWord(offset))
+        pthread_mutex_unlock(&s.pointee.lock)
+        return previous
+    }
+
     /// Atomically transforms a word; returns (old, new). The gate must be held (shared).
     @inline(__always)
     public func update(_ offset: UInt64, _ transform: (UInt64) -> UInt64) -> (old: UInt64, new: UInt64) {

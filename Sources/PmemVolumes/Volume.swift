@@ -163,6 +163,9 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             // Every block the write needs, data and map nodes, is reserved before anything is
             // touched: a full pool answers ENOSPC and changes nothing.
             _ = try engine.reserveBlocks(blocks)
+            // In ascending order, blocks freed together (or never used) come out contiguous:
+            // whole runs are then filled at once and read back as one segment.
+            if count > 1 { var ascending = blocks; ascending.sort() }
             var published = 0
             defer { if published < count { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published...])) } }
             var spares = try NodeSpares(engine, count: leaves * depth + 1)
@@ -210,12 +213,18 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         let base = engine.media.base
         let persistence = engine.persistence
         let nt = persistence.prefersNonTemporal
-        for i in 0..<count {
+        var i = 0
+        while i < count {
             let vb = first + UInt64(i)
             let blockStart = vb << 12
             let a = max(start, blockStart), b = min(end, blockStart + 4096)
             let dst = base + Int(engine.layout.blockOffset(blocks[i]))
-            if b - a < 4096 {
+            var run = 1
+            if b - a == 4096 {
+                // Whole blocks that follow each other in the pool are filled by one call, so a
+                // large payload can go from the socket straight into them.
+                while i + run < count && blocks[i + run] == blocks[i] + UInt64(run) && (vb + UInt64(run) + 1) << 12 <= end { run += 1 }
+            } else {
                 let readGuard = engine.rmwGuards[stripe(vb)]
                 readGuard.enter()
                 defer { readGuard.exit() }
@@ -228,11 +237,13 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                 }
             }
             do throws(Errno) {
-                try source.fill(UnsafeMutableRawBufferPointer(start: dst + Int(a - blockStart), count: Int(b - a)), nonTemporal: nt)
+                let n = run == 1 ? Int(b - a) : run << 12
+                try source.fill(UnsafeMutableRawBufferPointer(start: dst + Int(a - blockStart), count: n), nonTemporal: nt)
             } catch {
                 throw PoolError(.source(error), "payload: \(error)")
             }
-            persistence.didStoreNonTemporal(dst, 4096)
+            persistence.didStoreNonTemporal(dst, run << 12)
+            i += run
         }
         // The metadata group fences this thread's data before its gate is released, so the
         // blocks are durable before any commit names them.
@@ -254,8 +265,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             }
             for i in 0..<count {
                 let off = engine.entryOffset(node: leaf, index: Int((first + UInt64(i)) & 511))
-                let old = engine.journal.load(off) & MapEntry.blockMask
-                engine.journal.store(off, blocks[i])
+                let old = engine.journal.exchange(off, blocks[i]) & MapEntry.blockMask
                 engine.adjustRefcount(blocks[i], 1, level: -1)
                 if old != 0 { engine.adjustRefcount(old, -1, level: -1) }
             }
