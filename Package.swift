@@ -42,6 +42,9 @@ let package = Package(
         .target(name: "PmemDAX", dependencies: ["PmemFeedClient", "FeedWire", "PmemSystem", "CPmemSupport", "CLibNBD"]),
         // Example: reads a volume through PmemDAX; --bench compares with NBD.
         .executableTarget(name: "pmem-dax-read", dependencies: ["PmemDAX", "CLibNBD", "PmemSystem"]),
+        // The wire codec's fuzz target: replays a corpus; with -DFUZZING -sanitize=fuzzer it is
+        // a libFuzzer target (scripts/fuzz).
+        .executableTarget(name: "nbd-fuzz", dependencies: ["NBDWire"]),
         // libnbd, for tests that drive the server through a real client.
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"]),

@@ -1,0 +1,101 @@
+// nbd-fuzz: plays arbitrary bytes as a client's side of an NBD conversation through the pure
+// wire codec — client flags, options through the negotiation state machine, then transmission
+// requests through the decoder and the request checks — exactly in the order the server
+// reads them, and checks what the codec answers.
+//
+// Built normally it replays files (a corpus, or crashes found) and exits non-zero on a failed
+// check:   swift run nbd-fuzz Fuzz/corpus/*
+// Built with libFuzzer (scripts/fuzz) the same function is the fuzz target.
+#if !SINGLE_MODULE
+import NBDWire
+#endif
+
+struct FuzzCatalog: ExportCatalog {
+    static let flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendCache,
+                                           .sendFastZero, .canMultiConn]
+    let exports = [
+        ExportDescriptor(name: "vol", description: "a volume", size: 1 << 30, flags: flags,
+                         metaContexts: ["base:allocation", "pmem-nbd:sharing", "qemu:dirty-bitmap:s1"]),
+        ExportDescriptor(name: "vol@s1", description: "a snapshot", size: 1 << 30, flags: flags.union(.readOnly)),
+    ]
+    func lookup(_ name: String) -> ExportDescriptor? { name.isEmpty ? exports[0] : exports.first { $0.name == name } }
+    func list() -> [ExportDescriptor] { exports }
+}
+
+/// A failed check: the codec answered something the protocol does not allow.
+struct FuzzFailure: Error, CustomStringConvertible {
+    let description: String
+}
+
+func u32(_ b: ArraySlice<UInt8>) -> UInt32 { b.prefix(4).reduce(0) { $0 << 8 | UInt32($1) } }
+func u64(_ b: ArraySlice<UInt8>) -> UInt64 { b.prefix(8).reduce(0) { $0 << 8 | UInt64($1) } }
+
+/// Every option reply the negotiator produces must be well framed: magic, the option it
+/// answers, a type, and a length that matches what follows (several replies may be chained).
+func checkOptionReplies(_ bytes: [UInt8], option: UInt32) throws(FuzzFailure) {
+    var rest = bytes[...]
+    while !rest.isEmpty {
+        guard rest.count >= 20 else { throw FuzzFailure(description: "option reply shorter than its header") }
+        guard u64(rest) == NBDMagic.optionReply else { throw FuzzFailure(description: "option reply with a bad magic") }
+        guard u32(rest.dropFirst(8)) == option else { throw FuzzFailure(description: "reply names option \(u32(rest.dropFirst(8))), not \(option)") }
+        let length = Int(u32(rest.dropFirst(16)))
+        guard rest.count >= 20 + length else { throw FuzzFailure(description: "option reply length \(length) past its end") }
+        rest = rest.dropFirst(20 + length)
+    }
+}
+
+/// Runs one conversation. Returns normally for every outcome the protocol allows.
+func converse(_ data: UnsafeRawBufferPointer) throws(FuzzFailure) {
+    let bytes = Array(data)
+    var pos = 0
+    func take(_ n: Int) -> ArraySlice<UInt8>? {
+        guard n >= 0, bytes.count - pos >= n else { return nil }
+        defer { pos += n }
+        return bytes[pos..<(pos + n)]
+    }
+    var negotiator = Negotiator(catalog: FuzzCatalog())
+    guard let flags = take(4) else { return }
+    guard negotiator.receiveClientFlags(u32(flags)) else { return }
+    var session: NegotiatedSession?
+    while session == nil {
+        guard let header = take(Negotiator.optionHeaderSize) else { return }
+        guard case .option(let code, let length) = Negotiator.decodeOptionHeader(Array(header)) else { return }
+        let outcome: Negotiator.Outcome
+        if Int(length) > NBDLimits.maxOptionPayload {
+            guard take(Int(length)) != nil else { return }
+            outcome = negotiator.optionTooBig(code: code)
+        } else {
+            guard let payload = take(Int(length)) else { return }
+            outcome = negotiator.handle(code: code, payload: Array(payload))
+        }
+        switch outcome {
+        case .reply(let r):
+            try checkOptionReplies(r, option: code)
+        case .close:
+            return
+        case .transmission(let r, let s):
+            if code != OptionCode.exportName { try checkOptionReplies(r, option: code) }
+            session = s
+        }
+    }
+    guard let session else { return }
+    guard session.export.size > 0, !session.flags.contains(.readOnly) || session.export.flags.contains(.readOnly) else {
+        throw FuzzFailure(description: "negotiated flags do not match the export")
+    }
+    // Transmission: requests until the input ends or the magic is wrong (a hard disconnect).
+    while let header = take(Request.compactSize) {
+        let decoded = header.withUnsafeBytes { Request.decode($0.baseAddress!) }
+        guard case .request(let r) = decoded else { return }
+        let verdict = RequestCheck.check(r, session: session)
+        if case .accept = verdict {
+            let ranged: [CommandType] = [.read, .write, .trim, .writeZeroes]
+            if ranged.contains(where: { $0.rawValue == r.typeCode }),
+               r.offset > session.export.size || r.length > session.export.size - r.offset {
+                throw FuzzFailure(description: "accepted \(r) beyond the end of the export")
+            }
+        }
+        // The payload of a WRITE follows, accepted or not (the server consumes it either way).
+        let payload = RequestCheck.payloadLength(of: r)
+        guard payload <= UInt64(bytes.count - pos), take(Int(payload)) != nil else { return }
+    }
+}
