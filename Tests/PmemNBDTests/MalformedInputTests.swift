@@ -174,6 +174,74 @@ import Testing
         while let r = try raw.reply() { cookies.insert(r.cookie) }
         #expect(cookies == [1, 2], "both replies before the close, none for DISC")
     }
+
+    /// Thousands of options in one handshake: answered until the limit, then the client is cut off.
+    @Test func optionFloodIsCutOff() throws {
+        let s = try TestServer()
+        let bystander = try s.client()
+        let raw = try RawClient(unix: s.socketPath)
+        _ = try raw.greet()
+        // Send LIST 5000 times without reading; the server answers each until the limit.
+        let list = RawClient.option(3, [])
+        var answered = 0
+        let writer = Thread { for _ in 0..<5000 { guard (try? raw.send(list)) != nil else { return } } }
+        writer.start()
+        while let r = try raw.optionReply() {
+            if r.type == 1 { answered += 1 }
+        }
+        #expect(answered > 0 && answered <= 4096, "\(answered) LIST options answered")
+        #expect(raw.isClosedByServer())
+        try bystanderStillWorks(s, bystander)
+    }
+
+    /// A client that sends requests but never reads the replies only stalls itself: once its
+    /// socket buffer is full the server stops reading from it, others are served as usual, and
+    /// closing it frees everything.
+    @Test func clientThatNeverReadsRepliesOnlyStallsItself() throws {
+        let s = try TestServer()
+        let bystander = try s.client()
+        let raw = try RawClient(unix: s.socketPath)
+        _ = try raw.greet()
+        _ = try raw.go()
+        var small = Int32(16 << 10)
+        setsockopt(raw.fd.rawValue, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        // 2000 reads of 1 MiB = 2 GiB of replies nobody reads, sent from another thread (the
+        // send blocks once the server stops reading).
+        let sender = Thread {
+            for i in 0..<2000 {
+                guard (try? raw.send(RawClient.request(type: 0, cookie: UInt64(i), offset: 0, length: 1 << 20))) != nil else { return }
+            }
+        }
+        sender.start()
+        usleep(500_000)
+        let t0 = Date()
+        for i in 0..<50 { try bystanderStillWorks(s, bystander); _ = i }
+        #expect(Date().timeIntervalSince(t0) < 10, "other clients are served while one does not read")
+        Socket_shutdownWrite(raw)
+        shutdown(raw.fd.rawValue, Int32(SHUT_RDWR))
+        usleep(200_000)
+        try bystanderStillWorks(s, bystander)
+    }
+
+    /// Hundreds of connections that connect and then say nothing (or half a handshake) do not
+    /// keep anyone else out.
+    @Test func manyHalfOpenConnectionsDoNotBlockOthers() throws {
+        let s = try TestServer()
+        var idle: [RawClient] = []
+        for i in 0..<300 {
+            let raw = try RawClient(unix: s.socketPath)
+            if i % 3 == 1 { _ = try raw.receive(18) }
+            if i % 3 == 2 { _ = try raw.receive(18); try raw.send(RawClient.be(UInt32(3)) + [0x49, 0x48]) }
+            idle.append(raw)
+        }
+        let c = try s.client()
+        try c.pwrite([1, 2, 3], offset: 4096)
+        #expect(try c.pread(count: 3, offset: 4096) == [1, 2, 3])
+        idle.removeAll()
+        usleep(200_000)
+        let d = try s.client()
+        #expect(try d.pread(count: 3, offset: 4096) == [1, 2, 3])
+    }
 }
 
 func Socket_shutdownWrite(_ raw: RawClient) { Glibc.shutdown(raw.fd.rawValue, Int32(SHUT_WR)) }

@@ -5,7 +5,7 @@ import PmemSystem
 
 /// A hand-driven socket for sending malformed or hostile bytes. It builds messages byte by
 /// byte (not with the server's codec) and reads replies with a timeout.
-final class RawClient {
+final class RawClient: @unchecked Sendable {
     let fd: FileDescriptor
 
     init(unix path: String) throws {
