@@ -138,6 +138,9 @@ package final class Allocator: @unchecked Sendable {
         UInt32(truncatingIfNeeded: journal.load(layout.refcountWordOffset(b)) >> PoolLayout.refcountShift(b))
     }
 
+    /// The high-water mark, read under the lock (the committer records it while writers reserve).
+    var highWaterNow: UInt64 { lock.withLock { highWater } }
+
     /// A block for the caller's exclusive use (not yet referenced), or nil when the pool is
     /// full (apart from held blocks: committing may release some).
     func reserve() -> UInt64? {

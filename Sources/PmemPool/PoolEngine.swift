@@ -331,7 +331,7 @@ public final class PoolEngine: @unchecked Sendable {
         journal.gate.writeLock()
         let counters: [(UInt64, UInt64)] = [
             (PoolState.allocatedOffset, UInt64(max(0, allocator.allocated.load(ordering: .relaxed)))),
-            (PoolState.highWaterOffset, allocator.highWater),
+            (PoolState.highWaterOffset, allocator.highWaterNow),
         ]
         let frozen = journal.freeze(extra: counters)
         journal.gate.unlock()

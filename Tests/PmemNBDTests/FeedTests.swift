@@ -138,7 +138,8 @@ final class FeedProbe {
     /// A block a read-lease holder may be reading is not reused until it acknowledges the remap.
     @Test func readLeaseQuarantinesMovedBlocks() throws {
         // A small pool so freed blocks are reused quickly.
-        let s = try TestServer(size: 24 << 20, volumeSize: 8 << 20, withFeed: true)
+        // The probe sits on its pins on purpose: no ack-deadline fence however slow the machine.
+        let s = try TestServer(size: 24 << 20, volumeSize: 8 << 20, withFeed: true, ackDeadline: 600)
         let c = try s.client()
         try c.pwrite(pattern(4096, seed: 5), offset: 0)
         let probe = try FeedProbe(s.feedPath)
@@ -182,7 +183,7 @@ final class FeedProbe {
     /// Giving a read lease back does not free the blocks it pinned: a copy or a lent block may
     /// still be in use until the holder acknowledges the events that moved them.
     @Test func pinsOutliveTheLeaseUntilAcknowledged() throws {
-        let s = try TestServer(size: 24 << 20, volumeSize: 8 << 20, withFeed: true)
+        let s = try TestServer(size: 24 << 20, volumeSize: 8 << 20, withFeed: true, ackDeadline: 600)
         let c = try s.client()
         try c.pwrite(pattern(4096, seed: 5), offset: 0)
         let probe = try FeedProbe(s.feedPath)
