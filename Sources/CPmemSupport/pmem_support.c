@@ -372,3 +372,7 @@ int pmem_tcp_nodelay(int fd) {
   int one = 1;
   return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
+
+int pmem_pipe_cloexec(int fds[2]) {
+  return pipe2(fds, O_CLOEXEC);
+}

@@ -116,6 +116,56 @@ public enum Socket {
         }
     }
 
+    /// The local address of a socket.
+    public enum LocalAddress: Equatable, Sendable {
+        /// A Unix socket's path (empty for an unnamed or abstract socket).
+        case unix(String)
+        /// A numeric IPv4 or IPv6 host and a port.
+        case inet(host: String, port: UInt16)
+    }
+
+    /// `getsockname(2)`, decoded (`getnameinfo(NI_NUMERICHOST)` for addresses); nil for other
+    /// families or on error.
+    public static func localAddress(_ fd: FileDescriptor) -> LocalAddress? {
+        var storage = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let r = withUnsafeMutablePointer(to: &storage) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd.rawValue, $0, &len) }
+        }
+        guard r == 0 else { return nil }
+        switch Int32(storage.ss_family) {
+        case AF_UNIX:
+            return withUnsafePointer(to: &storage) { p in
+                p.withMemoryRebound(to: sockaddr_un.self, capacity: 1) { un in
+                    withUnsafeBytes(of: un.pointee.sun_path) { bytes in
+                        let pathLength = min(bytes.count, max(0, Int(len) - MemoryLayout<sa_family_t>.size))
+                        let path = bytes.prefix(pathLength)
+                        if path.first == 0 { return .unix("") }
+                        return .unix(String(decoding: path.prefix { $0 != 0 }, as: UTF8.self))
+                    }
+                }
+            }
+        case AF_INET, AF_INET6:
+            var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+            let ok = withUnsafePointer(to: &storage) { p in
+                p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    getnameinfo($0, len, &host, socklen_t(host.count), nil, 0, NI_NUMERICHOST)
+                }
+            }
+            guard ok == 0, let port = boundPort(fd) else { return nil }
+            return .inet(host: String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self), port: port)
+        default:
+            return nil
+        }
+    }
+
+    /// Sets `SO_RCVTIMEO` and `SO_SNDTIMEO` (0 for none).
+    public static func setTimeouts(_ fd: FileDescriptor, seconds: Int) {
+        var tv = timeval(tv_sec: seconds, tv_usec: 0)
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
     /// Whether a descriptor is a socket of type SOCK_STREAM that is listening (`SO_ACCEPTCONN`).
     public static func isListening(_ fd: FileDescriptor) -> Bool {
         var v: Int32 = 0

@@ -135,6 +135,27 @@ ssize_t pmem_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds
 /// Sets TCP_NODELAY.
 int pmem_tcp_nodelay(int fd);
 
+/// pipe2(O_CLOEXEC): 0 or -1 with errno.
+int pmem_pipe_cloexec(int fds[2]);
+
+// ---- Counters for metrics ----------------------------------------------------
+
+/// Adds to a counter that only the calling thread writes: a relaxed load and a relaxed store,
+/// no locked instruction (a plain add on x86). Other threads read it with pmem_counter_load.
+static inline void pmem_counter_add(uint64_t *counter, uint64_t n) {
+  __atomic_store_n(counter, __atomic_load_n(counter, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
+}
+
+/// Adds to a counter that several threads write (an atomic fetch-add, relaxed).
+static inline void pmem_counter_add_shared(uint64_t *counter, uint64_t n) {
+  __atomic_fetch_add(counter, n, __ATOMIC_RELAXED);
+}
+
+/// Reads a counter another thread may be adding to (relaxed).
+static inline uint64_t pmem_counter_load(const uint64_t *counter) {
+  return __atomic_load_n(counter, __ATOMIC_RELAXED);
+}
+
 #ifdef __cplusplus
 }
 #endif
