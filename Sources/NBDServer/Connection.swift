@@ -15,6 +15,8 @@ final class Connection: @unchecked Sendable {
     let peer: String
     let receive: ReceiveBuffer
     let replies: ReplyWriter
+    /// Request counters (see RequestMetrics.swift).
+    let metrics: ConnectionMetrics
     /// Offloaded commands still running (FLUSH, FUA syncs).
     let offloaded = WaitGroup()
     /// The volume being served, once transmission started.
@@ -28,6 +30,7 @@ final class Connection: @unchecked Sendable {
         self.peer = peer
         receive = ReceiveBuffer(fd: input, capacity: 256 * 1024)
         replies = ReplyWriter(fd: output)
+        metrics = ConnectionMetrics(timed: server.measuresLatency)
     }
 
     /// Thread entry: runs the connection to its end and closes it.

@@ -12,12 +12,16 @@ public final class Server: @unchecked Sendable {
     public let exports: any ExportSource
     /// Seconds a client may take to finish the handshake.
     public var handshakeTimeoutSeconds: Int = 60
+    /// Whether connections measure request latency (for metrics; set before listening).
+    public var measuresLatency = false
 
     private let connections = Mutex<[UInt64: Connection]>([:])
     private let nextID = Atomic<UInt64>(1)
     private let shuttingDown = Atomic<Bool>(false)
     private let active = WaitGroup()
     private var listeners: [Listener] = []
+    /// Counters of connections that ended (own and offloaded), added under `connections`' lock.
+    private let retired = CounterBlock(count: MetricSlot.count)
 
     public init(exports: any ExportSource) {
         self.exports = exports
@@ -78,8 +82,29 @@ public final class Server: @unchecked Sendable {
     }
 
     func connectionEnded(_ c: Connection) {
-        connections.withLock { _ = $0.removeValue(forKey: c.id) }
+        connections.withLock {
+            _ = $0.removeValue(forKey: c.id)
+            // Counted once: either among the live connections or here, never both.
+            for block in [c.metrics.own, c.metrics.offloaded] {
+                for i in 0..<MetricSlot.count { retired.addShared(i, block.load(i)) }
+            }
+        }
         active.leave()
+    }
+
+    /// Request counters summed over live and ended connections (for a metrics scrape).
+    public func requestMetrics() -> RequestMetrics {
+        var m = RequestMetrics()
+        connections.withLock { open in
+            m.add(retired)
+            for c in open.values {
+                m.add(c.metrics.own)
+                m.add(c.metrics.offloaded)
+            }
+            m.connectionsOpen = open.count
+        }
+        m.connectionsTotal = nextID.load(ordering: .relaxed) - 1
+        return m
     }
 
     func setHandshakeTimeout(_ fd: FileDescriptor) {

@@ -33,6 +33,10 @@ struct TransmissionState {
     let readGuard: ReadGuard
     var segments: [Segment] = []
     var extents: [(UInt32, UInt32)] = []
+    /// When the request being handled started (0 when latency is not measured).
+    var started: UInt64 = 0
+    /// Whether its reply was handed to a worker (which then records its latency).
+    var handedOff = false
 
     init(session: NegotiatedSession, volume: any BlockVolume) {
         self.session = session
@@ -63,7 +67,11 @@ extension Connection {
                     return
                 case .request(let request):
                     receive.consume(Request.compactSize)
-                    guard try handle(request, &state) else { return }
+                    state.started = metrics.start()
+                    state.handedOff = false
+                    let more = try handle(request, &state)
+                    metrics.finished(request.typeCode, started: state.started, handedOff: state.handedOff)
+                    guard more else { return }
                 }
             }
             replies.flush()
@@ -115,17 +123,19 @@ extension Connection {
                 replyError(r, state, error)
                 return true
             }
-            complete(r, state, syncFirst: fua && !volume.flushIsCheap)
+            metrics.own.add(MetricSlot.bytesWritten, UInt64(r.length))
+            complete(r, &state, syncFirst: fua && !volume.flushIsCheap)
         case .disconnect:
             return false
         case .flush:
-            complete(r, state, syncFirst: true)
+            complete(r, &state, syncFirst: true)
         case .trim:
             do { try volume.trim(offset: r.offset, length: r.length, fua: fua && volume.flushIsCheap) } catch {
                 replyError(r, state, error)
                 return true
             }
-            complete(r, state, syncFirst: fua && !volume.flushIsCheap)
+            metrics.own.add(MetricSlot.bytesTrimmed, UInt64(r.length))
+            complete(r, &state, syncFirst: fua && !volume.flushIsCheap)
         case .writeZeroes:
             do {
                 try volume.writeZeroes(offset: r.offset, length: r.length, mayTrim: !r.flags.contains(.noHole),
@@ -134,7 +144,8 @@ extension Connection {
                 replyError(r, state, error)
                 return true
             }
-            complete(r, state, syncFirst: fua && !volume.flushIsCheap)
+            metrics.own.add(MetricSlot.bytesZeroed, UInt64(r.length))
+            complete(r, &state, syncFirst: fua && !volume.flushIsCheap)
         case .cache:
             do { try volume.cache(offset: r.offset, length: r.length) } catch {
                 replyError(r, state, error)
@@ -176,6 +187,7 @@ extension Connection {
     }
 
     private func replyError(_ r: Request, _ state: TransmissionState, _ error: NBDErrno, _ message: String) {
+        metrics.own.add(MetricSlot.errors(r.typeCode))
         if state.session.structuredReplies {
             replies.copy(Reply.errorChunk(cookie: r.cookie, error: error, message: message))
         } else {
@@ -185,7 +197,7 @@ extension Connection {
 
     /// Replies success, after a flush of the volume when `syncFirst` (FLUSH, or FUA where a
     /// sync is expensive: that work goes to a worker so this thread keeps reading requests).
-    private func complete(_ r: Request, _ state: TransmissionState, syncFirst: Bool) {
+    private func complete(_ r: Request, _ state: inout TransmissionState, syncFirst: Bool) {
         guard syncFirst else { return replyOK(r) }
         let volume = state.volume
         if volume.flushIsCheap {
@@ -195,6 +207,10 @@ extension Connection {
         let structured = state.session.structuredReplies
         let cookie = r.cookie
         let replies = self.replies
+        let metrics = self.metrics
+        let started = state.started
+        let code = r.typeCode
+        state.handedOff = true
         offloaded.enter()
         DispatchQueue.global().async { [offloaded] in
             defer { offloaded.leave() }
@@ -202,7 +218,9 @@ extension Connection {
             do throws(PoolError) {
                 try volume.flush()
                 bytes.withUnsafeMutableBytes { _ = Reply.simple(error: nil, cookie: cookie, into: $0.baseAddress!) }
+                metrics.finishedOffloaded(started: started, failedCode: nil)
             } catch {
+                metrics.finishedOffloaded(started: started, failedCode: code)
                 if structured {
                     bytes = Reply.errorChunk(cookie: cookie, error: .io, message: error.message)
                 } else {
@@ -223,6 +241,7 @@ extension Connection {
         } catch {
             return replyError(r, state, error)
         }
+        metrics.own.add(MetricSlot.bytesRead, UInt64(length))
         guard state.session.structuredReplies else {
             _ = Reply.simple(error: nil, cookie: r.cookie, into: replies.header(Reply.simpleSize))
             for s in state.segments {

@@ -356,6 +356,33 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     }
 
     var leaseCount: Int { cond.withLock { leases.count } }
+
+    /// What the feed holds right now (for metrics).
+    public struct Counts: Sendable, Equatable {
+        /// Connected subscribers, and how many of them are fenced.
+        public var subscribers = 0
+        public var fencedSubscribers = 0
+        public var readLeases = 0
+        public var writeLeases = 0
+        /// Old blocks kept from reuse until a read-lease holder acknowledges.
+        public var pinnedBlocks = 0
+        /// The last event's sequence number.
+        public var sequence: UInt64 = 0
+        public var leases: Int { readLeases + writeLeases }
+    }
+
+    public var counts: Counts {
+        cond.withLock {
+            var c = Counts()
+            c.subscribers = sessions.count
+            c.fencedSubscribers = sessions.values.filter { $0.fenced }.count
+            c.writeLeases = writeLeaseCount
+            c.readLeases = leases.count - writeLeaseCount
+            c.pinnedBlocks = sessions.values.reduce(0) { $0 + $1.pins.count }
+            c.sequence = sequence
+            return c
+        }
+    }
 }
 
 /// Why a request was refused.

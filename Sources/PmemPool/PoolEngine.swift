@@ -19,6 +19,9 @@ public final class PoolEngine: @unchecked Sendable {
     package let tableLock = PosixMutex()
     /// Words replayed from the journal when this engine opened.
     public let recoveredWords: Int
+    /// Copy-on-write work since open, for metrics (`CopyCounter` slots; atomic adds, on paths
+    /// that already copy 4 KiB).
+    public let copyCounters = CounterBlock(count: 2)
 
     public var persistence: Persistence { media.persistence }
 
@@ -399,6 +402,7 @@ public final class PoolEngine: @unchecked Sendable {
     /// reference, the original loses one (gate held).
     package func copyNode(_ old: UInt64, level: Int, _ spares: inout NodeSpares) throws(PoolError) -> UInt64 {
         let b = try spares.take()
+        copyCounters.addShared(CopyCounter.mapNodes)
         let src = layout.blockOffset(old)
         let dst = media.base + Int(layout.blockOffset(b))
         for i in 0..<512 {
@@ -422,6 +426,14 @@ func monotonicSeconds() -> Double {
 
 /// Blocks an operation reserved, before entering the gate, for the map nodes it may create or
 /// copy; what it does not use goes back to the allocator.
+/// Slots of `PoolEngine.copyCounters`.
+public enum CopyCounter {
+    /// Map nodes shared with a snapshot or clone, copied before a change.
+    public static let mapNodes = 0
+    /// Old blocks copied into new ones under a write of part of a block.
+    public static let partialBlocks = 1
+}
+
 package struct NodeSpares: ~Copyable {
     let allocator: Allocator
     private var blocks: [UInt64]

@@ -232,6 +232,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                 if old != 0 {
                     guard engine.validBlock(old) else { throw PoolError(.io, "map entry for block \(vb) is out of range (corrupt map)") }
                     PersistentMemory.copyNonTemporal(to: dst, from: base + Int(engine.layout.blockOffset(old)), count: 4096)
+                    engine.copyCounters.addShared(CopyCounter.partialBlocks)
                 } else {
                     PersistentMemory.zeroNonTemporal(dst, count: 4096)
                 }
