@@ -10,6 +10,9 @@ import PmemSystem
 /// then stops accepting, finishes in-flight requests, persists and unmaps.
 public enum ServeCommand {
     public static func run(_ o: ServeOptions) throws -> Int32 {
+        if o.fork && o.stdio { throw ServeError("--fork and --stdio cannot be used together") }
+        // First, before anything can start a thread: fork() is only safe in a single-threaded process.
+        let daemon = o.fork ? try Daemon.forkIntoBackground() : nil
         signal(SIGPIPE, SIG_IGN)
         var st = stat()
         if stat(o.poolPath, &st) != 0, let size = o.createSize {
@@ -22,6 +25,7 @@ public enum ServeCommand {
         if engine.recoveredWords > 0 { Log.info("recovered: replayed \(engine.recoveredWords) journal words") }
         let exports = PoolExports(pool: pool, readOnly: o.readOnly, defaultName: o.exportName)
         let server = Server(exports: exports)
+        server.measuresLatency = o.metrics != nil
         pool.onVolumeChange { [weak server] id in
             server?.disconnect { ($0 as? Volume)?.id == id }
         }
@@ -43,6 +47,18 @@ public enum ServeCommand {
             return 0
         }
 
+        // SIGTERM and SIGINT are handled from before the first client can connect (or learn the
+        // pid from the pid file or --fork's parent): one that arrives early stops the server cleanly.
+        let stop = DispatchSemaphore(value: 0)
+        var sources: [DispatchSourceSignal] = []
+        for sig in [SIGTERM, SIGINT] {
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { stop.signal() }
+            s.resume()
+            sources.append(s)
+        }
+        var createdUnixPath: String?
         if !sockets.isEmpty {
             Log.info("serving \(sockets.count) socket(s) passed by the service manager")
         } else {
@@ -50,6 +66,7 @@ public enum ServeCommand {
                 do { sockets.append(try Socket.listenUnix(path: path)) } catch {
                     throw ServeError("cannot listen on \(path): \(error == .exists ? "another server answers there" : error.description)")
                 }
+                createdUnixPath = path
                 Log.info("listening on unix:\(path)")
             }
             if o.port != nil || o.unixPath == nil {
@@ -60,6 +77,7 @@ public enum ServeCommand {
                 Log.info("listening on \(o.bindAddress):\(port)")
             }
         }
+        let uris = NBDURI.uris(for: sockets, exportName: exports.lookup("")?.name ?? "")
         try server.listen(on: sockets)
         var control: ControlServer?
         if o.controlPath != "none" && !o.readOnly {
@@ -69,6 +87,7 @@ public enum ServeCommand {
             Log.info("control socket \(path)")
         }
         var feed: FeedServer?
+        var feedHub: FeedHub?
         var media: MediaErrors?
         if o.feedPath != "none" {
             let hub = try FeedHub(pool: pool, recallDeadline: o.recallDeadline, ackDeadline: o.ackDeadline)
@@ -80,26 +99,33 @@ public enum ServeCommand {
             media = MediaErrors(hub: hub, file: o.badBlocksFile, poolPath: o.poolPath)
             media?.start()
             Log.info("mapping-change feed \(path)")
+            feedHub = hub
         }
-        if let pidFile = o.pidFile { try writePidFile(pidFile) }
+        var metrics: MetricsServer?
+        if let address = o.metrics {
+            let collector = ServeMetrics(server: server, pool: pool, hub: feedHub)
+            metrics = try MetricsServer(address: address) { collector.render() }
+            metrics?.start()
+            Log.info("metrics on \(address)\(metrics!.boundPorts.isEmpty ? "" : " (port \(metrics!.boundPorts[0]))")")
+        }
 
-        let stop = DispatchSemaphore(value: 0)
-        var sources: [DispatchSourceSignal] = []
-        for sig in [SIGTERM, SIGINT] {
-            signal(sig, SIG_IGN)
-            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler { stop.signal() }
-            s.resume()
-            sources.append(s)
+        if let pidFile = o.pidFile { try writePidFile(pidFile) }
+        if o.printURI {
+            // Straight to the descriptor: stdout may be a pipe, and the URIs must be out before
+            // --fork's parent exits.
+            try? FileDescriptor.standardOutput.writeAll(bytes: Array(uris.map { $0 + "\n" }.joined().utf8))
         }
+        daemon?.ready(keepStandardError: o.verbose)
+
         stop.wait()
         Log.info("shutting down: finishing in-flight requests")
+        metrics?.stop()
         control?.stop()
         media?.stop()
         feed?.stop()
         if !server.shutdown(timeoutSeconds: 30) { Log.warning("some connections did not finish in time") }
         try pool.close()
-        if let path = o.unixPath { unlink(path) }
+        if let path = createdUnixPath { unlink(path) }
         if let pidFile = o.pidFile { unlink(pidFile) }
         _ = sources
         return 0

@@ -28,6 +28,15 @@ public struct ServeOptions: Sendable {
     /// Seconds a feed client may leave an event that pinned a block unacknowledged.
     public var ackDeadline: Double = 10
 
+    /// Print the NBD URIs clients should use on standard output once listening.
+    public var printURI = false
+    /// Fork into the background once listening (the parent exits 0 when the child serves).
+    public var fork = false
+    /// Keep standard error open in the background (with `-v`).
+    public var verbose = false
+    /// Serve Prometheus metrics over HTTP here.
+    public var metrics: MetricsAddress?
+
     public init(poolPath: String) { self.poolPath = poolPath }
 
     public static let defaultPort: UInt16 = 10809

@@ -5,6 +5,14 @@ import PmemSystem
 public enum SocketActivation {
     public static let firstDescriptor: Int32 = 3
 
+    /// The descriptors LISTEN_PID/LISTEN_FDS pass to process `pid` (none when they name
+    /// another process).
+    static func passedDescriptors(toPid pid: pid_t) -> [Int32] {
+        guard let pidText = getenv("LISTEN_PID").map({ String(cString: $0) }), Int32(pidText) == pid,
+              let fdsText = getenv("LISTEN_FDS").map({ String(cString: $0) }), let count = Int32(fdsText), count > 0 else { return [] }
+        return Array(firstDescriptor..<(firstDescriptor + count))
+    }
+
     /// The inherited listening sockets, or an empty list when none were passed to this process.
     /// The variables are removed from the environment so children do not inherit them.
     public static func inheritedSockets() -> [FileDescriptor] {

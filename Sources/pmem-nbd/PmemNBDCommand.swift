@@ -19,7 +19,8 @@ struct PmemNBDCommand: ParsableCommand {
           pmem-nbd clone --pool pool.pmem pmem0@before-upgrade test
           nbdinfo --map=qemu:dirty-bitmap:before-upgrade 'nbd+unix:///pmem0?socket=/tmp/pmem.sock'
         """,
-        subcommands: [Serve.self, Create.self, Info.self, Check.self, VolumeCommandGroup.self, SnapshotCommandGroup.self, Clone.self, Feed.self])
+        subcommands: [Serve.self, Create.self, Info.self, Check.self, VolumeCommandGroup.self, SnapshotCommandGroup.self, Clone.self, Feed.self,
+                      Stats.self])
 
     static func main() {
         SignalMask.unblockAll()
@@ -111,11 +112,29 @@ struct Check: ParsableCommand {
 
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve a pool over NBD (foreground; SIGTERM or SIGINT stops it cleanly).",
+        abstract: "Serve a pool over NBD (SIGTERM or SIGINT stops it cleanly).",
         discussion: """
-        With neither --unix nor --port it listens on TCP \(ServeOptions.defaultPort) at --bind. Sockets passed by
-        systemd (LISTEN_FDS) are used instead when present. Aliases follow nbdkit and qemu-nbd:
-        -U/-k socket, -p port, -r read-only, -e/-x export name, -s stdio, -P pid file.
+        With neither --unix nor --port it listens on TCP \(ServeOptions.defaultPort) at --bind. Sockets passed by systemd (LISTEN_PID/LISTEN_FDS; unit files in Docs/systemd) are used instead when present. It stays in the foreground unless --fork is given. Aliases follow nbdkit and qemu-nbd: -U/-k socket, -p port, -r read-only, -e/-x export name, -s stdio, -P pid file.
+
+        Examples:
+          # serve on a Unix socket, and print the URI clients use
+          pmem-nbd serve pool.pmem --unix /tmp/pmem.sock --print-uri
+          nbdinfo 'nbd+unix:///pmem0?socket=/tmp/pmem.sock'
+
+          # create the pool if missing; serve TCP on every address
+          pmem-nbd serve pool.pmem --create 4G --port 10809 --bind 0.0.0.0
+
+          # daemonize once listening (no race with the next command)
+          pmem-nbd serve pool.pmem -U /tmp/pmem.sock --fork --pidfile pmem.pid
+          nbdinfo 'nbd+unix:///?socket=/tmp/pmem.sock'
+          kill $(cat pmem.pid)
+
+          # Prometheus metrics, and a summary of them
+          pmem-nbd serve pool.pmem -U /tmp/pmem.sock --metrics 127.0.0.1:10810
+          pmem-nbd stats --metrics 127.0.0.1:10810
+
+          # let libnbd start a private server
+          nbdinfo -- [ pmem-nbd serve pool.pmem ]
         """)
 
     @Argument(help: "Pool file or device.") var pool: String = "pmem-nbd.pool"
@@ -129,7 +148,7 @@ struct Serve: ParsableCommand {
     @Option(name: [.customShort("P"), .customLong("pidfile"), .customLong("pid-file")], help: "Write the process id here once listening.") var pidfile: String?
     @Option(name: .long, help: "auto (cache-line on DAX, page elsewhere), cacheline or page.") var persistence: String = "auto"
     @Flag(name: [.customShort("v"), .customLong("verbose")], help: "More logging (repeat for more).") var verbose: Int
-    @Flag(name: [.customShort("f"), .customLong("foreground")], help: "Stay in the foreground (the default).") var foreground = false
+    @Flag(name: [.customShort("f"), .customLong("foreground")], help: "Stay in the foreground (the default; see --fork).") var foreground = false
     @Flag(name: [.customShort("t"), .customLong("persistent")], help: "Keep serving after clients disconnect (the default).") var persistent = false
     @Option(name: .long, help: "Control socket for volume and snapshot commands (default POOL.ctl; 'none' to disable).") var control: String?
     @Flag(name: .long, help: "Fault the pool's blocks into memory at start, in the background.") var prefault = false
@@ -137,6 +156,10 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: "File of bad byte ranges of the pool, 'OFFSET LENGTH' per line (testing media errors).") var badblocks: String?
     @Option(name: .long, help: "Seconds a write-lease holder has to return a recalled lease before it is fenced.") var recallDeadline: Double = 2
     @Option(name: .long, help: "Seconds a feed client may leave an event that pinned a block unacknowledged before it is fenced.") var ackDeadline: Double = 10
+    @Flag(name: .long, help: "Once listening, print the NBD URI of each listening socket on standard output, one per line.") var printURI = false
+    @Flag(name: .long, help: "Go into the background once listening: the command returns (0) when the server is ready.") var fork = false
+    @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics over HTTP (GET /metrics) at HOST:PORT, :PORT (127.0.0.1) or unix:PATH.", valueName: "address"))
+    var metrics: String?
 
     func run() throws {
         Log.setLevel(Log.Level(rawValue: min(Log.Level.trace.rawValue, Log.Level.warning.rawValue + verbose)) ?? .trace)
@@ -161,7 +184,37 @@ struct Serve: ParsableCommand {
             o.badBlocksFile = badblocks
             o.recallDeadline = recallDeadline
             o.ackDeadline = ackDeadline
+            if fork && foreground { throw ServeError("--fork and --foreground cannot be used together") }
+            o.printURI = printURI
+            o.fork = fork
+            o.verbose = verbose > 0
+            if let metrics {
+                guard let address = MetricsAddress(metrics) else { throw ServeError("--metrics takes HOST:PORT, :PORT or unix:PATH, not '\(metrics)'") }
+                o.metrics = address
+            }
             return try ServeCommand.run(o)
+        }
+    }
+}
+
+struct Stats: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show a running server's metrics (from its --metrics endpoint).",
+        discussion: """
+        Fetches GET /metrics from the endpoint and summarises it: connections, requests by command,
+        bytes moved, latency, pool space, volumes and snapshots, copy-on-write copies, the feed.
+        --raw prints the Prometheus text as served.
+        """)
+
+    @Option(name: .long, help: ArgumentHelp("The server's metrics endpoint: HOST:PORT, :PORT or unix:PATH.", valueName: "address"))
+    var metrics: String = MetricsAddress.defaultText
+    @Flag(name: .long, help: "Print the Prometheus text exposition as served.") var raw = false
+
+    func run() throws {
+        try reportingErrors {
+            guard let address = MetricsAddress(metrics) else { throw ServeError("--metrics takes HOST:PORT, :PORT or unix:PATH, not '\(metrics)'") }
+            print(try StatsReport.run(address: address, raw: raw), terminator: raw ? "" : "\n")
+            return 0
         }
     }
 }
