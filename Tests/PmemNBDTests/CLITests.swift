@@ -35,6 +35,8 @@ import Testing
         let pool = d.file("p.pool"), sock = d.file("s.sock"), pid = d.file("pid")
         let server = try ServerProcess(["serve", pool, "--create", "32M", "-U", sock, "--pidfile", pid])
         #expect(server.waitForSocket(sock))
+        // The pid file comes last, once the control socket and the feed are up too.
+        for _ in 0..<250 where !FileManager.default.fileExists(atPath: pid) { usleep(20_000) }
         #expect((try? String(contentsOfFile: pid, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) == "\(server.pid)")
         let c = try connectWhenReady(sock)
         try c.pwrite(pattern(4096, seed: 12), offset: 4096)

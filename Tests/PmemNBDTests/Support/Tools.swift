@@ -65,20 +65,28 @@ func run(_ argv: [String], environment: [String: String] = [:], stdin: Data? = n
 final class ServerProcess {
     let process = Process()
     let stderrPipe = Pipe()
+    let stdoutPipe = Pipe()
+    private var stdoutBuffer: [UInt8] = []
 
     /// Runs `pmem-nbd ARGUMENTS`, or with `launcher` the program named by the first argument.
-    init(_ arguments: [String], environment: [String: String] = [:], launcher: Bool = false) throws {
+    /// With `captureStdout` its standard output can be read with `readLines`.
+    init(_ arguments: [String], environment: [String: String] = [:], launcher: Bool = false, captureStdout: Bool = false) throws {
         process.executableURL = URL(fileURLWithPath: launcher ? arguments[0] : pmemNBDBinary)
         process.arguments = launcher ? Array(arguments.dropFirst()) : arguments
         var env = ProcessInfo.processInfo.environment
         for (k, v) in environment { env[k] = v }
         process.environment = env
         process.standardError = stderrPipe
-        process.standardOutput = FileHandle.nullDevice
+        process.standardOutput = captureStdout ? stdoutPipe : FileHandle.nullDevice
         try process.run()
     }
 
     var pid: Int32 { process.processIdentifier }
+
+    /// Reads `count` lines of standard output (fewer if it ends or `timeout` passes first).
+    func readLines(_ count: Int, timeout: TimeInterval = 20) -> [String] {
+        readLinesFrom(stdoutPipe.fileHandleForReading.fileDescriptor, count: count, buffer: &stdoutBuffer, timeout: timeout)
+    }
 
     /// Waits until a Unix socket file exists.
     func waitForSocket(_ path: String, timeout: TimeInterval = 20) -> Bool {
@@ -130,5 +138,94 @@ func connectWhenReady(_ path: String, timeout: TimeInterval = 20, configure: (NB
             if Date() > deadline { throw error }
             usleep(20_000)
         }
+    }
+}
+
+/// Reads up to `count` newline-terminated lines from a descriptor, waiting at most `timeout`.
+func readLinesFrom(_ fd: Int32, count: Int, buffer: inout [UInt8], timeout: TimeInterval) -> [String] {
+    let deadline = Date().addingTimeInterval(timeout)
+    while buffer.filter({ $0 == 10 }).count < count {
+        let left = deadline.timeIntervalSinceNow
+        if left <= 0 { break }
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        if poll(&p, 1, Int32(min(left, 1) * 1000)) <= 0 { continue }
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        let n = read(fd, &chunk, chunk.count)
+        if n <= 0 { break }
+        buffer += chunk[0..<n]
+    }
+    var lines: [String] = []
+    while lines.count < count, let nl = buffer.firstIndex(of: 10) {
+        lines.append(String(decoding: buffer[..<nl], as: UTF8.self))
+        buffer.removeSubrange(...nl)
+    }
+    return lines
+}
+
+/// A process started the way systemd starts a socket-activated service: the given listening
+/// sockets become descriptors 3, 4, … and LISTEN_PID is the process's own pid (set by a shell
+/// that then execs the program, keeping its pid). Standard output goes to a pipe, standard
+/// error to a file.
+final class ActivatedProcess {
+    let pid: pid_t
+    let stdoutRead: Int32
+    let stderrPath: String
+    private var buffer: [UInt8] = []
+    private var status: Int32?
+
+    init(_ argv: [String], passing sockets: [Int32], environment: [String: String], stderrPath: String) throws {
+        self.stderrPath = stderrPath
+        // Copies above any descriptor number the child uses, so the dup2s cannot clobber each other.
+        let high = sockets.map { fcntl($0, F_DUPFD_CLOEXEC, 100) }
+        defer { for fd in high { close(fd) } }
+        var pipeFDs: [Int32] = [0, 0]
+        guard pipe(&pipeFDs) == 0 else { throw POSIXError(.EIO) }
+        for fd in pipeFDs { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        defer { close(pipeFDs[1]) }
+        stdoutRead = pipeFDs[0]
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 1)
+        posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        for (i, fd) in high.enumerated() { posix_spawn_file_actions_adddup2(&actions, fd, 3 + Int32(i)) }
+        let shell = ["/bin/sh", "-c", "LISTEN_PID=$$; export LISTEN_PID; exec \"$@\"", "sh"] + argv
+        var env = ProcessInfo.processInfo.environment
+        env["LISTEN_FDS"] = String(sockets.count)
+        for (k, v) in environment { env[k] = v }
+        var cArgs = shell.map { strdup($0) } + [nil]
+        var cEnv = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { for p in cArgs + cEnv { free(p) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, "/bin/sh", &actions, nil, &cArgs, &cEnv)
+        guard rc == 0 else { throw POSIXError(POSIXErrorCode(rawValue: rc) ?? .EIO) }
+        self.pid = pid
+    }
+
+    func readLines(_ count: Int, timeout: TimeInterval = 20) -> [String] {
+        readLinesFrom(stdoutRead, count: count, buffer: &buffer, timeout: timeout)
+    }
+
+    var stderrText: String { (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? "" }
+
+    /// Sends a signal and waits for the exit status (killing it after `timeout`).
+    func stop(signal: Int32 = SIGTERM, timeout: TimeInterval = 30) -> Int32 {
+        if let status { return status }
+        kill(pid, signal)
+        let deadline = Date().addingTimeInterval(timeout)
+        var raw: Int32 = 0
+        while waitpid(pid, &raw, WNOHANG) == 0 {
+            if Date() > deadline { kill(pid, SIGKILL) }
+            usleep(10_000)
+        }
+        let s = raw & 0x7F == 0 ? (raw >> 8) & 0xFF : 128 + (raw & 0x7F)
+        status = s
+        return s
+    }
+
+    deinit {
+        _ = stop(signal: SIGKILL, timeout: 5)
+        close(stdoutRead)
     }
 }
