@@ -84,12 +84,15 @@ final class ConnectionMetrics: @unchecked Sendable {
 
     init(timed: Bool) { self.timed = timed }
 
-    /// The time a request starts, or 0 when not timing.
-    @inline(__always) func start() -> UInt64 { timed ? MonotonicClock.nanoseconds() : 0 }
-
-    /// Counts a request, and its latency unless a worker will (`handedOff`).
-    @inline(__always) func finished(_ code: UInt16, started: UInt64, handedOff: Bool) {
+    /// Counts a request as it starts (before any reply can reach the client); returns the time
+    /// it started, or 0 when not timing.
+    @inline(__always) func start(_ code: UInt16) -> UInt64 {
         own.add(MetricSlot.requests(code))
+        return timed ? MonotonicClock.nanoseconds() : 0
+    }
+
+    /// Records a request's latency, unless a worker will (`handedOff`).
+    @inline(__always) func finished(started: UInt64, handedOff: Bool) {
         if started != 0 && !handedOff { Self.record(latencySince: started, in: own, shared: false) }
     }
 

@@ -67,10 +67,10 @@ extension Connection {
                     return
                 case .request(let request):
                     receive.consume(Request.compactSize)
-                    state.started = metrics.start()
+                    state.started = metrics.start(request.typeCode)
                     state.handedOff = false
                     let more = try handle(request, &state)
-                    metrics.finished(request.typeCode, started: state.started, handedOff: state.handedOff)
+                    metrics.finished(started: state.started, handedOff: state.handedOff)
                     guard more else { return }
                 }
             }
@@ -215,18 +215,20 @@ extension Connection {
         DispatchQueue.global().async { [offloaded] in
             defer { offloaded.leave() }
             var bytes = [UInt8](repeating: 0, count: Reply.simpleSize)
+            var failed = false
             do throws(PoolError) {
                 try volume.flush()
                 bytes.withUnsafeMutableBytes { _ = Reply.simple(error: nil, cookie: cookie, into: $0.baseAddress!) }
-                metrics.finishedOffloaded(started: started, failedCode: nil)
             } catch {
-                metrics.finishedOffloaded(started: started, failedCode: code)
+                failed = true
                 if structured {
                     bytes = Reply.errorChunk(cookie: cookie, error: .io, message: error.message)
                 } else {
                     bytes.withUnsafeMutableBytes { _ = Reply.simple(error: .io, cookie: cookie, into: $0.baseAddress!) }
                 }
             }
+            // Counted before the reply goes out, so a client that has its reply sees it counted.
+            metrics.finishedOffloaded(started: started, failedCode: failed ? code : nil)
             replies.sendNow(bytes)
         }
     }

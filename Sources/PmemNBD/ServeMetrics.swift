@@ -45,7 +45,7 @@ public final class ServeMetrics: @unchecked Sendable {
         t.sample("pmem_nbd_zeroed_bytes_total", m.bytesZeroed)
 
         t.family("pmem_nbd_request_duration_seconds", "histogram",
-                 "Time from a request's arrival in the receive buffer to its reply being queued (FLUSH: sent).")
+                 "Time the server spent on a request: from taking it from the receive buffer to queueing its reply (FLUSH: to the end of the sync).")
         var cumulative: UInt64 = 0
         for (i, bound) in RequestMetrics.latencyBoundsNanoseconds.enumerated() {
             cumulative += m.latencyBuckets[i]
