@@ -84,6 +84,7 @@ struct PinQueue {
 
     var oldest: Pin? { head < items.count ? items[head] : nil }
     var isEmpty: Bool { head == items.count }
+    var count: Int { items.count - head }
 
     mutating func append(_ p: Pin) { items.append(p) }
 
