@@ -22,7 +22,11 @@ public final class DAXVolume: @unchecked Sendable {
     func region(_ index: UInt64) throws -> Region? {
         let key = RegionKey(volume: info.id, index: index)
         let now = monotonic()
-        if let r = pool.cond.withLock({ pool.regions[key] }), r.valid, r.expires - now > pool.leaseDuration / 3 { return r }
+        let current = pool.cond.withLock { () -> Region? in
+            guard let r = pool.regions[key], r.valid, r.expires - now > pool.leaseDuration / 3 else { return nil }
+            return r
+        }
+        if let current { return current }
         let first = index << 9
         let count = UInt32(min(512, (info.size >> 12) - first))
         do {

@@ -167,8 +167,11 @@ final class StressRun: @unchecked Sendable {
     let writesDone = Atomic<Int>(0)
 
     /// Logs, each written by one thread and read after the run.
-    var writeLogs: [[(block: UInt64, value: UInt64, issue: UInt64, ack: UInt64)]]
-    var readLogs: [[(block: UInt64, result: StressBlock, t0: UInt64, t1: UInt64, lent: Bool)]]
+    /// One log per thread, each appended to by its thread alone (boxes, so threads never
+    /// mutate a shared array).
+    final class Log<Entry>: @unchecked Sendable { var entries: [Entry] = [] }
+    let writeLogs: [Log<(block: UInt64, value: UInt64, issue: UInt64, ack: UInt64)>]
+    let readLogs: [Log<(block: UInt64, result: StressBlock, t0: UInt64, t1: UInt64, lent: Bool)>]
     var rollbackLog: [(values: [UInt64: UInt64], issue: UInt64, ack: UInt64)] = []
     var errors: [String] = []
     let errorLock = PosixMutex()
@@ -183,8 +186,8 @@ final class StressRun: @unchecked Sendable {
         // 40 MiB: 16 MiB of metadata, the 4 MiB volume, a few snapshots' worth of copies and
         // little else, so freed blocks come back into use within a few thousand writes.
         server = try TestServer(size: 40 << 20, volumeSize: blocks << 12, withFeed: true)
-        writeLogs = Array(repeating: [], count: writers)
-        readLogs = Array(repeating: [], count: readers)
+        writeLogs = (0..<writers).map { _ in Log() }
+        readLogs = (0..<readers).map { _ in Log() }
     }
 
     struct Report: CustomStringConvertible {
@@ -207,7 +210,7 @@ final class StressRun: @unchecked Sendable {
             StressBlock.fill(&buf, block: b, value: value)
             let t0 = now()
             try seed.pwrite(buf, offset: b << 12)
-            writeLogs[0].append((b, value, t0, now()))
+            writeLogs[0].entries.append((b, value, t0, now()))
             firstValues[b] = value
         }
         let wg = WaitGroup()
@@ -221,8 +224,8 @@ final class StressRun: @unchecked Sendable {
         _ = wg.wait()
 
         var report = Report()
-        report.reads = readLogs.reduce(0) { $0 + $1.count }
-        report.writes = writeLogs.reduce(0) { $0 + $1.count }
+        report.reads = readLogs.reduce(0) { $0 + $1.entries.count }
+        report.writes = writeLogs.reduce(0) { $0 + $1.entries.count }
         report.snapshots = snapshots
         report.deletes = deletes
         report.rollbacks = rollbacks
@@ -230,11 +233,11 @@ final class StressRun: @unchecked Sendable {
         report.retries = retries
         report.violations = errors
         var history = BlockHistory()
-        for log in writeLogs { for w in log { history.add(block: w.block, value: w.value, issue: w.issue, ack: w.ack) } }
+        for log in writeLogs { for w in log.entries { history.add(block: w.block, value: w.value, issue: w.issue, ack: w.ack) } }
         for rb in rollbackLog { for (b, v) in rb.values { history.add(block: b, value: v, issue: rb.issue, ack: rb.ack) } }
         history.prepare()
         for log in readLogs {
-            for r in log {
+            for r in log.entries {
                 switch r.result {
                 case .torn: report.violations.append("block \(r.block): torn or mixed content (\(r.lent ? "lent" : "copied"))")
                 case .foreign: report.violations.append("block \(r.block): another block's data (\(r.lent ? "lent" : "copied"))")
@@ -289,7 +292,7 @@ final class StressRun: @unchecked Sendable {
                 StressBlock.fill(&buf, block: b, value: value)
                 let t0 = now()
                 try c.pwrite(buf, offset: b << 12)
-                writeLogs[w].append((b, value, t0, now()))
+                writeLogs[w].entries.append((b, value, t0, now()))
                 writesDone.add(1, ordering: .relaxed)
             }
         } catch {
@@ -326,12 +329,12 @@ final class StressRun: @unchecked Sendable {
                     }
                     return first
                 }) {
-                    readLogs[r].append((b, seen, t0, now(), true))
+                    readLogs[r].entries.append((b, seen, t0, now(), true))
                     errorLock.withLock { direct += 1 }
                 } else {
                     let path = try vol.read(offset: b << 12, count: 4096, into: buf.baseAddress!)
                     let t1 = now()
-                    readLogs[r].append((b, StressBlock.decode(UnsafeRawBufferPointer(buf), block: b), t0, t1, false))
+                    readLogs[r].entries.append((b, StressBlock.decode(UnsafeRawBufferPointer(buf), block: b), t0, t1, false))
                     if path == .direct { errorLock.withLock { direct += 1 } }
                 }
                 readsDone.add(1, ordering: .relaxed)
@@ -363,7 +366,7 @@ final class StressRun: @unchecked Sendable {
     /// The current value of every block, from the logs (valid while the writers are idle).
     func currentValues() -> [UInt64: UInt64] {
         var values: [UInt64: (UInt64, UInt64)] = [:] // block → (ack, value)
-        for log in writeLogs { for w in log where (values[w.block]?.0 ?? 0) <= w.ack { values[w.block] = (w.ack, w.value) } }
+        for log in writeLogs { for w in log.entries where (values[w.block]?.0 ?? 0) <= w.ack { values[w.block] = (w.ack, w.value) } }
         var result = values.mapValues { $0.1 }
         // A rollback after the last write of a block restored the snapshot's value.
         if let last = rollbackLog.last {
