@@ -15,7 +15,7 @@ public final class Server: @unchecked Sendable {
     /// Whether connections measure request latency (for metrics; set before listening).
     public var measuresLatency = false
 
-    private let connections = Mutex<[UInt64: Connection]>([:])
+    private let connections = Locked<[UInt64: Connection]>([:])
     private let nextID = Atomic<UInt64>(1)
     private let shuttingDown = Atomic<Bool>(false)
     private let active = WaitGroup()
@@ -32,7 +32,7 @@ public final class Server: @unchecked Sendable {
     public var isShuttingDown: Bool { shuttingDown.load(ordering: .acquiring) }
 
     /// Guards what connections publish about themselves (their volume).
-    let connectionLock = Mutex<Void>(())
+    let connectionLock = Locked<Void>(())
 
     /// Disconnects every connection serving a volume that matches (after it finishes the
     /// request in progress): used when a volume's contents or size change wholesale.

@@ -9,7 +9,7 @@ import Synchronization
 package final class ReaderEpochs: @unchecked Sendable {
     static let slotCount = 4096
     private let slots: UnsafeMutablePointer<UInt64>
-    private let inUse = Mutex<[Bool]>([Bool](repeating: false, count: ReaderEpochs.slotCount))
+    private let inUse = Locked<[Bool]>([Bool](repeating: false, count: ReaderEpochs.slotCount))
     private let global = Atomic<UInt64>(1)
 
     /// Stands in for guards that protect nothing.

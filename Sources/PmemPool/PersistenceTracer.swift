@@ -1,6 +1,6 @@
 import CPmemSupport
 import Glibc
-import Synchronization
+import PmemSystem
 
 /// A model of persistent memory for crash testing (like PMDK's pmreorder).
 ///
@@ -23,7 +23,7 @@ public final class PersistenceTracer: @unchecked Sendable {
     /// Flushed-but-unfenced lines per thread (a fence orders only its own thread's flushes):
     /// thread → line offset → contents at flush time.
     private var pending: [Int32: [Int: Line]] = [:]
-    private let lock = Mutex<Void>(())
+    private let lock = Locked<Void>(())
     /// Incremental hash of the durable image (XOR of a hash per word), for counting distinct states.
     public private(set) var durableHash: UInt64 = 0
     /// Called at every fence/sync with the tracer itself; nil when not collecting.

@@ -299,7 +299,7 @@ public final class PoolEngine: @unchecked Sendable {
 
     // MARK: damaged media
 
-    private let badBlocks = Mutex<Set<UInt64>>([])
+    private let badBlocks = Locked<Set<UInt64>>([])
     private let badCount = Atomic<Int>(0)
 
     /// Whether any block is known bad (checked on every read without locking).

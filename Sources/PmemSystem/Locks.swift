@@ -91,3 +91,19 @@ public final class ReadWriteLock: @unchecked Sendable {
     @inline(__always) public func writeLock() { pthread_rwlock_wrlock(l) }
     @inline(__always) public func unlock() { pthread_rwlock_unlock(l) }
 }
+
+/// A value guarded by a pthread mutex (like `Synchronization.Mutex`, but a lock that
+/// ThreadSanitizer understands, so sanitizer runs see the exclusion it provides).
+public final class Locked<Value>: @unchecked Sendable {
+    private let m = PosixMutex()
+    private var value: Value
+
+    public init(_ value: Value) { self.value = value }
+
+    @inline(__always)
+    public func withLock<T, E: Error>(_ body: (inout Value) throws(E) -> T) throws(E) -> T {
+        m.lock()
+        defer { m.unlock() }
+        return try body(&value)
+    }
+}

@@ -19,7 +19,7 @@ public enum Log {
     }
 
     private static let threshold = Atomic<Int>(Level.warning.rawValue)
-    private static let programName = Mutex<String>("pmem-nbd")
+    private static let programName = Locked<String>("pmem-nbd")
 
     /// Sets the most detailed level printed.
     public static func setLevel(_ level: Level) { threshold.store(level.rawValue, ordering: .relaxed) }

@@ -7,10 +7,10 @@ import Synchronization
 /// (`vol` and `vol@snap`) and the operations that change it (see Operations.swift).
 public final class Pool: @unchecked Sendable {
     public let engine: PoolEngine
-    private let cache = Mutex<[Int: Volume]>([:])
+    private let cache = Locked<[Int: Volume]>([:])
     let deleter: Deleter
-    private let changeHandler = Mutex<(@Sendable (UInt64) -> Void)?>(nil)
-    private let observerBox = Mutex<(any MappingObserver)?>(nil)
+    private let changeHandler = Locked<(@Sendable (UInt64) -> Void)?>(nil)
+    private let observerBox = Locked<(any MappingObserver)?>(nil)
     /// Whether an observer is installed (checked on every write without locking).
     let observing = Atomic<Bool>(false)
 
