@@ -55,7 +55,7 @@ final class Connection: @unchecked Sendable {
                 Log.warning("connection \(id): export '\(session.export.name)' vanished")
                 return
             }
-            server.connectionLock.withLock { _ in self.volume = volume }
+            server.connectionLock.withLock { self.volume = volume }
             try transmit(session: session, volume: volume)
         } catch {
             Log.debug("connection \(id): \(error)")

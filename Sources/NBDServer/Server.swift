@@ -32,14 +32,14 @@ public final class Server: @unchecked Sendable {
     public var isShuttingDown: Bool { shuttingDown.load(ordering: .acquiring) }
 
     /// Guards what connections publish about themselves (their volume).
-    let connectionLock = Locked<Void>(())
+    let connectionLock = PosixMutex()
 
     /// Disconnects every connection serving a volume that matches (after it finishes the
     /// request in progress): used when a volume's contents or size change wholesale.
     public func disconnect(where matches: (any BlockVolume) -> Bool) {
         let open = connections.withLock { Array($0.values) }
         for c in open {
-            guard let v = connectionLock.withLock({ _ in c.volume }), matches(v) else { continue }
+            guard let v = connectionLock.withLock({ c.volume }), matches(v) else { continue }
             Log.info("connection \(c.id): disconnecting, its export changed")
             c.interrupt()
         }

@@ -23,7 +23,7 @@ public final class PersistenceTracer: @unchecked Sendable {
     /// Flushed-but-unfenced lines per thread (a fence orders only its own thread's flushes):
     /// thread → line offset → contents at flush time.
     private var pending: [Int32: [Int: Line]] = [:]
-    private let lock = Locked<Void>(())
+    private let lock = PosixMutex()
     /// Incremental hash of the durable image (XOR of a hash per word), for counting distinct states.
     public private(set) var durableHash: UInt64 = 0
     /// Called at every fence/sync with the tracer itself; nil when not collecting.
@@ -73,7 +73,7 @@ public final class PersistenceTracer: @unchecked Sendable {
     func flush(offset: Int, count: Int) {
         guard count > 0 else { return }
         let thread = pmem_gettid()
-        lock.withLock { _ in
+        lock.withLock {
             var line = offset & ~63
             while line < offset + count && line < length {
                 let p = volatile + line
@@ -97,7 +97,7 @@ public final class PersistenceTracer: @unchecked Sendable {
     func fence() {
         crashPoint?(self, "fence")
         let thread = pmem_gettid()
-        lock.withLock { _ in
+        lock.withLock {
             fences += 1
             guard let mine = pending.removeValue(forKey: thread) else { return }
             durableBytes += 64 * mine.count
@@ -111,7 +111,7 @@ public final class PersistenceTracer: @unchecked Sendable {
 
     func syncAll() {
         crashPoint?(self, "sync")
-        lock.withLock { _ in
+        lock.withLock {
             fences += 1
             pending.removeAll(keepingCapacity: true)
             var off = 0
@@ -135,7 +135,7 @@ public final class PersistenceTracer: @unchecked Sendable {
     /// Words whose value on media is uncertain at this instant: (offset, possible values besides
     /// the durable one). Flushed-but-unfenced lines offer their flush-time value too.
     public func uncertainWords() -> [(offset: Int, values: [UInt64])] {
-        lock.withLock { _ in
+        lock.withLock {
             // Flush-time snapshots by line, from every thread.
             var snapshots: [Int: [Line]] = [:]
             for lines in pending.values { for (line, words) in lines { snapshots[line, default: []].append(words) } }
