@@ -168,14 +168,19 @@ def fio(uri, rw, bs, qd, jobs, size, rt):
                 p50_us=pct.get("50.000000", 0) / 1000, p99_us=pct.get("99.000000", 0) / 1000)
 
 
+def fill(uri, size):
+    """Writes the whole device once, so reads hit data, not holes."""
+    subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=1M", "--iodepth=8",
+                    f"--size={size}"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_server(server, ep, args, d, workloads):
     rows = []
     with open(os.path.join(d, server["name"] + ".log"), "w") as log:
         p = start(server, ep, log)
         try:
             uri = uri_for(ep)
-            subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=1M", "--iodepth=8",
-                            f"--size={args.size}"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            fill(uri, args.size)
             for rw, bs, qd, jobs in workloads:
                 c0 = cpu_ticks(p.pid)
                 t0 = time.monotonic()
@@ -201,8 +206,7 @@ def conn64(server, ep, args, d):
         p = start(server, ep, log)
         try:
             uri = uri_for(ep)
-            subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=1M", "--iodepth=8",
-                            f"--size={args.size}"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            fill(uri, args.size)
             idle = memory(p.pid)
             f = subprocess.Popen(["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", "--rw=randrw", "--bs=4k", "--iodepth=4",
                                   "--numjobs=64", "--group_reporting", f"--size={args.size}", "--time_based", "--runtime=8",
