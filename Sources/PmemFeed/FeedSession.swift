@@ -108,9 +108,9 @@ final class FeedSession: @unchecked Sendable {
         defer { close() }
         do {
             while true {
-                guard let header = try readExactly(FeedProtocol.headerSize) else { return }
+                guard let header = readExactly(FeedProtocol.headerSize) else { return }
                 let h = try FeedFrameHeader.decode(header)
-                guard let payload = try readExactly(h.length) else { return }
+                guard let payload = readExactly(h.length) else { return }
                 guard let type = FeedMessage(rawValue: h.type) else {
                     hub.cond.withLock { send(FeedMessages.error("unknown message type \(h.type)")) }
                     continue
@@ -122,20 +122,8 @@ final class FeedSession: @unchecked Sendable {
         }
     }
 
-    private func readExactly(_ n: Int) throws -> [UInt8]? {
-        var buf = [UInt8](repeating: 0, count: n)
-        var got = 0
-        while got < n {
-            let r = buf.withUnsafeMutableBytes { Glibc.read(fd.rawValue, $0.baseAddress! + got, n - got) }
-            if r == 0 { return nil }
-            if r < 0 {
-                if errno == EINTR { continue }
-                return nil
-            }
-            got += r
-        }
-        return buf
-    }
+    /// The next `n` bytes; nil when the client is gone (end of stream or a broken connection).
+    private func readExactly(_ n: Int) -> [UInt8]? { (try? fd.readExactly(n)) ?? nil }
 
     func close() {
         hub.cond.withLock {

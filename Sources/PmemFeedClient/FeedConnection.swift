@@ -104,20 +104,7 @@ public final class FeedConnection: @unchecked Sendable {
         return poll(&p, 1, 0) > 0 && p.revents & Int16(POLLIN) != 0
     }
 
-    private func readExactly(_ n: Int) throws -> [UInt8]? {
-        var buf = [UInt8](repeating: 0, count: n)
-        var got = 0
-        while got < n {
-            let r = buf.withUnsafeMutableBytes { Glibc.read(fd.rawValue, $0.baseAddress! + got, n - got) }
-            if r == 0 { return nil }
-            if r < 0 {
-                if errno == EINTR { continue }
-                throw Errno.current
-            }
-            got += r
-        }
-        return buf
-    }
+    private func readExactly(_ n: Int) throws -> [UInt8]? { try fd.readExactly(n) }
 
     // MARK: requests
 

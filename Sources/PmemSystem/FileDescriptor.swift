@@ -24,6 +24,21 @@ public struct FileDescriptor: Hashable, Sendable {
         try retryOnInterrupt { Glibc.read(rawValue, buffer.baseAddress, buffer.count) }
     }
 
+    /// Reads exactly `count` bytes, looping over short reads (`read(2)`); nil when the end of
+    /// file comes first.
+    public func readExactly(_ count: Int) throws(Errno) -> [UInt8]? {
+        var buffer = [UInt8](repeating: 0, count: count)
+        var got = 0
+        while got < count {
+            let n = try buffer.withUnsafeMutableBytes { b in
+                Result { () throws(Errno) in try read(into: UnsafeMutableRawBufferPointer(rebasing: b[got...])) }
+            }.get()
+            if n == 0 { return nil }
+            got += n
+        }
+        return buffer
+    }
+
     /// `write(2)`: may write less than asked.
     public func write(_ buffer: UnsafeRawBufferPointer) throws(Errno) -> Int {
         try retryOnInterrupt { Glibc.write(rawValue, buffer.baseAddress, buffer.count) }
