@@ -100,20 +100,8 @@ public enum Socket {
 
     /// The port a listening socket is bound to (for `--port 0`).
     public static func boundPort(_ fd: FileDescriptor) -> UInt16? {
-        var storage = sockaddr_storage()
-        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let r = withUnsafeMutablePointer(to: &storage) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd.rawValue, $0, &len) }
-        }
-        guard r == 0 else { return nil }
-        switch Int32(storage.ss_family) {
-        case AF_INET:
-            return withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) } }
-        case AF_INET6:
-            return withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) } }
-        default:
-            return nil
-        }
+        if case .inet(_, let port) = localAddress(fd) { return port }
+        return nil
     }
 
     /// The local address of a socket.
@@ -152,7 +140,13 @@ public enum Socket {
                     getnameinfo($0, len, &host, socklen_t(host.count), nil, 0, NI_NUMERICHOST)
                 }
             }
-            guard ok == 0, let port = boundPort(fd) else { return nil }
+            let inet4 = Int32(storage.ss_family) == AF_INET
+            let port = withUnsafePointer(to: &storage) { p -> UInt16 in
+                inet4
+                    ? p.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) }
+                    : p.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) }
+            }
+            guard ok == 0 else { return nil }
             return .inet(host: String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self), port: port)
         default:
             return nil
