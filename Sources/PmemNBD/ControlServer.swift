@@ -119,7 +119,8 @@ public struct ControlClient {
 /// Runs a volume request on a pool: through its server's control socket when the pool is
 /// being served (or `control` is given), else directly on the pool file.
 public enum VolumeCommand {
-    public static func run(_ request: [String: Any], pool path: String, control: String?) throws -> [String: Any] {
+    public static func run(_ request: [String: Any], pool path: String, control: String?,
+                           progress: (UInt64, UInt64) -> Void = { _, _ in }) throws -> [String: Any] {
         if let control { return try online(request, control) }
         let opened = Result { () throws(PoolError) -> Pool in try Pool.open(path: path, commitMode: .inline) }
         if case .failure(let e) = opened {
@@ -133,7 +134,7 @@ public enum VolumeCommand {
         }
         let pool = try opened.get()
         defer { try? pool.close() }
-        var response = VolumeRequests.perform(request, on: pool)
+        var response = VolumeRequests.perform(request, on: pool, progress: progress)
         // Offline there is no background deleter: finish deletions before returning.
         if response["ok"] as? Bool == true {
             let start = DispatchTime.now().uptimeNanoseconds

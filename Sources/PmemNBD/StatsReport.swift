@@ -1,12 +1,40 @@
 /// `pmem-nbd stats`: a running server's metrics, fetched from its `--metrics` endpoint and
 /// summarised for a person (or passed through with `--raw`).
 public enum StatsReport {
-    public static func run(address: MetricsAddress, raw: Bool) throws -> String {
+    public static func run(address: MetricsAddress, raw: Bool, json: Bool = false) throws -> String {
         let text = try MetricsClient.fetch(address)
         if raw { return text }
         let doc: PrometheusText.Document
         do { doc = try PrometheusText.parse(text) } catch { throw ServeError("the metrics endpoint \(address) sent malformed text: \(error)") }
-        return summary(doc, source: address.description)
+        return json ? VolumeRequests.encode(jsonSummary(doc)) : summary(doc, source: address.description)
+    }
+
+    /// The same figures as `summary`, as one JSON object (`pmem-nbd stats --json`).
+    public static func jsonSummary(_ doc: PrometheusText.Document) -> [String: Any] {
+        func v(_ name: String, _ labels: [String: String] = [:]) -> UInt64 { UInt64(max(0, doc.value(name, labels) ?? 0)) }
+        var requests: [String: UInt64] = [:]
+        for s in doc.samples("pmem_nbd_requests_total") { requests[s.labels["command"] ?? "?"] = UInt64(s.value) }
+        let count = v("pmem_nbd_request_duration_seconds_count")
+        var out: [String: Any] = [
+            "connections": ["open": v("pmem_nbd_open_connections"), "total": v("pmem_nbd_connections_total")],
+            "requests": requests,
+            "request_errors": doc.samples("pmem_nbd_request_errors_total").reduce(0) { $0 + UInt64($1.value) },
+            "bytes": ["read": v("pmem_nbd_read_bytes_total"), "written": v("pmem_nbd_written_bytes_total"),
+                      "trimmed": v("pmem_nbd_trimmed_bytes_total"), "zeroed": v("pmem_nbd_zeroed_bytes_total")],
+            "latency": ["count": count,
+                        "mean_seconds": count > 0 ? (doc.value("pmem_nbd_request_duration_seconds_sum") ?? 0) / Double(count) : 0],
+            "pool": ["size_bytes": v("pmem_nbd_pool_size_bytes"), "used_bytes": v("pmem_nbd_pool_used_bytes"),
+                     "free_bytes": v("pmem_nbd_pool_free_bytes"), "held_bytes": v("pmem_nbd_pool_held_bytes")],
+            "volumes": v("pmem_nbd_volumes"), "snapshots": v("pmem_nbd_snapshots"),
+            "cow_copies": ["map_node": v("pmem_nbd_cow_copies_total", ["kind": "map_node"]),
+                           "partial_block": v("pmem_nbd_cow_copies_total", ["kind": "partial_block"])],
+        ]
+        if doc.types["pmem_nbd_feed_subscribers"] != nil {
+            out["feed"] = ["subscribers": v("pmem_nbd_feed_subscribers"), "fenced": v("pmem_nbd_feed_fenced_subscribers"),
+                           "read_leases": v("pmem_nbd_feed_leases", ["mode": "read"]), "write_leases": v("pmem_nbd_feed_leases", ["mode": "write"]),
+                           "pinned_blocks": v("pmem_nbd_feed_pinned_blocks"), "events": v("pmem_nbd_feed_events_total")]
+        }
+        return out
     }
 
     /// The human-readable summary of a scrape.

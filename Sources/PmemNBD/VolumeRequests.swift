@@ -9,14 +9,16 @@ public enum VolumeRequests {
     public static let version = 1
 
     /// Performs one request on a pool; the response says how long it took (`elapsed_us`).
-    public static func perform(_ request: [String: Any], on pool: Pool) -> [String: Any] {
+    /// `progress(done, total)` hears from long operations (export-diff) as they go.
+    public static func perform(_ request: [String: Any], on pool: Pool,
+                               progress: (UInt64, UInt64) -> Void = { _, _ in }) -> [String: Any] {
         let start = DispatchTime.now().uptimeNanoseconds
-        var response = performUntimed(request, on: pool)
+        var response = performUntimed(request, on: pool, progress: progress)
         response["elapsed_us"] = (DispatchTime.now().uptimeNanoseconds - start) / 1000
         return response
     }
 
-    static func performUntimed(_ request: [String: Any], on pool: Pool) -> [String: Any] {
+    static func performUntimed(_ request: [String: Any], on pool: Pool, progress: (UInt64, UInt64) -> Void) -> [String: Any] {
         do {
             guard let op = request["op"] as? String else { throw PoolError(.invalid, "request has no 'op'") }
             func string(_ key: String) throws(PoolError) -> String {
@@ -58,6 +60,13 @@ public enum VolumeRequests {
             case "clone":
                 let r = try pool.clone(try string("source"), as: try string("name"))
                 return ["ok": true, "volume": try describe(r, pool, usage: false)]
+            case "export-diff":
+                let path = try string("path")
+                guard path.hasPrefix("/") else { throw PoolError(.invalid, "'export-diff' needs an absolute 'path'") }
+                let export = try RBDDiffExport(pool: pool, from: request["from"] as? String, to: try string("to"))
+                let s = try export.write(to: path, progress: progress)
+                return ["ok": true, "path": path, "size": s.size, "data_bytes": s.dataBytes, "zero_bytes": s.zeroBytes,
+                        "records": s.records, "file_bytes": s.fileBytes]
             default:
                 throw PoolError(.invalid, "unknown op '\(op)'")
             }

@@ -72,7 +72,9 @@ extension Substring {
 
 public enum PoolCheck {
     /// Checks (and with `repair`, repairs) the pool at `path`. The pool must not be in use.
-    public static func run(path: String, repair: Bool) throws(PoolError) -> CheckReport {
+    /// `progress(done, total)` hears how far the check is, in half-blocks: the map walk is the
+    /// first half, the refcount pass the second (so `total` × 2 KiB is the pool's size).
+    public static func run(path: String, repair: Bool, progress: (UInt64, UInt64) -> Void = { _, _ in }) throws(PoolError) -> CheckReport {
         let fd: FileDescriptor
         do { fd = try FileDescriptor.open(path, repair ? O_RDWR : O_RDONLY) } catch {
             if error == .noSuchFile { throw PoolError(.notFound, "\(path) does not exist") }
@@ -91,11 +93,11 @@ public enum PoolCheck {
             throw PoolError.system(error, "cannot map \(path)")
         }
         let persistence = Persistence(domain: .page, synchronousMapping: false, base: region.base, length: region.length, fd: fd)
-        return try run(media: PoolMedia(base: region.base, length: region.length, persistence: persistence), repair: repair)
+        return try run(media: PoolMedia(base: region.base, length: region.length, persistence: persistence), repair: repair, progress: progress)
     }
 
     /// Checks pool memory: a mapped file, or a crash image in tests.
-    public static func run(media: PoolMedia, repair: Bool) throws(PoolError) -> CheckReport {
+    public static func run(media: PoolMedia, repair: Bool, progress: (UInt64, UInt64) -> Void = { _, _ in }) throws(PoolError) -> CheckReport {
         var report = CheckReport()
         let base = media.base
         // Superblock, falling back to the backup copy.
@@ -210,7 +212,9 @@ public enum PoolCheck {
             }
             return false
         }
-        for rec in records where rec.root != 0 {
+        let rooted = records.filter { $0.root != 0 }
+        for (index, rec) in rooted.enumerated() {
+            progress(layout.blockCount * UInt64(index) / UInt64(rooted.count), 2 * layout.blockCount)
             var stack: [(UInt64, Int)] = []
             if reach(rec.root, as: UInt8(rec.depth), from: "root of \(rec.name)") { stack.append((rec.root, rec.depth - 1)) }
             while let (node, level) = stack.popLast() {
@@ -246,6 +250,7 @@ public enum PoolCheck {
         var maxUsed: UInt64 = 0
         var mismatches = 0
         for b in 1..<layout.blockCount {
+            if b & 0xFFFF == 0 { progress(layout.blockCount + b, 2 * layout.blockCount) }
             let w = load(layout.refcountWordOffset(b))
             let stored = UInt32(truncatingIfNeeded: w >> PoolLayout.refcountShift(b))
             let counted = refs[Int(b)]
@@ -290,6 +295,7 @@ public enum PoolCheck {
             for i in 0..<4 { h.storeBytes(of: UInt64(0), toByteOffset: 8 * i, as: UInt64.self) }
             try media.persistence.syncAll()
         }
+        progress(2 * layout.blockCount, 2 * layout.blockCount)
         return report
     }
 }

@@ -18,9 +18,10 @@ struct PmemNBDCommand: ParsableCommand {
           pmem-nbd snapshot create --pool pool.pmem pmem0@before-upgrade
           pmem-nbd clone --pool pool.pmem pmem0@before-upgrade test
           nbdinfo --map=qemu:dirty-bitmap:before-upgrade 'nbd+unix:///pmem0?socket=/tmp/pmem.sock'
+          pmem-nbd export-diff --pool pool.pmem pmem0@before-upgrade pmem0@after upgrade.diff
         """,
-        subcommands: [Serve.self, Create.self, Info.self, Check.self, VolumeCommandGroup.self, SnapshotCommandGroup.self, Clone.self, Feed.self,
-                      Stats.self])
+        subcommands: [Serve.self, Create.self, Info.self, Check.self, VolumeCommandGroup.self, SnapshotCommandGroup.self, Clone.self, ExportDiff.self,
+                      Feed.self, Stats.self])
 
     static func main() {
         SignalMask.unblockAll()
@@ -103,7 +104,9 @@ struct Check: ParsableCommand {
 
     func run() throws {
         try reportingErrors {
-            let report = try PoolCheck.run(path: pool, repair: repair)
+            let meter = ProgressMeter("check", unit: 2048)
+            let report = try PoolCheck.run(path: pool, repair: repair, progress: meter.update)
+            meter.finish()
             print(json ? report.json() : report.text())
             return report.exitStatus
         }
@@ -209,11 +212,12 @@ struct Stats: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("The server's metrics endpoint: HOST:PORT, :PORT or unix:PATH.", valueName: "address"))
     var metrics: String = MetricsAddress.defaultText
     @Flag(name: .long, help: "Print the Prometheus text exposition as served.") var raw = false
+    @Flag(name: .long, help: "Print the summary as JSON.") var json = false
 
     func run() throws {
         try reportingErrors {
             guard let address = MetricsAddress(metrics) else { throw ServeError("--metrics takes HOST:PORT, :PORT or unix:PATH, not '\(metrics)'") }
-            print(try StatsReport.run(address: address, raw: raw), terminator: raw ? "" : "\n")
+            print(try StatsReport.run(address: address, raw: raw, json: json), terminator: raw ? "" : "\n")
             return 0
         }
     }

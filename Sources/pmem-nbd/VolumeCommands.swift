@@ -10,9 +10,11 @@ struct PoolAccess: ParsableArguments {
     @Flag(name: .long, help: "Print JSON.") var json = false
 
     /// Runs a request (online or offline), prints the outcome, and fails on an error reply.
-    func perform(_ request: [String: Any], text: ([String: Any]) -> String) throws {
+    func perform(_ request: [String: Any], progress: (UInt64, UInt64) -> Void = { _, _ in }, finish: () -> Void = {},
+                 text: ([String: Any]) -> String) throws {
         try reportingErrors {
-            let response = try VolumeCommand.run(request, pool: pool, control: control)
+            let response = try VolumeCommand.run(request, pool: pool, control: control, progress: progress)
+            finish()
             if json {
                 print(VolumeRequests.encode(response))
             } else if response["ok"] as? Bool == true {
@@ -137,4 +139,44 @@ struct Clone: ParsableCommand {
     @Argument(help: "New volume name.") var name: String
     @OptionGroup var access: PoolAccess
     func run() throws { try access.perform(["op": "clone", "source": source, "name": name]) { _ in "cloned \(source) as \(name)" } }
+}
+
+struct ExportDiff: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "export-diff",
+        abstract: "Write what changed between two snapshots as an RBD diff (for rbd import-diff).",
+        discussion: """
+        With FROM (VOL@A), the file holds the blocks that differ from A to TO (VOL@B, or VOL for the
+        live volume): data records for changed blocks, zero records for deallocated ones. Without
+        FROM it holds every allocated block of TO, a full export. The format is RBD diff v1, which
+        `rbd import-diff FILE POOL/IMAGE` applies; see Docs/SCALE-OUT.md. Prefer snapshots for TO: the
+        live volume may change while it is read.
+
+        Examples:
+          pmem-nbd export-diff --pool pool.pmem pmem0@monday pmem0-monday.diff
+          pmem-nbd export-diff --pool pool.pmem pmem0@monday pmem0@tuesday monday-tuesday.diff
+        """)
+
+    @Argument(help: ArgumentHelp("[FROM] TO FILE: the older snapshot (optional), the newer point, the output file.", valueName: "points"))
+    var points: [String]
+    @OptionGroup var access: PoolAccess
+
+    func validate() throws {
+        guard points.count == 2 || points.count == 3 else {
+            throw ValidationError("give TO FILE, or FROM TO FILE (e.g. pmem0@a pmem0@b out.diff)")
+        }
+    }
+
+    func run() throws {
+        let file = points[points.count - 1]
+        let path = file.hasPrefix("/") ? file : FileManager.default.currentDirectoryPath + "/" + file
+        var request: [String: Any] = ["op": "export-diff", "to": points[points.count - 2], "path": path]
+        if points.count == 3 { request["from"] = points[0] }
+        let meter = ProgressMeter("export-diff")
+        try access.perform(request, progress: meter.update, finish: meter.finish) { r in
+            func n(_ k: String) -> UInt64 { (r[k] as? NSNumber)?.uint64Value ?? 0 }
+            return "wrote \(file): \(formatBytes(n("data_bytes"))) of data, \(formatBytes(n("zero_bytes"))) zeroed, "
+                + "\((r["records"] as? NSNumber)?.intValue ?? 0) records, \(formatBytes(n("file_bytes"))) in all"
+        }
+    }
 }

@@ -7,7 +7,7 @@ import Testing
     static let subcommands = [
         ["serve"], ["create"], ["info"], ["check"], ["volume", "create"], ["volume", "list"], ["volume", "delete"],
         ["volume", "resize"], ["snapshot", "create"], ["snapshot", "list"], ["snapshot", "delete"], ["snapshot", "rollback"],
-        ["clone"], ["feed"], ["stats"],
+        ["clone"], ["export-diff"], ["feed"], ["stats"],
     ]
 
     /// `--long-option` names in a help text.
@@ -40,7 +40,7 @@ import Testing
         let listed = top.stdout.components(separatedBy: "SUBCOMMANDS:").last?.split(separator: "\n")
             .filter { $0.hasPrefix("  ") && !$0.hasPrefix("   ") }
             .compactMap { $0.split(separator: " ").first.map(String.init) }
-            .filter { $0.allSatisfy(\.isLowercase) } ?? []
+            .filter { $0.allSatisfy { $0.isLowercase || $0 == "-" } } ?? []
         #expect(listed.count >= 9, "\(listed)")
         for word in listed where word != "help" {
             #expect(Self.subcommands.contains { $0[0] == word }, "subcommand \(word) is not checked")

@@ -168,6 +168,12 @@ import Testing
         #expect(stats.stdout.contains("16 KiB read"), "\(stats.stdout)")
         #expect(stats.stdout.contains("1 volume, 1 snapshot"), "\(stats.stdout)")
         #expect(stats.stdout.contains("1 subscriber"), "\(stats.stdout)")
+        let js = try run([pmemNBDBinary, "stats", "--metrics", "unix:" + metricsPath, "--json"])
+        let summary = try JSONSerialization.jsonObject(with: Data(js.stdout.utf8)) as? [String: Any]
+        #expect((summary?["requests"] as? [String: Any])?["write"] as? Int == 5, "\(js.stdout)")
+        #expect((summary?["bytes"] as? [String: Any])?["read"] as? Int == 16 << 10)
+        #expect(summary?["volumes"] as? Int == 1 && summary?["snapshots"] as? Int == 1)
+        #expect((summary?["feed"] as? [String: Any])?["subscribers"] as? Int == 1)
         let raw = try run([pmemNBDBinary, "stats", "--metrics", "unix:" + metricsPath, "--raw"])
         #expect(raw.stdout.hasPrefix("# HELP pmem_nbd_requests_total"))
 
