@@ -44,6 +44,10 @@ extension Connection {
                 if !bytes.isEmpty { try? sendHandshake(bytes) }
                 Log.debug("connection \(id): \(reason)")
                 return nil
+            case .startTLS:
+                // Unreachable while the server negotiates with TLS off.
+                Log.info("connection \(id): STARTTLS without TLS configured; dropping")
+                return nil
             case .transmission(let bytes, let session):
                 try sendHandshake(bytes)
                 Log.debug("connection \(id): export '\(session.export.name)', structured=\(session.structuredReplies), contexts=\(session.metaContexts.map(\.name))")
