@@ -29,6 +29,9 @@ let package = Package(
         .target(name: "PmemFeed", dependencies: ["FeedWire", "PmemVolumes", "PmemPool", "PmemSystem", "CPmemSupport"]),
         // A client connection to the feed (framing, descriptors passed with WELCOME).
         .target(name: "PmemFeedClient", dependencies: ["FeedWire", "PmemSystem", "CPmemSupport"]),
+        // TLS through GnuTLS: credentials loaded at start, one session per connection.
+        .target(name: "NBDTLS", dependencies: ["CGnuTLS", "PmemSystem"]),
+        .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
         // Sessions and listeners: sockets, handshake and transmission I/O.
         .target(name: "NBDServer", dependencies: ["NBDWire", "PmemVolumes", "PmemPool", "PmemSystem", "CPmemSupport"]),
         // The application: pools exposed as NBD exports; commands the CLI calls.
