@@ -81,7 +81,7 @@ public final class TLSCredentials: @unchecked Sendable {
         let cert = dir + "/" + serverCertificate
         let key = dir + "/" + serverKey
         let ca = dir + "/" + caCertificate
-        let layout = "a certificate directory holds \(serverCertificate), \(serverKey) and, to verify clients, \(caCertificate) (as for nbdkit and qemu; certtool(1) makes them)"
+        let layout = "the directory needs \(serverCertificate) and \(serverKey), plus \(caCertificate) to verify clients, as for nbdkit and qemu; certtool(1) makes them"
         try checkReadable(cert, hint: layout)
         try checkReadable(key, hint: layout)
         if verifyPeer { try checkReadable(ca, hint: "client certificates are verified against it") }
