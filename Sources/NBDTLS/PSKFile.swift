@@ -7,9 +7,9 @@ public struct PSKFile: Sendable, Equatable {
     /// Parses the file's text; `path` names the file in error messages.
     public init(text: String, path: String) throws(TLSError) {
         var lineNumber = 0
-        for raw in text.split(separator: "\n", omittingEmptySubsequences: false) {
+        // Character.isNewline takes "\r\n" (one Character in Swift) as one line end.
+        for line in text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline) {
             lineNumber += 1
-            let line = raw.hasSuffix("\r") ? raw.dropLast() : raw[...]
             if line.allSatisfy({ $0 == " " || $0 == "\t" }) || line.hasPrefix("#") { continue }
             let at = "\(path) line \(lineNumber)"
             guard let colon = line.lastIndex(of: ":") else {
