@@ -226,15 +226,21 @@ import Testing
         #expect(try certificateClient(s, dir: pki.clientDir).tlsNegotiated)
     }
 
-    @Test func aStalledHandshakeDoesNotBlockOthers() throws {
-        let s = try TestServer(tls: (.require, try x509()))
+    @Test func aStalledHandshakeDoesNotBlockOthersAndTimesOut() throws {
+        let s = try TestServer(tls: (.require, try x509()), handshakeTimeoutSeconds: 1)
         let stalled = try RawClient(unix: s.socketPath)
         _ = try stalled.greet()
         try stalled.send(RawClient.option(5, []))
         #expect(try stalled.optionReply()?.type == OptionReplyType.ack)
+        let acknowledged = Date()
         // It never sends its ClientHello; others connect and work meanwhile.
         let c = try certificateClient(s, dir: pki.clientDir)
         try c.pwrite([9, 9], offset: 100)
+        #expect(try c.pread(count: 2, offset: 100) == [9, 9])
+        // The server gives up on it after the handshake timeout (1 s here), well before the
+        // raw client's own 10 s read timeout.
+        #expect(stalled.closesAfterDraining())
+        #expect(Date().timeIntervalSince(acknowledged) < 8)
         #expect(try c.pread(count: 2, offset: 100) == [9, 9])
     }
 

@@ -43,7 +43,7 @@ final class TestServer {
     init(size: UInt64 = 80 << 20, volumeSize: UInt64? = nil, readOnly: Bool = false, persistence: PersistenceMode = .page,
          exportName: String? = nil, withFeed: Bool = false, recallDeadline: Double = 2, ackDeadline: Double = 10,
          badBlocks: String? = nil, ringCapacity: Int = 65_536,
-         tls: (mode: Negotiator.TLSMode, credentials: TLSCredentials)? = nil) throws {
+         tls: (mode: Negotiator.TLSMode, credentials: TLSCredentials)? = nil, handshakeTimeoutSeconds: Int? = nil) throws {
         poolPath = scratch.file("pool")
         socketPath = scratch.file("s.sock")
         try PoolEngine.create(path: poolPath, size: size, volumeName: "vol0", volumeSize: volumeSize ?? (size - (16 << 20)))
@@ -54,6 +54,7 @@ final class TestServer {
             server.tlsMode = tls.mode
             server.tlsCredentials = tls.credentials
         }
+        if let handshakeTimeoutSeconds { server.handshakeTimeoutSeconds = handshakeTimeoutSeconds }
         try server.listen(on: [Socket.listenUnix(path: socketPath)])
         pool.onVolumeChange { [server] id in server.disconnect { ($0 as? Volume)?.id == id } }
         if withFeed {
