@@ -29,12 +29,15 @@ let package = Package(
         .target(name: "PmemFeed", dependencies: ["FeedWire", "PmemVolumes", "PmemPool", "PmemSystem", "CPmemSupport"]),
         // A client connection to the feed (framing, descriptors passed with WELCOME).
         .target(name: "PmemFeedClient", dependencies: ["FeedWire", "PmemSystem", "CPmemSupport"]),
+        // TLS through GnuTLS: credentials loaded at start, one session per connection.
+        .target(name: "NBDTLS", dependencies: ["CGnuTLS", "PmemSystem"]),
+        .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
         // Sessions and listeners: sockets, handshake and transmission I/O.
-        .target(name: "NBDServer", dependencies: ["NBDWire", "PmemVolumes", "PmemPool", "PmemSystem", "CPmemSupport"]),
+        .target(name: "NBDServer", dependencies: ["NBDWire", "NBDTLS", "PmemVolumes", "PmemPool", "PmemSystem", "CPmemSupport"]),
         // The application: pools exposed as NBD exports; commands the CLI calls.
-        .target(name: "PmemNBD", dependencies: ["NBDServer", "NBDWire", "PmemFeed", "PmemFeedClient", "FeedWire", "PmemVolumes", "PmemPool", "PmemSystem"]),
+        .target(name: "PmemNBD", dependencies: ["NBDServer", "NBDWire", "NBDTLS", "PmemFeed", "PmemFeedClient", "FeedWire", "PmemVolumes", "PmemPool", "PmemSystem"]),
         .executableTarget(name: "pmem-nbd", dependencies: [
-            "PmemNBD", "PmemSystem", "PmemFeedClient", "FeedWire",
+            "PmemNBD", "NBDWire", "PmemSystem", "PmemFeedClient", "FeedWire",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // The DAX client library: a local process reads (and with a write lease, writes) pool
@@ -49,7 +52,7 @@ let package = Package(
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"]),
         .testTarget(name: "PmemNBDTests", dependencies: [
-            "PmemNBD", "NBDServer", "NBDWire", "PmemVolumes", "PmemPool", "PmemSystem", "CLibNBD", "pmem-nbd",
+            "PmemNBD", "NBDServer", "NBDWire", "NBDTLS", "PmemVolumes", "PmemPool", "PmemSystem", "CLibNBD", "pmem-nbd",
             "PmemFeed", "PmemFeedClient", "FeedWire", "PmemDAX",
         ]),
     ]

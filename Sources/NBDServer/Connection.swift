@@ -1,5 +1,6 @@
 import Dispatch
 import Glibc
+import NBDTLS
 import NBDWire
 import PmemPool
 import PmemVolumes
@@ -21,6 +22,8 @@ final class Connection: @unchecked Sendable {
     let offloaded = WaitGroup()
     /// The volume being served, once transmission started.
     private(set) var volume: (any BlockVolume)?
+    /// The TLS session, once STARTTLS succeeded (see HandshakePhase.swift).
+    var tls: TLSSession?
 
     init(id: UInt64, input: FileDescriptor, output: FileDescriptor, server: Server, peer: String) {
         self.id = id
@@ -40,6 +43,8 @@ final class Connection: @unchecked Sendable {
             // Release the reply stream first: offloaded commands need it to send their replies.
             replies.flush()
             offloaded.wait()
+            // Only this thread is left to send: close TLS in order when the stream still works.
+            if let tls, !replies.failed { closeTLS(tls) }
             if input == output {
                 input.close()
             } else {
@@ -62,9 +67,18 @@ final class Connection: @unchecked Sendable {
         }
     }
 
-    /// Sends handshake bytes directly (no batching needed).
+    /// Sends handshake bytes directly (no batching needed), through TLS once it is up.
     func sendHandshake(_ bytes: [UInt8]) throws(Errno) {
+        if let tls { return try tls.send(bytes) }
         try output.writeAll(bytes: bytes)
+    }
+
+    /// Sends close_notify, waiting at most 5 s for room in the socket (a client that stopped
+    /// reading must not hold the thread).
+    private func closeTLS(_ tls: TLSSession) {
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(output.rawValue, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        tls.bye()
     }
 
     /// Interrupts blocking reads so the thread drains and exits (server shutdown).

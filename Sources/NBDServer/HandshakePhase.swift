@@ -1,4 +1,5 @@
 import Glibc
+import NBDTLS
 import NBDWire
 import PmemSystem
 
@@ -6,12 +7,12 @@ extension Connection {
     /// Runs fixed-newstyle negotiation. Returns the settled session, or nil when the client
     /// aborted, disconnected or must be dropped.
     func negotiate() throws(Errno) -> NegotiatedSession? {
-        var negotiator = Negotiator(catalog: server.exports)
+        var negotiator = Negotiator(catalog: server.exports, tls: server.tlsCredentials == nil ? .off : server.tlsMode)
         try sendHandshake(Negotiator.greeting)
         guard let flagBytes = try receive.take(4) else { return nil }
         let clientFlags = loadBigEndian(UInt32.self, from: flagBytes.withUnsafeBytes { $0.baseAddress! })
-        guard negotiator.receiveClientFlags(clientFlags) else {
-            Log.info("connection \(id): unknown client flags 0x\(String(clientFlags, radix: 16)); dropping")
+        if let refusal = negotiator.checkClientFlags(clientFlags) {
+            Log.info("connection \(id): \(refusal); dropping")
             return nil
         }
         while true {
@@ -44,11 +45,40 @@ extension Connection {
                 if !bytes.isEmpty { try? sendHandshake(bytes) }
                 Log.debug("connection \(id): \(reason)")
                 return nil
+            case .startTLS(let ack):
+                guard try startTLS(ack: ack) else { return nil }
             case .transmission(let bytes, let session):
                 try sendHandshake(bytes)
                 Log.debug("connection \(id): export '\(session.export.name)', structured=\(session.structuredReplies), contexts=\(session.metaContexts.map(\.name))")
                 return session
             }
         }
+    }
+
+    /// Sends the ACK to STARTTLS and runs the TLS handshake; from then on the receive buffer,
+    /// the reply writer and handshake replies go through the session. False drops the
+    /// connection: TLS cannot be undone once acknowledged.
+    private func startTLS(ack: [UInt8]) throws(Errno) -> Bool {
+        guard let credentials = server.tlsCredentials else { return false }
+        // The client must wait for the ACK before its ClientHello; bytes already here would be
+        // plaintext smuggled in front of the TLS stream.
+        if receive.available > 0 {
+            Log.info("connection \(id): data after STARTTLS before its reply; dropping")
+            return false
+        }
+        try sendHandshake(ack)
+        let session: TLSSession
+        do {
+            session = try TLSSession.handshake(credentials: credentials, input: input, output: output,
+                                               timeoutSeconds: server.handshakeTimeoutSeconds)
+        } catch {
+            Log.info("connection \(id) from \(peer): \(error); dropping")
+            return false
+        }
+        tls = session
+        receive.tls = session
+        replies.tls = session
+        Log.debug("connection \(id): \(session.details)")
+        return true
     }
 }

@@ -1,11 +1,15 @@
 import Glibc
+import NBDTLS
 import PmemSystem
 
 /// A connection's input: one buffer filled by large `read(2)` calls so that many requests
-/// (the kernel and libnbd pipeline up to 128 or more) are parsed per system call.
+/// (the kernel and libnbd pipeline up to 128 or more) are parsed per system call. After
+/// STARTTLS the bytes come decrypted from the TLS session instead (`gnutls_record_recv`).
 /// Owned by the connection's reader thread only.
 final class ReceiveBuffer {
     let fd: FileDescriptor
+    /// Set once the TLS handshake succeeded (with nothing left buffered from before it).
+    var tls: TLSSession?
     let base: UnsafeMutableRawPointer
     let capacity: Int
     /// Unconsumed bytes are `[start, end)`.
@@ -28,6 +32,13 @@ final class ReceiveBuffer {
         if start == end { start = 0; end = 0 }
     }
 
+    /// One `read(2)` on the descriptor, or one TLS record's worth through the session.
+    @inline(__always)
+    private func readSome(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
+        if let tls { return try tls.receive(into: buffer) }
+        return try fd.read(into: buffer)
+    }
+
     /// Reads until at least `n` bytes are buffered (`n` ≤ capacity). Returns false at end of
     /// stream before that. Reads as much as the kernel has, to batch requests.
     func fill(atLeast n: Int) throws(Errno) -> Bool {
@@ -39,7 +50,7 @@ final class ReceiveBuffer {
             start = 0
         }
         while available < n {
-            let got = try fd.read(into: UnsafeMutableRawBufferPointer(start: base + end, count: capacity - end))
+            let got = try readSome(into: UnsafeMutableRawBufferPointer(start: base + end, count: capacity - end))
             if got == 0 { return false }
             end += got
         }
@@ -95,7 +106,7 @@ final class ReceiveBuffer {
             // there a non-temporal copy from this (cache-hot) buffer beats writing back every
             // line the kernel stored.
             if left >= 64 * 1024 && !nonTemporal {
-                let got = try fd.read(into: UnsafeMutableRawBufferPointer(start: destination.baseAddress! + done, count: left))
+                let got = try readSome(into: UnsafeMutableRawBufferPointer(start: destination.baseAddress! + done, count: left))
                 if got == 0 { throw Errno.connectionReset }
                 done += got
             } else if !(try fill(atLeast: 1)) {

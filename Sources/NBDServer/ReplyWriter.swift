@@ -1,4 +1,5 @@
 import Glibc
+import NBDTLS
 import NBDWire
 import PmemSystem
 
@@ -8,8 +9,12 @@ import PmemSystem
 /// One lock serialises the byte stream: the reader thread holds it from the first reply it
 /// queues until the batch is sent, so a reply split over several `writev` calls is never
 /// interleaved with a reply a worker sends for an offloaded command.
+///
+/// After STARTTLS the same iovecs go through the TLS session instead of `writev`.
 final class ReplyWriter: @unchecked Sendable {
     let fd: FileDescriptor
+    /// Set by the handshake thread once TLS is up, before any other thread sends.
+    var tls: TLSSession?
     private let iov: UnsafeMutablePointer<iovec>
     private let iovCapacity = ReplyWriter.iovMax
     private var iovCount = 0
@@ -105,7 +110,7 @@ final class ReplyWriter: @unchecked Sendable {
 
     private func send(keepLock: Bool) {
         if iovCount > 0 && !failed {
-            if !writeAll(iov, iovCount) { failed = true }
+            if !sendAll(iov, iovCount) { failed = true }
         }
         iovCount = 0
         arenaUsed = 0
@@ -122,8 +127,16 @@ final class ReplyWriter: @unchecked Sendable {
         guard !failed else { return }
         bytes.withUnsafeBytes { b in
             var v = iovec(iov_base: UnsafeMutableRawPointer(mutating: b.baseAddress!), iov_len: b.count)
-            if !writeAll(&v, 1) { failed = true }
+            if !sendAll(&v, 1) { failed = true }
         }
+    }
+
+    /// Sends the iovecs through TLS when it is up, else with `writeAll`. False if the peer is gone.
+    @inline(__always)
+    private func sendAll(_ vec: UnsafeMutablePointer<iovec>, _ count: Int) -> Bool {
+        guard let tls else { return writeAll(vec, count) }
+        do { try tls.send(vec, count) } catch { return false }
+        return true
     }
 
     /// `writev(2)` until every byte is out, advancing over partial writes.

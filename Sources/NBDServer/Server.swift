@@ -1,5 +1,6 @@
 import Dispatch
 import Glibc
+import NBDTLS
 import NBDWire
 import PmemPool
 import PmemVolumes
@@ -14,6 +15,10 @@ public final class Server: @unchecked Sendable {
     public var handshakeTimeoutSeconds: Int = 60
     /// Whether connections measure request latency (for metrics; set before listening).
     public var measuresLatency = false
+    /// STARTTLS policy (set before listening); TLS stays off without credentials.
+    public var tlsMode: Negotiator.TLSMode = .off
+    /// Server certificate and/or pre-shared keys, loaded once (set before listening).
+    public var tlsCredentials: TLSCredentials?
 
     private let connections = Locked<[UInt64: Connection]>([:])
     private let nextID = Atomic<UInt64>(1)

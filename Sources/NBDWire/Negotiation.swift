@@ -3,9 +3,16 @@
 
 /// The server side of option haggling.
 public struct Negotiator {
-    public enum TLSMode: Sendable {
+    /// The server's TLS policy (the spec's NOTLS, SELECTIVETLS with no TLS-only export, and
+    /// FORCEDTLS modes).
+    public enum TLSMode: String, Sendable, CaseIterable {
         /// No TLS: STARTTLS is answered with ERR_POLICY.
         case off
+        /// STARTTLS is accepted; clients may also go on without it.
+        case on
+        /// Every option but STARTTLS and ABORT is answered ERR_TLS_REQD until TLS is active;
+        /// EXPORT_NAME, which cannot be answered with an error, closes the connection.
+        case require
     }
 
     /// What to do after an option.
@@ -16,6 +23,9 @@ public struct Negotiator {
         case transmission([UInt8], NegotiatedSession)
         /// Send these bytes (possibly none) and close the connection.
         case close([UInt8], reason: String)
+        /// Send these bytes (the ACK to STARTTLS), then run the TLS handshake as the server;
+        /// all later bytes go through TLS. A failed handshake must close the connection.
+        case startTLS([UInt8])
     }
 
     public let catalog: any ExportCatalog
@@ -23,6 +33,9 @@ public struct Negotiator {
     public private(set) var clientFlags: ClientFlags = []
     public private(set) var structuredReplies = false
     public private(set) var optionsSeen = 0
+    /// Whether STARTTLS was accepted: from then on the stream is TLS (the I/O layer drops the
+    /// connection if the TLS handshake fails).
+    public private(set) var tlsActive = false
     /// Contexts selected by the last SET_META_CONTEXT, and the canonical export name it named.
     public private(set) var selectedContexts: [MetaContext] = []
     public private(set) var contextsExportName: String?
@@ -58,19 +71,33 @@ public struct Negotiator {
         return .option(code: code, length: length)
     }
 
-    /// Accepts the client's 32-bit flags; false means an unknown flag was set and the
-    /// connection must be dropped (spec: the server MUST drop it).
+    /// Accepts the client's 32-bit flags; false means the connection must be dropped (see
+    /// `checkClientFlags`).
     public mutating func receiveClientFlags(_ raw: UInt32) -> Bool {
-        let flags = ClientFlags(rawValue: raw)
-        guard flags.isSubset(of: .known) else { return false }
-        clientFlags = flags
-        return true
+        checkClientFlags(raw) == nil
     }
+
+    /// Accepts the client's 32-bit flags, or says why the connection must be dropped: an
+    /// unknown flag (spec: the server MUST drop it), or no FIXED_NEWSTYLE when TLS is
+    /// required (TLS needs fixed newstyle, so such a client can never be served).
+    public mutating func checkClientFlags(_ raw: UInt32) -> String? {
+        let flags = ClientFlags(rawValue: raw)
+        guard flags.isSubset(of: .known) else { return "unknown client flags 0x\(String(raw, radix: 16))" }
+        if tls == .require && !flags.contains(.fixedNewstyle) {
+            return "client does not use fixed newstyle negotiation, which TLS needs, and TLS is required"
+        }
+        clientFlags = flags
+        return nil
+    }
+
+    /// Whether options other than STARTTLS and ABORT are refused with ERR_TLS_REQD.
+    public var requiresTLSFirst: Bool { tls == .require && !tlsActive }
 
     /// Answer to an option whose payload was too large to read (it has been skipped).
     public mutating func optionTooBig(code: UInt32) -> Outcome {
         optionsSeen += 1
         if code == OptionCode.exportName { return .close([], reason: "export name option too large") }
+        if requiresTLSFirst && code != OptionCode.startTLS && code != OptionCode.abort { return tlsRequired(code) }
         return .reply(Self.optionReply(code, OptionReplyType.errTooBig, message: "option payload too large"))
     }
 
@@ -80,13 +107,16 @@ public struct Negotiator {
         if optionsSeen > NBDLimits.maxOptionsPerHandshake {
             return .close([], reason: "more than \(NBDLimits.maxOptionsPerHandshake) options")
         }
+        if requiresTLSFirst && code != OptionCode.startTLS && code != OptionCode.abort {
+            // Spec, FORCEDTLS: EXPORT_NAME cannot be answered with an error, so the session ends.
+            if code == OptionCode.exportName { return .close([], reason: "EXPORT_NAME before STARTTLS, and TLS is required") }
+            return tlsRequired(code)
+        }
         switch code {
         case OptionCode.exportName: return exportName(payload)
         case OptionCode.abort: return .close(Self.optionReply(code, OptionReplyType.ack), reason: "client aborted")
         case OptionCode.list: return list(payload)
-        case OptionCode.startTLS:
-            if !payload.isEmpty { return invalid(code, "STARTTLS takes no data") }
-            return .reply(Self.optionReply(code, OptionReplyType.errPolicy, message: "TLS is not enabled on this server"))
+        case OptionCode.startTLS: return startTLS(payload)
         case OptionCode.info, OptionCode.go: return infoOrGo(code, payload)
         case OptionCode.structuredReply:
             if !payload.isEmpty { return invalid(code, "STRUCTURED_REPLY takes no data") }
@@ -100,6 +130,27 @@ public struct Negotiator {
     }
 
     // MARK: options
+
+    private mutating func startTLS(_ payload: [UInt8]) -> Outcome {
+        let code = OptionCode.startTLS
+        if !payload.isEmpty { return invalid(code, "STARTTLS takes no data") }
+        // TLS needs fixed newstyle; without it the spec says the server works without TLS.
+        if tls == .off || !clientFlags.contains(.fixedNewstyle) {
+            return .reply(Self.optionReply(code, OptionReplyType.errPolicy, message: "TLS is not enabled on this server"))
+        }
+        if tlsActive { return invalid(code, "TLS is already active") }
+        // Spec: nothing negotiated before STARTTLS survives it.
+        tlsActive = true
+        structuredReplies = false
+        selectedContexts = []
+        contextsExportName = nil
+        return .startTLS(Self.optionReply(code, OptionReplyType.ack))
+    }
+
+    private func tlsRequired(_ code: UInt32) -> Outcome {
+        .reply(Self.optionReply(code, OptionReplyType.errTLSRequired,
+                                message: "TLS is required: send NBD_OPT_STARTTLS first (an nbds:// URI)"))
+    }
 
     private func exportName(_ payload: [UInt8]) -> Outcome {
         guard payload.count <= NBDLimits.maxString, let name = decodeProtocolString(payload) else {

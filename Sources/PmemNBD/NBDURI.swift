@@ -4,25 +4,27 @@ import PmemSystem
 /// the server's listening sockets.
 public enum NBDURI {
     /// One URI per distinct listening address, in the order of the sockets:
-    /// `nbd://localhost:PORT/EXPORT` for TCP, `nbd+unix:///EXPORT?socket=PATH` for Unix.
-    public static func uris(for sockets: [FileDescriptor], exportName: String) -> [String] {
+    /// `nbd://localhost:PORT/EXPORT` for TCP, `nbd+unix:///EXPORT?socket=PATH` for Unix;
+    /// `nbds` and `nbds+unix` when `tls` (the server requires TLS).
+    public static func uris(for sockets: [FileDescriptor], exportName: String, tls: Bool = false) -> [String] {
         var out: [String] = []
         for s in sockets {
-            guard let a = Socket.localAddress(s), let u = uri(for: a, exportName: exportName), !out.contains(u) else { continue }
+            guard let a = Socket.localAddress(s), let u = uri(for: a, exportName: exportName, tls: tls), !out.contains(u) else { continue }
             out.append(u)
         }
         return out
     }
 
     /// The URI of one address; nil for an unnamed Unix socket.
-    public static func uri(for address: Socket.LocalAddress, exportName: String) -> String? {
+    public static func uri(for address: Socket.LocalAddress, exportName: String, tls: Bool = false) -> String? {
         let export = "/" + percentEncode(exportName, keeping: pathCharacters)
+        let scheme = tls ? "nbds" : "nbd"
         switch address {
         case .unix(let path):
             guard !path.isEmpty else { return nil }
-            return "nbd+unix://\(export)?socket=\(percentEncode(path, keeping: queryCharacters))"
+            return "\(scheme)+unix://\(export)?socket=\(percentEncode(path, keeping: queryCharacters))"
         case .inet(let host, let port):
-            return "nbd://\(uriHost(host)):\(port)\(export)"
+            return "\(scheme)://\(uriHost(host)):\(port)\(export)"
         }
     }
 

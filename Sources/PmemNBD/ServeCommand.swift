@@ -1,6 +1,7 @@
 import Dispatch
 import Glibc
 import NBDServer
+import NBDTLS
 import PmemPool
 import PmemVolumes
 import PmemFeed
@@ -11,9 +12,11 @@ import PmemSystem
 public enum ServeCommand {
     public static func run(_ o: ServeOptions) throws -> Int32 {
         if o.fork && o.stdio { throw ServeError("--fork and --stdio cannot be used together") }
+        try checkTLSOptions(o)
         // First, before anything can start a thread: fork() is only safe in a single-threaded process.
         let daemon = o.fork ? try Daemon.forkIntoBackground() : nil
         signal(SIGPIPE, SIG_IGN)
+        let tls = try loadTLSCredentials(o)
         var st = stat()
         if stat(o.poolPath, &st) != 0, let size = o.createSize {
             let sb = try PoolEngine.create(path: o.poolPath, size: size)
@@ -26,6 +29,8 @@ public enum ServeCommand {
         let exports = PoolExports(pool: pool, readOnly: o.readOnly, defaultName: o.exportName)
         let server = Server(exports: exports)
         server.measuresLatency = o.metrics != nil
+        server.tlsMode = o.tlsMode
+        server.tlsCredentials = tls
         pool.onVolumeChange { [weak server] id in
             server?.disconnect { ($0 as? Volume)?.id == id }
         }
@@ -77,7 +82,7 @@ public enum ServeCommand {
                 Log.info("listening on \(o.bindAddress):\(port)")
             }
         }
-        let uris = NBDURI.uris(for: sockets, exportName: exports.lookup("")?.name ?? "")
+        let uris = NBDURI.uris(for: sockets, exportName: exports.lookup("")?.name ?? "", tls: o.tlsMode == .require)
         try server.listen(on: sockets)
         var control: ControlServer?
         if o.controlPath != "none" && !o.readOnly {
@@ -129,6 +134,36 @@ public enum ServeCommand {
         if let pidFile = o.pidFile { unlink(pidFile) }
         _ = sources
         return 0
+    }
+
+    /// Option combinations that cannot work, refused before anything starts.
+    static func checkTLSOptions(_ o: ServeOptions) throws {
+        let given = o.tlsCertificates != nil || o.tlsPSK != nil
+        if o.tlsMode == .off {
+            if given || o.tlsVerifyPeer {
+                let which = o.tlsCertificates != nil ? "--tls-certificates" : o.tlsPSK != nil ? "--tls-psk" : "--tls-verify-peer"
+                throw ServeError("\(which) has no effect with --tls off: add --tls on or --tls require")
+            }
+            return
+        }
+        if !given {
+            throw ServeError("--tls \(o.tlsMode.rawValue) needs credentials: --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE (from psktool)")
+        }
+        if o.tlsVerifyPeer && o.tlsCertificates == nil {
+            throw ServeError("--tls-verify-peer needs --tls-certificates DIR with ca-cert.pem, the CA that signs client certificates")
+        }
+    }
+
+    /// Loads certificates and keys once, at start; nil with --tls off.
+    static func loadTLSCredentials(_ o: ServeOptions) throws -> TLSCredentials? {
+        guard o.tlsMode != .off else { return nil }
+        do {
+            let c = try TLSCredentials(certificateDirectory: o.tlsCertificates, pskFile: o.tlsPSK, verifyPeer: o.tlsVerifyPeer)
+            Log.info("TLS \(o.tlsMode.rawValue): \(c.summary)")
+            return c
+        } catch {
+            throw ServeError(error.description)
+        }
     }
 
     static func writePidFile(_ path: String) throws {

@@ -1,3 +1,4 @@
+import NBDWire
 import PmemPool
 
 /// Everything `pmem-nbd serve` was asked for.
@@ -36,6 +37,15 @@ public struct ServeOptions: Sendable {
     public var verbose = false
     /// Serve Prometheus metrics over HTTP here.
     public var metrics: MetricsAddress?
+
+    /// STARTTLS policy: off, on (clients choose) or require.
+    public var tlsMode: Negotiator.TLSMode = .off
+    /// Directory with server-cert.pem, server-key.pem (and ca-cert.pem to verify clients).
+    public var tlsCertificates: String?
+    /// psktool file of `username:hexkey` lines.
+    public var tlsPSK: String?
+    /// Require client certificates signed by the directory's ca-cert.pem.
+    public var tlsVerifyPeer = false
 
     public init(poolPath: String) { self.poolPath = poolPath }
 

@@ -53,7 +53,8 @@ func converse(_ data: UnsafeRawBufferPointer) throws(FuzzFailure) {
         defer { pos += n }
         return bytes[pos..<(pos + n)]
     }
-    var negotiator = Negotiator(catalog: FuzzCatalog())
+    // The TLS policy follows the input's length, so every corpus entry keeps its meaning.
+    var negotiator = Negotiator(catalog: FuzzCatalog(), tls: Negotiator.TLSMode.allCases[bytes.count % 3])
     guard let flags = take(4) else { return }
     guard negotiator.receiveClientFlags(u32(flags)) else { return }
     var session: NegotiatedSession?
@@ -73,6 +74,9 @@ func converse(_ data: UnsafeRawBufferPointer) throws(FuzzFailure) {
             try checkOptionReplies(r, option: code)
         case .close:
             return
+        case .startTLS(let r):
+            // The rest of the input stands for what the client sends over TLS.
+            try checkOptionReplies(r, option: code)
         case .transmission(let r, let s):
             if code != OptionCode.exportName { try checkOptionReplies(r, option: code) }
             session = s

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import NBDWire
 import PmemNBD
 import PmemPool
 import PmemSystem
@@ -138,6 +139,15 @@ struct Serve: ParsableCommand {
 
           # let libnbd start a private server
           nbdinfo -- [ pmem-nbd serve pool.pmem ]
+
+          # TLS required, X.509 certificates in the nbdkit/qemu layout (ca-cert.pem,
+          # server-cert.pem, server-key.pem); clients use nbds:// URIs
+          pmem-nbd serve pool.pmem -U /tmp/pmem.sock --tls require --tls-certificates /etc/pki/pmem-nbd
+          nbdinfo 'nbds+unix:///?socket=/tmp/pmem.sock&tls-certificates=/etc/pki/pmem-nbd-client'
+
+          # TLS with a pre-shared key (psktool -u alice -p keys.psk)
+          pmem-nbd serve pool.pmem -U /tmp/pmem.sock --tls require --tls-psk keys.psk
+          nbdinfo 'nbds+unix://alice@/?socket=/tmp/pmem.sock&tls-psk-file=keys.psk'
         """)
 
     @Argument(help: "Pool file or device.") var pool: String = "pmem-nbd.pool"
@@ -163,6 +173,13 @@ struct Serve: ParsableCommand {
     @Flag(name: .long, help: "Go into the background once listening: the command returns (0) when the server is ready.") var fork = false
     @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics over HTTP (GET /metrics) at HOST:PORT, :PORT (127.0.0.1) or unix:PATH.", valueName: "address"))
     var metrics: String?
+    @Option(name: .long, help: ArgumentHelp("STARTTLS: off, on (clients choose) or require (every option but STARTTLS is refused until TLS is up).", valueName: "off|on|require"))
+    var tls: String = "off"
+    @Option(name: .long, help: ArgumentHelp("Directory with server-cert.pem and server-key.pem (and ca-cert.pem for --tls-verify-peer), as for nbdkit and qemu.", valueName: "dir"))
+    var tlsCertificates: String?
+    @Option(name: .long, help: ArgumentHelp("Pre-shared keys: a psktool file of username:hexkey lines.", valueName: "file"))
+    var tlsPsk: String?
+    @Flag(name: .long, help: "Require a client certificate signed by the certificate directory's ca-cert.pem.") var tlsVerifyPeer = false
 
     func run() throws {
         Log.setLevel(Log.Level(rawValue: min(Log.Level.trace.rawValue, Log.Level.warning.rawValue + verbose)) ?? .trace)
@@ -195,6 +212,11 @@ struct Serve: ParsableCommand {
                 guard let address = MetricsAddress(metrics) else { throw ServeError("--metrics takes HOST:PORT, :PORT or unix:PATH, not '\(metrics)'") }
                 o.metrics = address
             }
+            guard let tlsMode = Negotiator.TLSMode(rawValue: tls) else { throw ServeError("--tls must be off, on or require, not '\(tls)'") }
+            o.tlsMode = tlsMode
+            o.tlsCertificates = tlsCertificates
+            o.tlsPSK = tlsPsk
+            o.tlsVerifyPeer = tlsVerifyPeer
             return try ServeCommand.run(o)
         }
     }

@@ -198,7 +198,8 @@ func metaPayload(_ name: String, _ queries: [String]) -> [UInt8] {
         // Property: any option code and payload yields an outcome (no trap, no crash).
         var rng = SplitMix(seed: 42)
         for _ in 0..<20_000 {
-            var n = Negotiator(catalog: catalog)
+            var n = Negotiator(catalog: catalog, tls: Negotiator.TLSMode.allCases[Int(rng.next() % 3)])
+            _ = n.receiveClientFlags(UInt32(rng.next() % 4))
             if rng.next() & 1 == 0 { _ = n.handle(code: OptionCode.structuredReply, payload: []) }
             let code = UInt32(rng.next() % 14)
             let len = Int(rng.next() % 64)
@@ -206,6 +207,130 @@ func metaPayload(_ name: String, _ queries: [String]) -> [UInt8] {
             if rng.next() % 3 == 0, len >= 4 { payload.replaceSubrange(0..<4, with: be(UInt32(rng.next() % 8))) }
             _ = n.handle(code: code, payload: payload)
         }
+    }
+}
+
+// MARK: TLS policy (STARTTLS, ERR_TLS_REQD)
+
+extension NegotiatorTests {
+    /// A negotiator whose client sent FIXED_NEWSTYLE | NO_ZEROES.
+    func fixedClient(_ tls: Negotiator.TLSMode) -> Negotiator {
+        var n = Negotiator(catalog: catalog, tls: tls)
+        let accepted = n.receiveClientFlags(3)
+        precondition(accepted)
+        return n
+    }
+
+    /// The single reply type of an outcome that must be `.reply` with one option reply.
+    func replyType(_ outcome: Negotiator.Outcome, option: UInt32, sourceLocation: SourceLocation = #_sourceLocation) -> UInt32? {
+        guard case .reply(let bytes) = outcome else {
+            Issue.record("expected a reply, got \(outcome)", sourceLocation: sourceLocation)
+            return nil
+        }
+        let r = replies(bytes)
+        #expect(r.count == 1, sourceLocation: sourceLocation)
+        #expect(r.first?.0 == option, sourceLocation: sourceLocation)
+        return r.first?.1
+    }
+
+    @Test func tlsOffAnswersStartTLSWithPolicy() {
+        var n = fixedClient(.off)
+        #expect(replyType(n.handle(code: OptionCode.startTLS, payload: []), option: OptionCode.startTLS) == OptionReplyType.errPolicy)
+        #expect(!n.tlsActive)
+        #expect(replyType(n.handle(code: OptionCode.startTLS, payload: [0]), option: OptionCode.startTLS) == OptionReplyType.errInvalid)
+        guard case .transmission = n.handle(code: OptionCode.go, payload: goPayload("vol")) else { Issue.record("GO without TLS"); return }
+    }
+
+    @Test func startTLSAcknowledgesOnceThenIsInvalid() {
+        for mode in [Negotiator.TLSMode.on, .require] {
+            var n = fixedClient(mode)
+            guard case .startTLS(let ack) = n.handle(code: OptionCode.startTLS, payload: []) else {
+                Issue.record("STARTTLS not accepted with --tls \(mode)"); continue
+            }
+            #expect(replies(ack).map(\.0) == [OptionCode.startTLS])
+            #expect(replies(ack).map(\.1) == [OptionReplyType.ack])
+            #expect(n.tlsActive)
+            // A second STARTTLS once TLS is active: ERR_INVALID (never TLS_REQD, never a second handshake).
+            #expect(replyType(n.handle(code: OptionCode.startTLS, payload: []), option: OptionCode.startTLS) == OptionReplyType.errInvalid)
+            #expect(n.tlsActive)
+            // Negotiation goes on over TLS.
+            #expect(replyType(n.handle(code: OptionCode.structuredReply, payload: []), option: OptionCode.structuredReply) == OptionReplyType.ack)
+            guard case .transmission(_, let session) = n.handle(code: OptionCode.go, payload: goPayload("vol")) else {
+                Issue.record("GO after STARTTLS with --tls \(mode)"); continue
+            }
+            #expect(session.structuredReplies)
+        }
+    }
+
+    @Test func startTLSWithDataIsInvalid() {
+        var n = fixedClient(.require)
+        #expect(replyType(n.handle(code: OptionCode.startTLS, payload: [1, 2]), option: OptionCode.startTLS) == OptionReplyType.errInvalid)
+        #expect(!n.tlsActive)
+    }
+
+    @Test func tlsRequiredRefusesEveryOptionButStartTLSAndAbort() {
+        var n = fixedClient(.require)
+        let refused: [(UInt32, [UInt8])] = [
+            (OptionCode.list, []), (OptionCode.info, goPayload("vol")), (OptionCode.go, goPayload("vol")),
+            (OptionCode.go, goPayload("missing")), (OptionCode.structuredReply, []),
+            (OptionCode.listMetaContext, metaPayload("vol", [])), (OptionCode.setMetaContext, metaPayload("vol", ["base:allocation"])),
+            (OptionCode.peekExport, []), (OptionCode.extendedHeaders, []), (1000, [9, 9]),
+        ]
+        for (code, payload) in refused {
+            #expect(replyType(n.handle(code: code, payload: payload), option: code) == OptionReplyType.errTLSRequired, "option \(code)")
+        }
+        // Nothing was negotiated meanwhile.
+        #expect(!n.structuredReplies)
+        #expect(!n.tlsActive)
+        // An oversized option (payload skipped) is refused the same way.
+        #expect(replyType(n.optionTooBig(code: OptionCode.info), option: OptionCode.info) == OptionReplyType.errTLSRequired)
+        // EXPORT_NAME cannot carry an error: the session ends, with nothing sent.
+        guard case .close(let bytes, _) = n.handle(code: OptionCode.exportName, payload: Array("vol".utf8)) else {
+            Issue.record("EXPORT_NAME before STARTTLS must close"); return
+        }
+        #expect(bytes.isEmpty)
+        guard case .close = n.optionTooBig(code: OptionCode.exportName) else { Issue.record("oversized EXPORT_NAME must close"); return }
+        // ABORT is still acknowledged.
+        var a = fixedClient(.require)
+        guard case .close(let ack, _) = a.handle(code: OptionCode.abort, payload: []) else { Issue.record("ABORT"); return }
+        #expect(replies(ack).map(\.1) == [OptionReplyType.ack])
+    }
+
+    @Test func tlsOnNeverAnswersTLSRequired() {
+        var n = fixedClient(.on)
+        guard case .reply(let info) = n.handle(code: OptionCode.info, payload: goPayload("vol")) else { Issue.record("INFO"); return }
+        #expect(replies(info).last?.1 == OptionReplyType.ack)
+        guard case .reply(let list) = n.handle(code: OptionCode.list, payload: []) else { Issue.record("LIST"); return }
+        #expect(!replies(list).contains { $0.1 == OptionReplyType.errTLSRequired })
+        guard case .transmission = n.handle(code: OptionCode.exportName, payload: Array("vol".utf8)) else {
+            Issue.record("EXPORT_NAME without TLS under --tls on"); return
+        }
+    }
+
+    @Test func startTLSForgetsEarlierNegotiation() {
+        var n = fixedClient(.on)
+        _ = n.handle(code: OptionCode.structuredReply, payload: [])
+        _ = n.handle(code: OptionCode.setMetaContext, payload: metaPayload("vol", ["base:allocation"]))
+        #expect(n.structuredReplies && n.selectedContexts.count == 1)
+        guard case .startTLS = n.handle(code: OptionCode.startTLS, payload: []) else { Issue.record("STARTTLS"); return }
+        #expect(!n.structuredReplies)
+        #expect(n.selectedContexts.isEmpty && n.contextsExportName == nil)
+        guard case .transmission(_, let session) = n.handle(code: OptionCode.go, payload: goPayload("vol")) else { Issue.record("GO"); return }
+        #expect(!session.structuredReplies)
+        #expect(session.metaContexts.isEmpty)
+    }
+
+    @Test func tlsNeedsFixedNewstyle() {
+        // Required TLS: a client without FIXED_NEWSTYLE can never be served, so it is dropped.
+        var r = Negotiator(catalog: catalog, tls: .require)
+        #expect(r.checkClientFlags(0) != nil)
+        #expect(r.checkClientFlags(2) != nil)
+        #expect(r.checkClientFlags(1) == nil)
+        // Optional TLS: served without it; STARTTLS gets ERR_POLICY (spec: NOTLS mode).
+        var o = Negotiator(catalog: catalog, tls: .on)
+        #expect(o.checkClientFlags(0) == nil)
+        #expect(replyType(o.handle(code: OptionCode.startTLS, payload: []), option: OptionCode.startTLS) == OptionReplyType.errPolicy)
+        #expect(!o.tlsActive)
     }
 }
 

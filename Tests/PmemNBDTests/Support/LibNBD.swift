@@ -46,6 +46,17 @@ final class NBDClient {
     func setOptMode(_ on: Bool) throws { try check(nbd_set_opt_mode(h, on)) }
     func setFullInfo(_ on: Bool) throws { try check(nbd_set_full_info(h, on)) }
 
+    // MARK: TLS
+
+    /// `nbd_set_tls`: LIBNBD_TLS_DISABLE, _ALLOW or _REQUIRE.
+    func setTLS(_ mode: Int32) throws { try check(nbd_set_tls(h, mode)) }
+    /// `nbd_set_tls_certificates`: a directory with ca-cert.pem (and client-cert.pem, client-key.pem).
+    func setTLSCertificates(_ dir: String) throws { try check(nbd_set_tls_certificates(h, dir)) }
+    func setTLSPSKFile(_ path: String) throws { try check(nbd_set_tls_psk_file(h, path)) }
+    func setTLSUsername(_ name: String) throws { try check(nbd_set_tls_username(h, name)) }
+    /// `nbd_get_tls_negotiated`: whether the connection really is encrypted.
+    var tlsNegotiated: Bool { get throws { try check(nbd_get_tls_negotiated(h)) == 1 } }
+
     // MARK: connecting
 
     func connect(unix path: String) throws { try check(nbd_connect_unix(h, path)) }
@@ -191,6 +202,12 @@ final class NBDClient {
         if r < 0 { throw LibNBDError.last() }
         return r == 1
     }
+}
+
+enum LibNBDTLS {
+    static let disable = Int32(LIBNBD_TLS_DISABLE)
+    static let allow = Int32(LIBNBD_TLS_ALLOW)
+    static let require = Int32(LIBNBD_TLS_REQUIRE)
 }
 
 enum LibNBDFlags {

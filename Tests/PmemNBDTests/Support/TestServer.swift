@@ -1,6 +1,8 @@
 import Foundation
 import Glibc
 import NBDServer
+import NBDTLS
+import NBDWire
 import PmemNBD
 import PmemFeed
 import PmemPool
@@ -40,13 +42,19 @@ final class TestServer {
     /// A pool of `size` bytes whose volume `vol0` is `volumeSize` (default: size less 16 MiB).
     init(size: UInt64 = 80 << 20, volumeSize: UInt64? = nil, readOnly: Bool = false, persistence: PersistenceMode = .page,
          exportName: String? = nil, withFeed: Bool = false, recallDeadline: Double = 2, ackDeadline: Double = 10,
-         badBlocks: String? = nil, ringCapacity: Int = 65_536) throws {
+         badBlocks: String? = nil, ringCapacity: Int = 65_536,
+         tls: (mode: Negotiator.TLSMode, credentials: TLSCredentials)? = nil, handshakeTimeoutSeconds: Int? = nil) throws {
         poolPath = scratch.file("pool")
         socketPath = scratch.file("s.sock")
         try PoolEngine.create(path: poolPath, size: size, volumeName: "vol0", volumeSize: volumeSize ?? (size - (16 << 20)))
         pool = try Pool.open(path: poolPath, readOnly: readOnly, persistence: persistence)
         volume = pool.volume(named: "vol0")!
         server = Server(exports: PoolExports(pool: pool, readOnly: readOnly, defaultName: exportName))
+        if let tls {
+            server.tlsMode = tls.mode
+            server.tlsCredentials = tls.credentials
+        }
+        if let handshakeTimeoutSeconds { server.handshakeTimeoutSeconds = handshakeTimeoutSeconds }
         try server.listen(on: [Socket.listenUnix(path: socketPath)])
         pool.onVolumeChange { [server] id in server.disconnect { ($0 as? Volume)?.id == id } }
         if withFeed {
