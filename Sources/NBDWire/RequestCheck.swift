@@ -7,10 +7,13 @@ public enum RequestCheck {
         case reject(NBDErrno, String)
     }
 
-    /// Flags a command may carry, given the negotiated transmission flags.
-    public static func allowedFlags(for type: CommandType, _ flags: TransmissionFlags) -> CommandFlags {
+    /// Flags a command may carry, given the negotiated transmission flags. With extended
+    /// headers WRITE carries PAYLOAD_LEN (it must); no other command has a payload form here.
+    public static func allowedFlags(for type: CommandType, _ flags: TransmissionFlags, extended: Bool = false) -> CommandFlags {
         var allowed: CommandFlags = flags.contains(.sendFUA) ? .fua : []
         switch type {
+        case .write:
+            if extended { allowed.insert(.payloadLength) }
         case .read:
             if flags.contains(.sendDF) { allowed.insert(.dontFragment) }
         case .writeZeroes:
@@ -24,18 +27,35 @@ public enum RequestCheck {
         return allowed
     }
 
-    /// Whether the payload of this request (if any) must be read from the stream. Only WRITE
-    /// carries one in compact headers; it is read (or skipped) even when the request is rejected.
+    /// How many payload bytes follow this request's header. With compact headers only WRITE
+    /// carries one (its length); with extended headers every request flagged PAYLOAD_LEN does,
+    /// and nothing else (a WRITE without the flag has none). The payload is read, or skipped,
+    /// even when the request is rejected, so the next header is found where the client put it.
     @inline(__always)
-    public static func payloadLength(of r: Request) -> UInt64 { r.typeCode == CommandType.write.rawValue ? r.length : 0 }
+    public static func payloadLength(of r: Request, extended: Bool = false) -> UInt64 {
+        if extended { return r.flags.contains(.payloadLength) ? r.length : 0 }
+        return r.typeCode == CommandType.write.rawValue ? r.length : 0
+    }
+
+    /// Whether the server hangs up instead of skipping the payload: with extended headers a
+    /// PAYLOAD_LEN beyond the advertised maximum payload (spec: the server SHOULD initiate a
+    /// hard disconnect). Compact WRITE payloads (at most 4 GiB) are always skipped. Every
+    /// request this is true for is also rejected by `check`.
+    public static func payloadForcesDisconnect(_ r: Request, session: NegotiatedSession) -> Bool {
+        session.extendedHeaders && r.flags.contains(.payloadLength) && r.length > UInt64(session.export.maximumPayload)
+    }
 
     public static func check(_ r: Request, session: NegotiatedSession) -> Verdict {
         guard let type = r.type else { return .reject(.invalid, "unknown command \(r.typeCode)") }
         let flags = session.flags
         let export = session.export
-        let extra = r.flags.subtracting(allowedFlags(for: type, flags))
+        let extended = session.extendedHeaders
+        let extra = r.flags.subtracting(allowedFlags(for: type, flags, extended: extended))
         if !extra.isEmpty {
             return .reject(.invalid, "flags 0x\(String(extra.rawValue, radix: 16)) not valid for \(type.name)")
+        }
+        if extended && type == .write && !r.flags.contains(.payloadLength) {
+            return .reject(.invalid, "WRITE without PAYLOAD_LEN under extended headers")
         }
         let isWrite = type == .write || type == .writeZeroes || type == .trim
         if isWrite && flags.contains(.readOnly) { return .reject(.permission, "export is read-only") }
