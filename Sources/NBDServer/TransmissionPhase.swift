@@ -57,8 +57,20 @@ extension Connection {
         var state = TransmissionState(session: session, volume: volume)
         let readGuard = state.readGuard
         defer { readGuard.exit() }
-        // Chosen once: with extended headers every request has the 32-byte header.
-        let extended = session.extendedHeaders
+        // Chosen once: two copies of the loop, each with its header style a constant, so the
+        // compact one decodes exactly as it did before extended headers existed.
+        if session.extendedHeaders {
+            try serve(&state, extended: true)
+        } else {
+            try serve(&state, extended: false)
+        }
+    }
+
+    /// The request loop: parses every complete header buffered, handles each request, sends
+    /// the batch of replies, reads more.
+    @inline(__always)
+    private func serve(_ state: inout TransmissionState, extended: Bool) throws(Errno) {
+        let readGuard = state.readGuard
         let headerSize = extended ? Request.extendedSize : Request.compactSize
         while true {
             while receive.available >= headerSize {

@@ -7,13 +7,12 @@ public enum RequestCheck {
         case reject(NBDErrno, String)
     }
 
-    /// Flags a command may carry, given the negotiated transmission flags. With extended
-    /// headers WRITE carries PAYLOAD_LEN (it must); no other command has a payload form here.
-    public static func allowedFlags(for type: CommandType, _ flags: TransmissionFlags, extended: Bool = false) -> CommandFlags {
+    /// Flags a command may carry, given the negotiated transmission flags. (PAYLOAD_LEN is
+    /// framing, not a command flag: `check` takes it off an extended WRITE, the one command that
+    /// has it here; on any other command it stays an invalid flag.)
+    public static func allowedFlags(for type: CommandType, _ flags: TransmissionFlags) -> CommandFlags {
         var allowed: CommandFlags = flags.contains(.sendFUA) ? .fua : []
         switch type {
-        case .write:
-            if extended { allowed.insert(.payloadLength) }
         case .read:
             if flags.contains(.sendDF) { allowed.insert(.dontFragment) }
         case .writeZeroes:
@@ -45,17 +44,30 @@ public enum RequestCheck {
         session.extendedHeaders && r.flags.contains(.payloadLength) && r.length > UInt64(session.export.maximumPayload)
     }
 
+    /// The verdict on a request. With extended headers a WRITE must carry PAYLOAD_LEN, which
+    /// is then taken off and the request judged as a compact one would be; the compact path
+    /// pays one branch on the session for this.
     public static func check(_ r: Request, session: NegotiatedSession) -> Verdict {
+        if session.extendedHeaders { return checkExtended(r, session: session) }
+        return checkCompact(r, session: session)
+    }
+
+    private static func checkExtended(_ r: Request, session: NegotiatedSession) -> Verdict {
+        guard r.typeCode == CommandType.write.rawValue else { return checkCompact(r, session: session) }
+        guard r.flags.contains(.payloadLength) else { return .reject(.invalid, "WRITE without PAYLOAD_LEN under extended headers") }
+        var write = r
+        write.flags.remove(.payloadLength)
+        return checkCompact(write, session: session)
+    }
+
+    @inline(__always)
+    private static func checkCompact(_ r: Request, session: NegotiatedSession) -> Verdict {
         guard let type = r.type else { return .reject(.invalid, "unknown command \(r.typeCode)") }
         let flags = session.flags
         let export = session.export
-        let extended = session.extendedHeaders
-        let extra = r.flags.subtracting(allowedFlags(for: type, flags, extended: extended))
+        let extra = r.flags.subtracting(allowedFlags(for: type, flags))
         if !extra.isEmpty {
             return .reject(.invalid, "flags 0x\(String(extra.rawValue, radix: 16)) not valid for \(type.name)")
-        }
-        if extended && type == .write && !r.flags.contains(.payloadLength) {
-            return .reject(.invalid, "WRITE without PAYLOAD_LEN under extended headers")
         }
         let isWrite = type == .write || type == .writeZeroes || type == .trim
         if isWrite && flags.contains(.readOnly) { return .reject(.permission, "export is read-only") }
