@@ -248,6 +248,8 @@ public struct Negotiator {
         var flags = export.flags.union(.hasFlags)
         if structuredReplies { flags.insert(.sendDF) } else { flags.remove(.sendDF) }
         if !flags.contains(.sendWriteZeroes) { flags.remove(.sendFastZero) }
+        // The BLOCK_STATUS payload form (extended headers only) is not implemented.
+        flags.remove(.blockStatusPayload)
         let contexts = (structuredReplies && contextsExportName == export.name) ? selectedContexts : []
         return NegotiatedSession(export: export, flags: flags, structuredReplies: structuredReplies,
                                  metaContexts: contexts, clientHonoursBlockSize: honoursBlockSize,

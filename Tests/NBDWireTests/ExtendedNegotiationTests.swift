@@ -78,6 +78,15 @@ import Testing
         #expect(info.first == OptionReplyType.info && info.last == OptionReplyType.ack)
     }
 
+    @Test func blockStatusPayloadIsNeverAdvertised() {
+        let odd = FakeCatalog(exports: [ExportDescriptor(name: "vol", size: 1 << 20, flags: baseFlags.union(.blockStatusPayload))])
+        for extended in [false, true] {
+            var n = Negotiator(catalog: odd)
+            _ = n.handle(code: extended ? OptionCode.extendedHeaders : OptionCode.structuredReply, payload: [])
+            #expect(go(&n).map { !$0.flags.contains(.blockStatusPayload) && !$0.session.flags.contains(.blockStatusPayload) } == true)
+        }
+    }
+
     @Test func withoutTheOptionNothingIsExtended() {
         var n = Negotiator(catalog: catalog)
         _ = n.handle(code: OptionCode.structuredReply, payload: [])
