@@ -49,7 +49,7 @@ extension Connection {
                 guard try startTLS(ack: ack) else { return nil }
             case .transmission(let bytes, let session):
                 try sendHandshake(bytes)
-                Log.debug("connection \(id): export '\(session.export.name)', structured=\(session.structuredReplies), contexts=\(session.metaContexts.map(\.name))")
+                Log.debug("connection \(id): export '\(session.export.name)', structured=\(session.structuredReplies), extended=\(session.extendedHeaders), contexts=\(session.metaContexts.map(\.name))")
                 return session
             }
         }

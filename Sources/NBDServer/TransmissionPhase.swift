@@ -29,10 +29,12 @@ struct PayloadSource: ByteSource {
 struct TransmissionState {
     let session: NegotiatedSession
     let volume: any BlockVolume
+    /// How replies are framed; with `.extended`, requests have 32-byte headers too.
+    let style: ReplyStyle
     /// Entered from the first reply that points into pool memory until the batch is sent.
     let readGuard: ReadGuard
     var segments: [Segment] = []
-    var extents: [(UInt32, UInt32)] = []
+    var extents: [(length: UInt64, status: UInt32)] = []
     /// When the request being handled started (0 when latency is not measured).
     var started: UInt64 = 0
     /// Whether its reply was handed to a worker (which then records its latency).
@@ -41,16 +43,12 @@ struct TransmissionState {
     init(session: NegotiatedSession, volume: any BlockVolume) {
         self.session = session
         self.volume = volume
+        self.style = ReplyStyle(session)
         self.readGuard = volume.makeReadGuard()
         segments.reserveCapacity(64)
         extents.reserveCapacity(256)
     }
 }
-
-/// Most extents put in one BLOCK_STATUS chunk (the client asks again for the rest).
-let maxExtentsPerReply = 4096
-/// Longest extent length that fits the 32-bit field, kept a multiple of 4 KiB.
-let maxExtentLength: UInt64 = 0xFFFF_F000
 
 extension Connection {
     /// Serves requests until DISC, end of stream, a bad magic or a failed send.
@@ -59,14 +57,30 @@ extension Connection {
         var state = TransmissionState(session: session, volume: volume)
         let readGuard = state.readGuard
         defer { readGuard.exit() }
+        // Chosen once: two copies of the loop, each with its header style a constant, so the
+        // compact one decodes exactly as it did before extended headers existed.
+        if session.extendedHeaders {
+            try serve(&state, extended: true)
+        } else {
+            try serve(&state, extended: false)
+        }
+    }
+
+    /// The request loop: parses every complete header buffered, handles each request, sends
+    /// the batch of replies, reads more.
+    @inline(__always)
+    private func serve(_ state: inout TransmissionState, extended: Bool) throws(Errno) {
+        let readGuard = state.readGuard
+        let headerSize = extended ? Request.extendedSize : Request.compactSize
         while true {
-            while receive.available >= Request.compactSize {
-                switch Request.decode(receive.readPointer) {
+            while receive.available >= headerSize {
+                switch Request.decode(receive.readPointer, extended: extended) {
                 case .badMagic(let magic):
-                    Log.info("connection \(id): bad request magic 0x\(String(magic, radix: 16)); disconnecting")
+                    // Includes the other header style's magic: its size differs, the stream is lost.
+                    Log.info("connection \(id): bad request magic 0x\(String(magic, radix: 16))\(extended ? " (extended headers)" : ""); disconnecting")
                     return
                 case .request(let request):
-                    receive.consume(Request.compactSize)
+                    receive.consume(headerSize)
                     state.started = metrics.start(request.typeCode)
                     state.handedOff = false
                     let more = try handle(request, &state)
@@ -77,7 +91,7 @@ extension Connection {
             replies.flush()
             readGuard.exit()
             if replies.failed { return }
-            guard try receive.fill(atLeast: Request.compactSize) else { return }
+            guard try receive.fill(atLeast: headerSize) else { return }
         }
     }
 
@@ -85,7 +99,11 @@ extension Connection {
     private func handle(_ r: Request, _ state: inout TransmissionState) throws(Errno) -> Bool {
         if case .reject(let error, let message) = RequestCheck.check(r, session: state.session) {
             Log.debug("connection \(id): \(r.type?.name ?? "command \(r.typeCode)") rejected: \(error) \(message)")
-            let payload = RequestCheck.payloadLength(of: r)
+            if RequestCheck.payloadForcesDisconnect(r, session: state.session) {
+                Log.info("connection \(id): payload of \(r.length) bytes over the maximum; disconnecting")
+                return false
+            }
+            let payload = RequestCheck.payloadLength(of: r, extended: state.style == .extended)
             if payload > 0 {
                 releasePoolPointers(state)
                 guard try receive.discard(payload) else { return false }
@@ -151,7 +169,7 @@ extension Connection {
                 replyError(r, state, error)
                 return true
             }
-            replyOK(r)
+            replyOK(r, state)
         case .blockStatus:
             blockStatus(r, &state)
         case .resize:
@@ -170,8 +188,8 @@ extension Connection {
     // MARK: replies
 
     @inline(__always)
-    private func replyOK(_ r: Request) {
-        _ = Reply.simple(error: nil, cookie: r.cookie, into: replies.header(Reply.simpleSize))
+    private func replyOK(_ r: Request, _ state: TransmissionState) {
+        replies.success(state.style, cookie: r.cookie, offset: r.offset)
     }
 
     private func replyError(_ r: Request, _ state: TransmissionState, _ error: PoolError) {
@@ -188,24 +206,21 @@ extension Connection {
 
     private func replyError(_ r: Request, _ state: TransmissionState, _ error: NBDErrno, _ message: String) {
         metrics.own.add(MetricSlot.errors(r.typeCode))
-        if state.session.structuredReplies {
-            replies.copy(Reply.errorChunk(cookie: r.cookie, error: error, message: message))
-        } else {
-            _ = Reply.simple(error: error, cookie: r.cookie, into: replies.header(Reply.simpleSize))
-        }
+        replies.error(state.style, cookie: r.cookie, offset: r.offset, error, message)
     }
 
     /// Replies success, after a flush of the volume when `syncFirst` (FLUSH, or FUA where a
     /// sync is expensive: that work goes to a worker so this thread keeps reading requests).
     private func complete(_ r: Request, _ state: inout TransmissionState, syncFirst: Bool) {
-        guard syncFirst else { return replyOK(r) }
+        guard syncFirst else { return replyOK(r, state) }
         let volume = state.volume
         if volume.flushIsCheap {
             do { try volume.flush() } catch { return replyError(r, state, error) }
-            return replyOK(r)
+            return replyOK(r, state)
         }
-        let structured = state.session.structuredReplies
+        let style = state.style
         let cookie = r.cookie
+        let offset = r.offset
         let replies = self.replies
         let metrics = self.metrics
         let started = state.started
@@ -214,18 +229,14 @@ extension Connection {
         offloaded.enter()
         DispatchQueue.global().async { [offloaded] in
             defer { offloaded.leave() }
-            var bytes = [UInt8](repeating: 0, count: Reply.simpleSize)
+            let bytes: [UInt8]
             var failed = false
             do throws(PoolError) {
                 try volume.flush()
-                bytes.withUnsafeMutableBytes { _ = Reply.simple(error: nil, cookie: cookie, into: $0.baseAddress!) }
+                bytes = style.encoded(cookie: cookie, offset: offset, error: nil, message: "")
             } catch {
                 failed = true
-                if structured {
-                    bytes = Reply.errorChunk(cookie: cookie, error: .io, message: error.message)
-                } else {
-                    bytes.withUnsafeMutableBytes { _ = Reply.simple(error: .io, cookie: cookie, into: $0.baseAddress!) }
-                }
+                bytes = style.encoded(cookie: cookie, offset: offset, error: .io, message: error.message)
             }
             // Counted before the reply goes out, so a client that has its reply sees it counted.
             metrics.finishedOffloaded(started: started, failedCode: failed ? code : nil)
@@ -244,7 +255,8 @@ extension Connection {
             return replyError(r, state, error)
         }
         metrics.own.add(MetricSlot.bytesRead, UInt64(length))
-        guard state.session.structuredReplies else {
+        let style = state.style
+        guard style != .simple else {
             _ = Reply.simple(error: nil, cookie: r.cookie, into: replies.header(Reply.simpleSize))
             for s in state.segments {
                 switch s {
@@ -255,12 +267,11 @@ extension Connection {
             return
         }
         if length == 0 {
-            _ = Reply.none(cookie: r.cookie, into: replies.header(Reply.noneSize))
+            replies.none(style, cookie: r.cookie, offset: r.offset)
             return
         }
         if r.flags.contains(.dontFragment) {
-            _ = Reply.offsetDataHeader(cookie: r.cookie, offset: r.offset, dataLength: UInt32(length), done: true,
-                                       into: replies.header(Reply.offsetDataHeaderSize))
+            replies.dataHeader(style, cookie: r.cookie, offset: r.offset, dataOffset: r.offset, length: length, done: true)
             for s in state.segments {
                 switch s {
                 case .data(let p, let n): replies.data(p, n)
@@ -278,8 +289,7 @@ extension Connection {
                 var total = n
                 var j = i + 1
                 while j < segments.count, case .hole(let m) = segments[j] { total += m; j += 1 }
-                _ = Reply.offsetHole(cookie: r.cookie, offset: offset, length: UInt32(total), done: j == segments.count,
-                                     into: replies.header(Reply.offsetHoleSize))
+                replies.hole(style, cookie: r.cookie, offset: r.offset, holeOffset: offset, length: total, done: j == segments.count)
                 offset += UInt64(total)
                 i = j
                 continue
@@ -287,8 +297,7 @@ extension Connection {
             var total = 0
             var j = i
             while j < segments.count, case .data(_, let n) = segments[j] { total += n; j += 1 }
-            _ = Reply.offsetDataHeader(cookie: r.cookie, offset: offset, dataLength: UInt32(total), done: j == segments.count,
-                                       into: replies.header(Reply.offsetDataHeaderSize))
+            replies.dataHeader(style, cookie: r.cookie, offset: r.offset, dataOffset: offset, length: total, done: j == segments.count)
             for k in i..<j {
                 if case .data(let p, let n) = segments[k] { replies.data(p, n) }
             }
@@ -303,6 +312,9 @@ extension Connection {
         guard r.length > 0 else { return replyError(r, state, .invalid, "BLOCK_STATUS of zero length") }
         let one = r.flags.contains(.requestOne)
         let contexts = state.session.metaContexts
+        let style = state.style
+        let maxLength = style.maxExtentLength
+        let maxExtents = style.maxExtentsPerReply
         for (index, context) in contexts.enumerated() {
             state.extents.removeAll(keepingCapacity: true)
             var covered: UInt64 = 0
@@ -311,15 +323,15 @@ extension Connection {
                     var left = n
                     if one { left = min(left, r.length) }
                     while left > 0 {
-                        let k = min(left, maxExtentLength)
-                        if let last = state.extents.last, last.1 == flags, UInt64(last.0) + k <= maxExtentLength {
-                            state.extents[state.extents.count - 1].0 += UInt32(k)
+                        let k = min(left, maxLength)
+                        if let last = state.extents.last, last.status == flags, k <= maxLength - last.length {
+                            state.extents[state.extents.count - 1].length += k
                         } else {
-                            state.extents.append((UInt32(k), flags))
+                            state.extents.append((k, flags))
                         }
                         left -= k
                         covered += k
-                        if one || covered >= r.length || state.extents.count >= maxExtentsPerReply { return false }
+                        if one || covered >= r.length || state.extents.count >= maxExtents { return false }
                     }
                     return true
                 }
@@ -327,11 +339,8 @@ extension Connection {
                 return replyError(r, state, error)
             }
             if state.extents.isEmpty { return replyError(r, state, .invalid, "no status for that range") }
-            let done = index == contexts.count - 1
-            let p = replies.header(Reply.blockStatusHeaderSize + 8 * state.extents.count)
-            _ = Reply.blockStatusHeader(cookie: r.cookie, contextID: context.id, extentCount: state.extents.count, done: done, into: p)
-            var at = p + Reply.blockStatusHeaderSize
-            for e in state.extents { at += Reply.extent(length: e.0, flags: e.1, into: at) }
+            replies.blockStatus(style, cookie: r.cookie, offset: r.offset, contextID: context.id, extents: state.extents,
+                                done: index == contexts.count - 1)
         }
     }
 }

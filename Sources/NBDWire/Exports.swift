@@ -48,7 +48,11 @@ public struct NegotiatedSession: Sendable, Equatable {
     public var export: ExportDescriptor
     /// The flags actually sent to the client.
     public var flags: TransmissionFlags
+    /// Whether replies are chunks (structured or, with extended headers, extended ones).
     public var structuredReplies: Bool
+    /// Whether NBD_OPT_EXTENDED_HEADERS was acknowledged: 32-byte request headers with 64-bit
+    /// lengths, and every reply an extended chunk. Implies `structuredReplies`.
+    public var extendedHeaders: Bool
     public var metaContexts: [MetaContext]
     /// Whether the client asked for NBD_INFO_BLOCK_SIZE in NBD_OPT_GO (and so promised to obey it).
     public var clientHonoursBlockSize: Bool
@@ -56,10 +60,11 @@ public struct NegotiatedSession: Sendable, Equatable {
     public var viaExportName: Bool
 
     public init(export: ExportDescriptor, flags: TransmissionFlags, structuredReplies: Bool, metaContexts: [MetaContext],
-                clientHonoursBlockSize: Bool, viaExportName: Bool) {
+                clientHonoursBlockSize: Bool, viaExportName: Bool, extendedHeaders: Bool = false) {
         self.export = export
         self.flags = flags
-        self.structuredReplies = structuredReplies
+        self.structuredReplies = structuredReplies || extendedHeaders
+        self.extendedHeaders = extendedHeaders
         self.metaContexts = metaContexts
         self.clientHonoursBlockSize = clientHonoursBlockSize
         self.viaExportName = viaExportName

@@ -31,7 +31,9 @@ public struct Negotiator {
     public let catalog: any ExportCatalog
     public let tls: TLSMode
     public private(set) var clientFlags: ClientFlags = []
-    public private(set) var structuredReplies = false
+    public internal(set) var structuredReplies = false
+    /// NBD_OPT_EXTENDED_HEADERS was acknowledged (see ExtendedHeadersOption.swift).
+    public internal(set) var extendedHeaders = false
     public private(set) var optionsSeen = 0
     /// Whether STARTTLS was accepted: from then on the stream is TLS (the I/O layer drops the
     /// connection if the TLS handshake fails).
@@ -120,10 +122,12 @@ public struct Negotiator {
         case OptionCode.info, OptionCode.go: return infoOrGo(code, payload)
         case OptionCode.structuredReply:
             if !payload.isEmpty { return invalid(code, "STRUCTURED_REPLY takes no data") }
+            if extendedHeaders { return Self.extendedHeadersTakePrecedence(code) }
             if structuredReplies { return invalid(code, "structured replies already negotiated") }
             structuredReplies = true
             return .reply(Self.optionReply(code, OptionReplyType.ack))
         case OptionCode.listMetaContext, OptionCode.setMetaContext: return metaContext(code, payload)
+        case OptionCode.extendedHeaders: return extendedHeadersOption(payload)
         default:
             return .reply(Self.optionReply(code, OptionReplyType.errUnsupported, message: "\(OptionCode.name(code)) is not supported"))
         }
@@ -159,6 +163,7 @@ public struct Negotiator {
         guard let export = catalog.lookup(name) else {
             return .close([], reason: "unknown export '\(name)' in EXPORT_NAME")
         }
+        if extendedHeaders { return Self.exportNameAfterExtendedHeaders }
         let session = makeSession(export, honoursBlockSize: false, viaExportName: true)
         var w = ByteWriter(capacity: 134)
         w.put(export.size)
@@ -294,10 +299,12 @@ public struct Negotiator {
         var flags = export.flags.union(.hasFlags)
         if structuredReplies { flags.insert(.sendDF) } else { flags.remove(.sendDF) }
         if !flags.contains(.sendWriteZeroes) { flags.remove(.sendFastZero) }
+        // The BLOCK_STATUS payload form (extended headers only) is not implemented.
+        flags.remove(.blockStatusPayload)
         let contexts = (structuredReplies && contextsExportName == export.name) ? selectedContexts : []
         return NegotiatedSession(export: export, flags: flags, structuredReplies: structuredReplies,
                                  metaContexts: contexts, clientHonoursBlockSize: honoursBlockSize,
-                                 viaExportName: viaExportName)
+                                 viaExportName: viaExportName, extendedHeaders: extendedHeaders)
     }
 
     private func invalid(_ code: UInt32, _ message: String) -> Outcome {

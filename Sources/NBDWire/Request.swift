@@ -1,6 +1,8 @@
 // Transmission-phase requests.
 
-/// A decoded request header. `length` is 32 bits on the wire in compact headers.
+/// A decoded request header. `length` is 32 bits on the wire in compact headers and 64 bits in
+/// extended ones (NBD_OPT_EXTENDED_HEADERS), where it is a payload length when the flags carry
+/// PAYLOAD_LEN and an effect length otherwise.
 public struct Request: Sendable, Equatable {
     public var flags: CommandFlags
     public var typeCode: UInt16
@@ -29,7 +31,8 @@ public struct Request: Sendable, Equatable {
         case badMagic(UInt32)
     }
 
-    /// Decodes a header from `compactSize` (or `extendedSize`) readable bytes.
+    /// Decodes a header from `compactSize` (or, with `extended`, `extendedSize`) readable bytes.
+    /// The other header's magic is a bad magic: the two sizes differ, so the stream is lost.
     @inline(__always)
     public static func decode(_ p: UnsafeRawPointer, extended: Bool = false) -> Decoded {
         let magic = loadBigEndian(UInt32.self, from: p)
@@ -44,20 +47,26 @@ public struct Request: Sendable, Equatable {
             length: length))
     }
 
-    /// Encodes a compact request header (used by tests and tools, never by the server).
-    public func encode(into p: UnsafeMutableRawPointer) {
-        storeBigEndian(NBDMagic.request, to: p)
+    /// Encodes a compact request header (used by tests and tools, never by the server), or an
+    /// extended one (64-bit length) with `extended`.
+    public func encode(into p: UnsafeMutableRawPointer, extended: Bool = false) {
+        storeBigEndian(extended ? NBDMagic.extendedRequest : NBDMagic.request, to: p)
         storeBigEndian(flags.rawValue, to: p + 4)
         storeBigEndian(typeCode, to: p + 6)
         storeBigEndian(cookie, to: p + 8)
         storeBigEndian(offset, to: p + 16)
-        storeBigEndian(UInt32(truncatingIfNeeded: length), to: p + 24)
+        if extended {
+            storeBigEndian(length, to: p + 24)
+        } else {
+            storeBigEndian(UInt32(truncatingIfNeeded: length), to: p + 24)
+        }
     }
 
-    public func encoded() -> [UInt8] {
-        [UInt8](unsafeUninitializedCapacity: Request.compactSize) { buf, n in
-            encode(into: UnsafeMutableRawPointer(buf.baseAddress!))
-            n = Request.compactSize
+    public func encoded(extended: Bool = false) -> [UInt8] {
+        let size = extended ? Request.extendedSize : Request.compactSize
+        return [UInt8](unsafeUninitializedCapacity: size) { buf, n in
+            encode(into: UnsafeMutableRawPointer(buf.baseAddress!), extended: extended)
+            n = size
         }
     }
 }

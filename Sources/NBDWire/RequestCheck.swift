@@ -7,7 +7,9 @@ public enum RequestCheck {
         case reject(NBDErrno, String)
     }
 
-    /// Flags a command may carry, given the negotiated transmission flags.
+    /// Flags a command may carry, given the negotiated transmission flags. (PAYLOAD_LEN is
+    /// framing, not a command flag: `check` takes it off an extended WRITE, the one command that
+    /// has it here; on any other command it stays an invalid flag.)
     public static func allowedFlags(for type: CommandType, _ flags: TransmissionFlags) -> CommandFlags {
         var allowed: CommandFlags = flags.contains(.sendFUA) ? .fua : []
         switch type {
@@ -24,12 +26,42 @@ public enum RequestCheck {
         return allowed
     }
 
-    /// Whether the payload of this request (if any) must be read from the stream. Only WRITE
-    /// carries one in compact headers; it is read (or skipped) even when the request is rejected.
+    /// How many payload bytes follow this request's header. With compact headers only WRITE
+    /// carries one (its length); with extended headers every request flagged PAYLOAD_LEN does,
+    /// and nothing else (a WRITE without the flag has none). The payload is read, or skipped,
+    /// even when the request is rejected, so the next header is found where the client put it.
     @inline(__always)
-    public static func payloadLength(of r: Request) -> UInt64 { r.typeCode == CommandType.write.rawValue ? r.length : 0 }
+    public static func payloadLength(of r: Request, extended: Bool = false) -> UInt64 {
+        if extended { return r.flags.contains(.payloadLength) ? r.length : 0 }
+        return r.typeCode == CommandType.write.rawValue ? r.length : 0
+    }
 
+    /// Whether the server hangs up instead of skipping the payload: with extended headers a
+    /// PAYLOAD_LEN beyond the advertised maximum payload (spec: the server SHOULD initiate a
+    /// hard disconnect). Compact WRITE payloads (at most 4 GiB) are always skipped. Every
+    /// request this is true for is also rejected by `check`.
+    public static func payloadForcesDisconnect(_ r: Request, session: NegotiatedSession) -> Bool {
+        session.extendedHeaders && r.flags.contains(.payloadLength) && r.length > UInt64(session.export.maximumPayload)
+    }
+
+    /// The verdict on a request. With extended headers a WRITE must carry PAYLOAD_LEN, which
+    /// is then taken off and the request judged as a compact one would be; the compact path
+    /// pays one branch on the session for this.
     public static func check(_ r: Request, session: NegotiatedSession) -> Verdict {
+        if session.extendedHeaders { return checkExtended(r, session: session) }
+        return checkCompact(r, session: session)
+    }
+
+    private static func checkExtended(_ r: Request, session: NegotiatedSession) -> Verdict {
+        guard r.typeCode == CommandType.write.rawValue else { return checkCompact(r, session: session) }
+        guard r.flags.contains(.payloadLength) else { return .reject(.invalid, "WRITE without PAYLOAD_LEN under extended headers") }
+        var write = r
+        write.flags.remove(.payloadLength)
+        return checkCompact(write, session: session)
+    }
+
+    @inline(__always)
+    private static func checkCompact(_ r: Request, session: NegotiatedSession) -> Verdict {
         guard let type = r.type else { return .reject(.invalid, "unknown command \(r.typeCode)") }
         let flags = session.flags
         let export = session.export

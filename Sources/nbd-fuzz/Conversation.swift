@@ -1,7 +1,8 @@
 // nbd-fuzz: plays arbitrary bytes as a client's side of an NBD conversation through the pure
 // wire codec — client flags, options through the negotiation state machine, then transmission
 // requests through the decoder and the request checks — exactly in the order the server
-// reads them, and checks what the codec answers.
+// reads them, and checks what the codec answers. Once NBD_OPT_EXTENDED_HEADERS is acknowledged
+// the requests are 32-byte extended headers whose payloads follow PAYLOAD_LEN, as on the server.
 //
 // Built normally it replays files (a corpus, or crashes found) and exits non-zero on a failed
 // check:   swift run nbd-fuzz Fuzz/corpus/*
@@ -86,20 +87,52 @@ func converse(_ data: UnsafeRawBufferPointer) throws(FuzzFailure) {
     guard session.export.size > 0, !session.flags.contains(.readOnly) || session.export.flags.contains(.readOnly) else {
         throw FuzzFailure(description: "negotiated flags do not match the export")
     }
+    let extended = session.extendedHeaders
+    try checkExtendedSession(session, negotiator)
     // Transmission: requests until the input ends or the magic is wrong (a hard disconnect).
-    while let header = take(Request.compactSize) {
-        let decoded = header.withUnsafeBytes { Request.decode($0.baseAddress!) }
+    while let header = take(extended ? Request.extendedSize : Request.compactSize) {
+        let decoded = header.withUnsafeBytes { Request.decode($0.baseAddress!, extended: extended) }
         guard case .request(let r) = decoded else { return }
         let verdict = RequestCheck.check(r, session: session)
         if case .accept = verdict {
-            let ranged: [CommandType] = [.read, .write, .trim, .writeZeroes]
+            let ranged: [CommandType] = [.read, .write, .trim, .writeZeroes, .cache, .blockStatus]
             if ranged.contains(where: { $0.rawValue == r.typeCode }),
                r.offset > session.export.size || r.length > session.export.size - r.offset {
                 throw FuzzFailure(description: "accepted \(r) beyond the end of the export")
             }
+            try checkAcceptedPayload(r, session)
         }
-        // The payload of a WRITE follows, accepted or not (the server consumes it either way).
-        let payload = RequestCheck.payloadLength(of: r)
+        // A payload too long to skip ends the connection; it must never be one accepted.
+        if RequestCheck.payloadForcesDisconnect(r, session: session) {
+            if case .accept = verdict { throw FuzzFailure(description: "accepted \(r) with an oversized payload") }
+            return
+        }
+        // The payload follows, accepted or not (the server consumes it either way).
+        let payload = RequestCheck.payloadLength(of: r, extended: extended)
         guard payload <= UInt64(bytes.count - pos), take(Int(payload)) != nil else { return }
+    }
+}
+
+/// Extended headers are only in force if acknowledged, imply chunked replies and DF, and
+/// never come with EXPORT_NAME.
+func checkExtendedSession(_ session: NegotiatedSession, _ negotiator: Negotiator) throws(FuzzFailure) {
+    guard session.extendedHeaders == negotiator.extendedHeaders else {
+        throw FuzzFailure(description: "session and negotiator disagree on extended headers")
+    }
+    guard session.extendedHeaders else { return }
+    guard session.structuredReplies, session.flags.contains(.sendDF), !session.viaExportName else {
+        throw FuzzFailure(description: "extended headers without structured replies or DF, or via EXPORT_NAME")
+    }
+}
+
+/// An accepted request's payload is exactly its data: WRITE's, within the maximum payload.
+func checkAcceptedPayload(_ r: Request, _ session: NegotiatedSession) throws(FuzzFailure) {
+    let payload = RequestCheck.payloadLength(of: r, extended: session.extendedHeaders)
+    let isWrite = r.typeCode == CommandType.write.rawValue
+    if isWrite ? payload != r.length : payload != 0 {
+        throw FuzzFailure(description: "accepted \(r) with a payload of \(payload) bytes")
+    }
+    if isWrite && r.length > UInt64(session.export.maximumPayload) {
+        throw FuzzFailure(description: "accepted a write of \(r.length) bytes over the maximum payload")
     }
 }

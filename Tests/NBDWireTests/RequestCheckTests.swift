@@ -64,5 +64,63 @@ import Testing
     @Test func writePayloadIsAlwaysConsumed() {
         #expect(RequestCheck.payloadLength(of: req(.write, length: 77)) == 77)
         #expect(RequestCheck.payloadLength(of: req(.read, length: 77)) == 0)
+        // Compact headers: PAYLOAD_LEN means nothing for framing (and is rejected as a flag).
+        #expect(RequestCheck.payloadLength(of: req(.trim, .payloadLength, length: 77)) == 0)
+        #expect(code(RequestCheck.check(req(.write, .payloadLength), session: session())) == .invalid)
+    }
+
+    /// An extended-headers session on a 1 TiB export.
+    func extendedSession() -> NegotiatedSession {
+        var flags = baseFlags
+        flags.insert(.sendDF)
+        let export = ExportDescriptor(name: "vol", size: 1 << 40, flags: flags)
+        return NegotiatedSession(export: export, flags: flags, structuredReplies: false, metaContexts: [MetaContext(id: 1, name: "base:allocation")],
+                                 clientHonoursBlockSize: true, viaExportName: false, extendedHeaders: true)
+    }
+
+    @Test func extendedHeadersImplyStructuredReplies() {
+        #expect(extendedSession().structuredReplies)
+    }
+
+    @Test func extendedPayloadFollowsPayloadLenOnly() {
+        #expect(RequestCheck.payloadLength(of: req(.write, .payloadLength, length: 77), extended: true) == 77)
+        #expect(RequestCheck.payloadLength(of: req(.write, length: 77), extended: true) == 0, "no flag, no payload")
+        #expect(RequestCheck.payloadLength(of: req(.blockStatus, .payloadLength, length: 12), extended: true) == 12)
+        #expect(RequestCheck.payloadLength(of: req(.trim, length: 1 << 33), extended: true) == 0)
+    }
+
+    @Test func extendedRequestsWith64BitEffectLengths() {
+        let s = extendedSession()
+        let big: UInt64 = 6 << 30
+        #expect(RequestCheck.check(req(.write, .payloadLength, length: 4096), session: s) == .accept)
+        #expect(RequestCheck.check(req(.write, [.payloadLength, .fua], length: 4096), session: s) == .accept)
+        for t in [CommandType.trim, .writeZeroes, .blockStatus, .cache] {
+            #expect(RequestCheck.check(req(t, offset: 1 << 32, length: big), session: s) == .accept, "\(t.name) of 6 GiB")
+        }
+        #expect(code(RequestCheck.check(req(.read, length: big), session: s)) == .overflow, "reads stay within the maximum payload")
+        #expect(code(RequestCheck.check(req(.trim, offset: (1 << 40) - 4096, length: big), session: s)) == .invalid)
+        #expect(code(RequestCheck.check(req(.writeZeroes, offset: 4096, length: UInt64.max - 100), session: s)) == .noSpace)
+    }
+
+    @Test func extendedWriteNeedsPayloadLenAndOthersMustNotHaveIt() {
+        let s = extendedSession()
+        #expect(code(RequestCheck.check(req(.write), session: s)) == .invalid)
+        for t in [CommandType.read, .trim, .writeZeroes, .blockStatus, .cache, .flush, .disconnect] {
+            #expect(code(RequestCheck.check(req(t, .payloadLength, length: 0), session: s)) == .invalid, "\(t.name) with PAYLOAD_LEN")
+        }
+    }
+
+    @Test func oversizedExtendedPayloadsForceADisconnectAndAreNeverAccepted() {
+        let s = extendedSession()
+        let max = UInt64(s.export.maximumPayload)
+        for t in [CommandType.write, .read, .trim, .blockStatus] {
+            let over = req(t, .payloadLength, length: max + 1)
+            #expect(RequestCheck.payloadForcesDisconnect(over, session: s), "\(t.name)")
+            #expect(code(RequestCheck.check(over, session: s)) != nil)
+        }
+        #expect(!RequestCheck.payloadForcesDisconnect(req(.write, .payloadLength, length: max), session: s))
+        #expect(!RequestCheck.payloadForcesDisconnect(req(.trim, length: 1 << 35), session: s), "effect lengths are not payloads")
+        #expect(!RequestCheck.payloadForcesDisconnect(req(.write, .payloadLength, length: max + 1), session: session()),
+                "compact headers: an oversized write's payload is skipped")
     }
 }

@@ -34,7 +34,7 @@ import Testing
         let s = try TestServer()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet()
-        for code: UInt32 in [0, 4, 11, 12, 0x7FFF_FFFF, 0xFFFF_FFFF] {
+        for code: UInt32 in [0, 4, 12, 13, 0x7FFF_FFFF, 0xFFFF_FFFF] {
             try raw.send(RawClient.option(code, [1, 2, 3]))
             let r = try raw.optionReply()
             #expect(r?.type == 0x8000_0001, "option \(code)")
