@@ -146,6 +146,7 @@ public struct Negotiator {
         // Spec: nothing negotiated before STARTTLS survives it.
         tlsActive = true
         structuredReplies = false
+        extendedHeaders = false
         selectedContexts = []
         contextsExportName = nil
         return .startTLS(Self.optionReply(code, OptionReplyType.ack))

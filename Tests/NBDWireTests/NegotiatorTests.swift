@@ -262,6 +262,18 @@ extension NegotiatorTests {
         }
     }
 
+    @Test func startTLSForgetsHeadersNegotiatedInTheClear() {
+        var n = fixedClient(.on)
+        #expect(replyType(n.handle(code: OptionCode.extendedHeaders, payload: []), option: OptionCode.extendedHeaders) == OptionReplyType.ack)
+        #expect(n.extendedHeaders && n.structuredReplies)
+        guard case .startTLS = n.handle(code: OptionCode.startTLS, payload: []) else { Issue.record("STARTTLS refused"); return }
+        #expect(!n.extendedHeaders && !n.structuredReplies)
+        guard case .transmission(_, let session) = n.handle(code: OptionCode.go, payload: goPayload("vol")) else {
+            Issue.record("GO after STARTTLS"); return
+        }
+        #expect(!session.extendedHeaders && !session.structuredReplies)
+    }
+
     @Test func startTLSWithDataIsInvalid() {
         var n = fixedClient(.require)
         #expect(replyType(n.handle(code: OptionCode.startTLS, payload: [1, 2]), option: OptionCode.startTLS) == OptionReplyType.errInvalid)

@@ -58,7 +58,7 @@ import Testing
                     while busy.contains(b) { b = Int(rng.next() % UInt64(blocks)) }
                     let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
                     let data = pattern(4096, seed: rng.next())
-                    buf.copyMemory(from: UnsafeRawBufferPointer(start: data, count: 4096))
+                    data.withUnsafeBytes { buf.copyMemory(from: $0) }
                     let fua = rng.next() % 4 == 0
                     model.versions[b].append(PersistentMemory.crc32c(UnsafeRawBufferPointer(buf)))
                     guard let cookie = try? h.aioPwrite(UnsafeRawBufferPointer(buf), offset: UInt64(b) << 12, flags: fua ? LibNBDFlags.fua : 0) else {

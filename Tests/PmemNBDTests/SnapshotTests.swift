@@ -111,7 +111,7 @@ import Testing
         let n = 64
         let buffers = (0..<n).map { i -> UnsafeMutableRawBufferPointer in
             let b = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
-            b.copyMemory(from: UnsafeRawBufferPointer(start: pattern(4096, seed: UInt64(100 + i)), count: 4096))
+            pattern(4096, seed: UInt64(100 + i)).withUnsafeBytes { b.copyMemory(from: $0) }
             return b
         }
         defer { buffers.forEach { $0.deallocate() } }
