@@ -70,7 +70,7 @@ def main():
                     rec = None
                     data = os.path.join(d, f"{server['name']}-{rw}-{bs}-{qd}.perf")
                     if args.record and server["name"].startswith("pmem"):
-                        rec = subprocess.Popen(["perf", "record", "-g", "-o", data, "-p", str(p.pid)],
+                        rec = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o", data, "-p", str(p.pid)],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(0.3)
                     r = bench.fio(uri, rw, bs, qd, 1, args.size, args.rt)

@@ -11,10 +11,57 @@ extension PoolEngine {
 
     @inline(__always) package func validBlock(_ b: UInt64) -> Bool { b != 0 && b < layout.blockCount }
 
+    /// The root of the map whose record's root field is at `rootOffset` (0: an empty map).
+    /// Throws `.io` when the stored word fails its tag.
+    @inline(__always)
+    package func root(at rootOffset: UInt64, depth: Int) throws(PoolError) -> UInt64 {
+        let raw = journal.load(rootOffset)
+        if raw == 0 { return 0 }
+        let slot = VolumeRecord.slot(ofRootOffset: rootOffset)
+        guard let b = MapEntry.root(raw, slot: slot, depth: depth), validBlock(b) else {
+            throw PoolError(.io, "the map root of volume slot \(slot) fails its check (corrupt volume table: run 'pmem-nbd check')")
+        }
+        return b
+    }
+
+    /// Stores a map root into a record's root field, tagged for that slot and depth.
+    @inline(__always)
+    package func storeRoot(_ block: UInt64, at rootOffset: UInt64, depth: Int) {
+        journal.store(rootOffset, MapEntry.makeRoot(block, slot: VolumeRecord.slot(ofRootOffset: rootOffset), depth: depth))
+    }
+
+    /// Entry `index` of the level-`level` node `node`: its block, 0 for a hole. A corrupt entry
+    /// (tag mismatch, or a block outside the pool) throws `.io`: the caller's client gets EIO.
+    @inline(__always)
+    package func entry(node: UInt64, index: Int, level: Int) throws(PoolError) -> UInt64 {
+        let raw = journal.load(entryOffset(node: node, index: index))
+        if raw == 0 { return 0 }
+        guard let b = MapEntry.block(raw, index: index, level: level), validBlock(b) else {
+            throw PoolError(.io, "map entry \(index) of node \(node) (level \(level)) fails its check (corrupt map: run 'pmem-nbd check')")
+        }
+        return b
+    }
+
+    /// The same for paths that must go on (reference counting while nodes are copied or freed):
+    /// a corrupt entry counts as a hole, so it never changes another block's refcount; logged.
+    package func entryOrHole(node: UInt64, index: Int, level: Int) -> UInt64 {
+        decodedOrHole(journal.load(entryOffset(node: node, index: index)), node: node, index: index, level: level)
+    }
+
+    /// A word already loaded (or exchanged) from entry `index` of `node`, decoded as `entryOrHole` does.
+    package func decodedOrHole(_ raw: UInt64, node: UInt64, index: Int, level: Int) -> UInt64 {
+        if raw == 0 { return 0 }
+        guard let b = MapEntry.block(raw, index: index, level: level), validBlock(b) else {
+            Log.error("map entry \(index) of node \(node) (level \(level)) fails its check: left alone; run 'pmem-nbd check'")
+            return 0
+        }
+        return b
+    }
+
     /// The leaf node covering `vblock`, or 0 with the number of blocks from `vblock` to the end
     /// of the absent subtree. No locks: the caller is inside a read epoch.
     package func leaf(rootOffset: UInt64, depth: Int, vblock: UInt64) throws(PoolError) -> (leaf: UInt64, absentSpan: UInt64) {
-        var node = journal.load(rootOffset) & MapEntry.blockMask
+        var node = try root(at: rootOffset, depth: depth)
         var level = depth - 1
         while true {
             if node == 0 {
@@ -23,7 +70,7 @@ extension PoolEngine {
             }
             guard validBlock(node) else { throw PoolError(.io, "map node \(node) is out of range (corrupt map)") }
             if level == 0 { return (node, 0) }
-            node = journal.load(entryOffset(node: node, index: PoolEngine.index(vblock, level: level))) & MapEntry.blockMask
+            node = try entry(node: node, index: PoolEngine.index(vblock, level: level), level: level)
             level -= 1
         }
     }
@@ -32,7 +79,7 @@ extension PoolEngine {
     package func lookup(rootOffset: UInt64, depth: Int, vblock: UInt64) throws(PoolError) -> UInt64 {
         let (leaf, _) = try leaf(rootOffset: rootOffset, depth: depth, vblock: vblock)
         if leaf == 0 { return 0 }
-        return journal.load(entryOffset(node: leaf, index: PoolEngine.index(vblock, level: 0))) & MapEntry.blockMask
+        return try entry(node: leaf, index: PoolEngine.index(vblock, level: 0), level: 0)
     }
 
     /// The node at `stopLevel` on the path to `vblock`, made private to this map (copied where
@@ -40,32 +87,27 @@ extension PoolEngine {
     /// Gate and the volume's lock are held.
     package func writableNode(rootOffset: UInt64, depth: Int, vblock: UInt64, stopLevel: Int, create: Bool,
                               spares: inout NodeSpares) throws(PoolError) -> UInt64? {
-        var node = journal.load(rootOffset) & MapEntry.blockMask
+        var node = try root(at: rootOffset, depth: depth)
         var level = depth - 1
         if node == 0 {
             guard create else { return nil }
             node = try newNode(&spares)
-            journal.store(rootOffset, node)
-        } else {
-            guard validBlock(node) else { throw PoolError(.io, "map root \(node) is out of range (corrupt map)") }
-            if refcount(node) > 1 {
-                node = try copyNode(node, level: level, &spares)
-                journal.store(rootOffset, node)
-            }
+            storeRoot(node, at: rootOffset, depth: depth)
+        } else if refcount(node) > 1 {
+            node = try copyNode(node, level: level, &spares)
+            storeRoot(node, at: rootOffset, depth: depth)
         }
         while level > stopLevel {
-            let off = entryOffset(node: node, index: PoolEngine.index(vblock, level: level))
-            var child = journal.load(off) & MapEntry.blockMask
+            let index = PoolEngine.index(vblock, level: level)
+            let off = entryOffset(node: node, index: index)
+            var child = try entry(node: node, index: index, level: level)
             if child == 0 {
                 guard create else { return nil }
                 child = try newNode(&spares)
-                journal.store(off, child)
-            } else {
-                guard validBlock(child) else { throw PoolError(.io, "map node \(child) is out of range (corrupt map)") }
-                if refcount(child) > 1 {
-                    child = try copyNode(child, level: level - 1, &spares)
-                    journal.store(off, child)
-                }
+                journal.store(off, MapEntry.make(child, index: index, level: level))
+            } else if refcount(child) > 1 {
+                child = try copyNode(child, level: level - 1, &spares)
+                journal.store(off, MapEntry.make(child, index: index, level: level))
             }
             node = child
             level -= 1

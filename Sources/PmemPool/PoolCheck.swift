@@ -184,7 +184,11 @@ public enum PoolCheck {
             if !VolumeRecord.validName(rec.name) { bad.append("invalid name") }
             // A volume that shrank keeps its deeper map.
             if rec.depth < VolumeRecord.depth(forSize: rec.size) || rec.depth > 6 { bad.append("depth \(rec.depth) does not fit size \(rec.size)") }
-            if rec.root >= layout.blockCount { bad.append("root \(rec.root) out of range") }
+            if rec.root == VolumeRecord.damagedRoot {
+                bad.append("root fails its check tag")
+            } else if rec.root >= layout.blockCount {
+                bad.append("root \(rec.root) out of range")
+            }
             if rec.size & 4095 != 0 { bad.append("size not a multiple of 4096") }
             if !ids.insert(rec.id).inserted { bad.append("duplicate id \(rec.id)") }
             if !bad.isEmpty {
@@ -221,10 +225,13 @@ public enum PoolCheck {
                 report.mapNodes += 1
                 for i in 0..<512 {
                     let off = layout.blockOffset(node) + UInt64(8 * i)
-                    let e = load(off) & MapEntry.blockMask
-                    if e == 0 { continue }
-                    if e >= layout.blockCount || load(off) >> 48 != 0 {
-                        var p = CheckReport.Problem(area: "map", message: "\(rec.name): entry \(i) of \(level == 0 ? "leaf" : "node") \(node) points outside the pool (\(String(load(off), radix: 16)))", repaired: false)
+                    let raw = load(off)
+                    if raw == 0 { continue }
+                    let e = raw & MapEntry.blockMask
+                    let tagged = MapEntry.block(raw, index: i, level: level) != nil
+                    if e >= layout.blockCount || !tagged {
+                        let why = e >= layout.blockCount ? "points outside the pool" : "fails its check tag"
+                        var p = CheckReport.Problem(area: "map", message: "\(rec.name): entry \(i) of \(level == 0 ? "leaf" : "node") \(node) \(why) (\(String(raw, radix: 16)))", repaired: false)
                         if repair {
                             // The entry reaches nothing: make it a hole.
                             store(off, 0)

@@ -378,10 +378,9 @@ public final class PoolEngine: @unchecked Sendable {
         if before > 0 && after == 0 {
             allocator.allocated.subtract(1, ordering: .relaxed)
             if level >= 0 {
-                let node = layout.blockOffset(b)
                 for i in 0..<512 {
-                    let child = journal.load(node + UInt64(8 * i)) & MapEntry.blockMask
-                    if child != 0 && child < layout.blockCount { adjustRefcount(child, -1, level: level - 1) }
+                    let child = entryOrHole(node: b, index: i, level: level)
+                    if child != 0 { adjustRefcount(child, -1, level: level - 1) }
                 }
             }
             allocator.freed(b, batch: journal.runningBatch.load(ordering: .relaxed))
@@ -408,8 +407,8 @@ public final class PoolEngine: @unchecked Sendable {
         for i in 0..<512 {
             let e = journal.load(src + UInt64(8 * i))
             dst.storeBytes(of: e, toByteOffset: 8 * i, as: UInt64.self)
-            let child = e & MapEntry.blockMask
-            if child != 0 && child < layout.blockCount { adjustRefcount(child, 1, level: level - 1) }
+            let child = decodedOrHole(e, node: old, index: i, level: level)
+            if child != 0 { adjustRefcount(child, 1, level: level - 1) }
         }
         persistence.flush(dst, 4096)
         adjustRefcount(b, 1, level: level)
@@ -460,6 +459,45 @@ package struct NodeSpares: ~Copyable {
 }
 
 /// Map entries: a physical block number in the low 48 bits; 0 is a hole / absent subtree.
+/// A map entry: the physical block in the low 48 bits (0 = hole) and, since format 3, a 16-bit
+/// check tag in the top bits — a hash of the block, the entry's index in its node and the node's
+/// level. A map entry damaged on the media (a flipped bit, a stray write, a foreign sector)
+/// fails its tag with odds of 65535 in 65536 and is answered with EIO, never with some other
+/// block's data; copied nodes keep their entries' tags, since the tag does not name the node.
 public enum MapEntry {
     public static let blockMask: UInt64 = (1 << 48) - 1
+
+    /// The tag of `block` stored at `index` of a level-`level` node (0: a leaf, entries are data).
+    @inline(__always) public static func tag(_ block: UInt64, index: Int, level: Int) -> UInt64 {
+        var h = block &* 0x9E37_79B9_7F4A_7C15
+        h ^= UInt64(truncatingIfNeeded: index << 3 | level) &* 0xC2B2_AE3D_27D4_EB4F
+        h ^= h >> 31
+        return (h &* 0xBF58_476D_1CE4_E5B9) >> 48
+    }
+
+    /// The word to store for `block` (0 stays 0: a hole).
+    @inline(__always) public static func make(_ block: UInt64, index: Int, level: Int) -> UInt64 {
+        block == 0 ? 0 : block | tag(block, index: index, level: level) << 48
+    }
+
+    /// The word a volume record stores for its map's root: tagged like an entry, with the
+    /// record's slot and the map's depth in place of index and level (a root copied into
+    /// another slot, or read with another depth, fails).
+    @inline(__always) public static func makeRoot(_ block: UInt64, slot: Int, depth: Int) -> UInt64 {
+        make(block, index: rootIndex(slot, depth), level: 7)
+    }
+
+    /// The root block a record's stored word names, or nil when its tag does not match.
+    @inline(__always) public static func root(_ raw: UInt64, slot: Int, depth: Int) -> UInt64? {
+        block(raw, index: rootIndex(slot, depth), level: 7)
+    }
+
+    @inline(__always) static func rootIndex(_ slot: Int, _ depth: Int) -> Int { 0x4000 | slot << 3 | (depth & 7) }
+
+    /// The block a stored word names, or nil when its tag does not match (a corrupt entry).
+    @inline(__always) public static func block(_ raw: UInt64, index: Int, level: Int) -> UInt64? {
+        if raw == 0 { return 0 }
+        let b = raw & blockMask
+        return raw >> 48 == tag(b, index: index, level: level) ? b : nil
+    }
 }

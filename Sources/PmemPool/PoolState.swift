@@ -57,6 +57,15 @@ public struct VolumeRecord: Equatable, Sendable {
 
     public static func offset(slot: Int) -> UInt64 { UInt64(PoolLayout.volumeTableOffset + slot * PoolLayout.volumeEntrySize) }
 
+    /// The slot whose root field is at `rootOffset`.
+    public static func slot(ofRootOffset rootOffset: UInt64) -> Int {
+        Int((rootOffset - rootField - UInt64(PoolLayout.volumeTableOffset)) / UInt64(PoolLayout.volumeEntrySize))
+    }
+
+    /// What `decode` reports as the root when the stored word fails its tag: a block number
+    /// past every pool's end, so nothing walks from it.
+    public static let damagedRoot = MapEntry.blockMask
+
     /// Map depth for a volume of `size` bytes: the fewest levels of 512-entry nodes that cover it.
     public static func depth(forSize size: UInt64) -> Int {
         let blocks = max(1, (size + 4095) >> 12)
@@ -75,7 +84,7 @@ public struct VolumeRecord: Equatable, Sendable {
         let o = VolumeRecord.offset(slot: slot)
         var w: [(UInt64, UInt64)] = [
             (o + VolumeRecord.kindField, kind.rawValue), (o + VolumeRecord.idField, id), (o + VolumeRecord.parentField, parent),
-            (o + VolumeRecord.rootField, root), (o + VolumeRecord.sizeField, size), (o + VolumeRecord.depthField, UInt64(depth)),
+            (o + VolumeRecord.rootField, MapEntry.makeRoot(root, slot: slot, depth: depth)), (o + VolumeRecord.sizeField, size), (o + VolumeRecord.depthField, UInt64(depth)),
             (o + VolumeRecord.createdField, created), (o + VolumeRecord.generationField, generation),
         ]
         var bytes = Array(name.utf8.prefix(VolumeRecord.nameBytes - 1))
@@ -98,8 +107,10 @@ public struct VolumeRecord: Equatable, Sendable {
             for j in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt64(j)))) }
         }
         if let z = bytes.firstIndex(of: 0) { bytes.removeSubrange(z...) }
-        return VolumeRecord(slot: slot, kind: kind, id: load(o + idField), parent: load(o + parentField), root: load(o + rootField),
-                            size: load(o + sizeField), depth: Int(truncatingIfNeeded: load(o + depthField)), created: load(o + createdField),
+        let depth = Int(truncatingIfNeeded: load(o + depthField))
+        let root = MapEntry.root(load(o + rootField), slot: slot, depth: depth) ?? damagedRoot
+        return VolumeRecord(slot: slot, kind: kind, id: load(o + idField), parent: load(o + parentField), root: root,
+                            size: load(o + sizeField), depth: depth, created: load(o + createdField),
                             generation: load(o + generationField), name: String(decoding: bytes, as: UTF8.self))
     }
 

@@ -56,7 +56,7 @@ public struct PoolLayout: Equatable, Sendable {
 public struct Superblock: Equatable, Sendable {
     /// "PMEM-NBD" read as a little-endian 64-bit integer.
     public static let magic: UInt64 = 0x4442_4e2d_4d45_4d50
-    public static let currentVersion: UInt32 = 2
+    public static let currentVersion: UInt32 = 3
     public static let encodedSize = 256
 
     public var version: UInt32 = Superblock.currentVersion

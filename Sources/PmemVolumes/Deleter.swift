@@ -78,7 +78,13 @@ extension Pool {
             let rootOff = o + VolumeRecord.rootField
             var used = 0
             while used + 530 <= budget {
-                let root = j.load(rootOff) & MapEntry.blockMask
+                // A root that fails its tag is dropped as if empty: its blocks leak (check
+                // finds them) rather than refcounts of blocks it does not own being lowered.
+                guard let root = MapEntry.root(j.load(rootOff), slot: r.slot, depth: r.depth) else {
+                    Log.error("the map root of '\(r.name)' fails its check; its blocks are left to 'pmem-nbd check --repair'")
+                    j.store(rootOff, 0)
+                    continue
+                }
                 if root == 0 {
                     // Nothing left: the table entry is free again.
                     for (off, _) in VolumeRecord(slot: r.slot, kind: .free, id: 0, parent: 0, root: 0, size: 0, depth: 0,
@@ -100,7 +106,7 @@ extension Pool {
                     // An exclusive inner node: descend to its first child, or drop it if empty.
                     var child: (Int, UInt64)?
                     for i in 0..<512 {
-                        let e = j.load(engine.entryOffset(node: node, index: i)) & MapEntry.blockMask
+                        let e = engine.entryOrHole(node: node, index: i, level: level)
                         if e != 0 { child = (i, e); break }
                     }
                     guard let (i, c) = child else {

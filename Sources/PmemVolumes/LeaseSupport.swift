@@ -22,7 +22,7 @@ extension Pool {
             while let (node, level, base) = stack.popLast() {
                 guard engine.validBlock(node) else { throw PoolError(.io, "map of '\(r.name)' is corrupt") }
                 for i in 0..<512 {
-                    let e = engine.journal.load(engine.entryOffset(node: node, index: i)) & MapEntry.blockMask
+                    let e = engine.entryOrHole(node: node, index: i, level: level)
                     if e == 0 { continue }
                     let vb = base | UInt64(i) << (9 * UInt64(level))
                     if level == 0 {
@@ -60,7 +60,7 @@ extension Volume {
             }
             let end = min(first + count, (v | 511) + 1)
             while v < end {
-                out.append(engine.journal.load(engine.entryOffset(node: leaf, index: Int(v & 511))) & MapEntry.blockMask)
+                out.append(try engine.entry(node: leaf, index: Int(v & 511), level: 0))
                 v += 1
             }
         }
@@ -74,17 +74,17 @@ extension Volume {
         var out: [UInt64] = []
         var v = first
         while v < first + count {
-            var node = j.load(rootOffset) & MapEntry.blockMask
+            var node = try engine.root(at: rootOffset, depth: depth)
             var level = depth - 1
             guard node != 0, engine.refcount(node) == 1 else { return nil }
             while level > 0 {
-                node = j.load(engine.entryOffset(node: node, index: PoolEngine.index(v, level: level))) & MapEntry.blockMask
+                node = try engine.entry(node: node, index: PoolEngine.index(v, level: level), level: level)
                 guard node != 0, engine.refcount(node) == 1 else { return nil }
                 level -= 1
             }
             let end = min(first + count, (v | 511) + 1)
             while v < end {
-                let p = j.load(engine.entryOffset(node: node, index: Int(v & 511))) & MapEntry.blockMask
+                let p = try engine.entry(node: node, index: Int(v & 511), level: 0)
                 guard p != 0, engine.refcount(p) == 1 else { return nil }
                 out.append(p)
                 v += 1

@@ -84,7 +84,7 @@ extension Pool {
                 // The map lock orders the snapshot against writes' metadata groups.
                 vol.mapLock.lock()
                 defer { vol.mapLock.unlock() }
-                let root = engine.journal.load(vol.rootOffset) & MapEntry.blockMask
+                let root = try engine.root(at: vol.rootOffset, depth: vol.depth)
                 var r = VolumeRecord(slot: slot, kind: .snapshot, id: 0, parent: vr.id, root: root, size: vol.size,
                                      depth: vol.depth, created: 0, generation: 0, name: snapshot)
                 storeNew(&r)
@@ -108,7 +108,7 @@ extension Pool {
             if records().contains(where: { $0.kind == .volume && $0.name == name }) { throw PoolError(.exists, "a volume named '\(name)' exists") }
             let slot = try freeSlot()
             return try engine.withMetadata(words: Pool.tableWords) { () throws(PoolError) -> VolumeRecord in
-                let root = engine.journal.load(VolumeRecord.offset(slot: sr.slot) + VolumeRecord.rootField) & MapEntry.blockMask
+                let root = try engine.root(at: VolumeRecord.offset(slot: sr.slot) + VolumeRecord.rootField, depth: sr.depth)
                 var r = VolumeRecord(slot: slot, kind: .volume, id: 0, parent: sr.id, root: root, size: sr.size,
                                      depth: sr.depth, created: 0, generation: 0, name: name)
                 storeNew(&r)
@@ -139,10 +139,10 @@ extension Pool {
                 defer { vol.mapLock.unlock() }
                 let j = engine.journal
                 let o = VolumeRecord.offset(slot: vr.slot)
-                let old = j.load(o + VolumeRecord.rootField) & MapEntry.blockMask
-                let snapRoot = j.load(VolumeRecord.offset(slot: sr.slot) + VolumeRecord.rootField) & MapEntry.blockMask
+                let old = try engine.root(at: o + VolumeRecord.rootField, depth: vr.depth)
+                let snapRoot = try engine.root(at: VolumeRecord.offset(slot: sr.slot) + VolumeRecord.rootField, depth: sr.depth)
                 if snapRoot != 0 { engine.adjustRefcount(snapRoot, 1, level: sr.depth - 1) }
-                j.store(o + VolumeRecord.rootField, snapRoot)
+                engine.storeRoot(snapRoot, at: o + VolumeRecord.rootField, depth: sr.depth)
                 j.store(o + VolumeRecord.sizeField, sr.size)
                 j.store(o + VolumeRecord.depthField, UInt64(sr.depth))
                 if old != 0 {
@@ -211,14 +211,15 @@ extension Pool {
                 defer { vol.mapLock.unlock() }
                 let j = engine.journal
                 let o = VolumeRecord.offset(slot: r.slot)
-                var root = j.load(o + VolumeRecord.rootField) & MapEntry.blockMask
+                var root = try engine.root(at: o + VolumeRecord.rootField, depth: r.depth)
                 if root != 0 {
-                    for _ in r.depth..<depth {
+                    for level in r.depth..<depth {
+                        // A new top node at `level` whose first entry is the old root.
                         let top = try engine.newNode(&spares)
-                        j.store(engine.entryOffset(node: top, index: 0), root)
+                        j.store(engine.entryOffset(node: top, index: 0), MapEntry.make(root, index: 0, level: level))
                         root = top
                     }
-                    j.store(o + VolumeRecord.rootField, root)
+                    engine.storeRoot(root, at: o + VolumeRecord.rootField, depth: depth)
                 }
                 j.store(o + VolumeRecord.depthField, UInt64(depth))
                 j.store(o + VolumeRecord.sizeField, size)

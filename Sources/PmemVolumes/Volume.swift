@@ -120,12 +120,11 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                 let v = pos >> 12
                 let inBlock = Int(pos & 4095)
                 let n = Int(min(leafEnd, (v + 1) << 12) - pos)
-                let p = engine.journal.load(engine.entryOffset(node: leaf, index: Int(v & 511))) & MapEntry.blockMask
+                let p = try engine.entry(node: leaf, index: Int(v & 511), level: 0)
                 if p == 0 {
                     emitData()
                     holeLength += n
                 } else {
-                    guard engine.validBlock(p) else { throw PoolError(.io, "map entry for block \(v) is out of range (corrupt map)") }
                     if engine.hasBadBlocks && engine.isBad(p) {
                         throw PoolError(.io, "block \(v) of \(name) is on damaged media (physical block \(p)); rewriting it moves it")
                     }
@@ -259,14 +258,16 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                 // Announced before the map changes (the feed raises its sequence number first).
                 withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count) { old in
                     for i in 0..<count {
-                        old[i] = engine.journal.load(engine.entryOffset(node: leaf, index: Int((first + UInt64(i)) & 511))) & MapEntry.blockMask
+                        old[i] = engine.entryOrHole(node: leaf, index: Int((first + UInt64(i)) & 511), level: 0)
                     }
                     observer.willRemap(volume: id, first: first, old: UnsafeBufferPointer(old), new: UnsafeBufferPointer(blocks), reason: reason)
                 }
             }
             for i in 0..<count {
-                let off = engine.entryOffset(node: leaf, index: Int((first + UInt64(i)) & 511))
-                let old = engine.journal.exchange(off, blocks[i]) & MapEntry.blockMask
+                let index = Int((first + UInt64(i)) & 511)
+                let off = engine.entryOffset(node: leaf, index: index)
+                let raw = engine.journal.exchange(off, MapEntry.make(blocks[i], index: index, level: 0))
+                let old = engine.decodedOrHole(raw, node: leaf, index: index, level: 0)
                 engine.adjustRefcount(blocks[i], 1, level: -1)
                 if old != 0 { engine.adjustRefcount(old, -1, level: -1) }
             }
@@ -338,8 +339,9 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                 if whole {
                     guard let parent = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: v, stopLevel: 1,
                                                                create: false, spares: &spares) else { return }
-                    let off = engine.entryOffset(node: parent, index: PoolEngine.index(v, level: 1))
-                    let child = engine.journal.load(off) & MapEntry.blockMask
+                    let index = PoolEngine.index(v, level: 1)
+                    let off = engine.entryOffset(node: parent, index: index)
+                    let child = engine.entryOrHole(node: parent, index: index, level: 1)
                     guard child != 0 else { return }
                     if let observer { announceUnmap(observer, leaf: child, first: v, count: 512, reason: reason) }
                     engine.journal.store(off, 0)
@@ -351,8 +353,12 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                 if let observer { announceUnmap(observer, leaf: leaf, first: v, count: Int(leafEnd - v), reason: reason) }
                 for u in v..<leafEnd {
                     let off = engine.entryOffset(node: leaf, index: Int(u & 511))
-                    let old = engine.journal.load(off) & MapEntry.blockMask
-                    if old != 0 {
+                    let raw = engine.journal.load(off)
+                    let old = engine.decodedOrHole(raw, node: leaf, index: Int(u & 511), level: 0)
+                    if raw != 0 && old == 0 {
+                        // A corrupt entry: unmapping it drops the bad word, and no refcount.
+                        engine.journal.store(off, 0)
+                    } else if old != 0 {
                         engine.journal.store(off, 0)
                         engine.adjustRefcount(old, -1, level: -1)
                     }
@@ -367,7 +373,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count * 2) { buf in
             let old = UnsafeMutableBufferPointer(rebasing: buf[0..<count]), new = UnsafeMutableBufferPointer(rebasing: buf[count...])
             for i in 0..<count {
-                old[i] = engine.journal.load(engine.entryOffset(node: leaf, index: Int((first + UInt64(i)) & 511))) & MapEntry.blockMask
+                old[i] = engine.entryOrHole(node: leaf, index: Int((first + UInt64(i)) & 511), level: 0)
                 new[i] = 0
             }
             observer.willRemap(volume: id, first: first, old: UnsafeBufferPointer(old), new: UnsafeBufferPointer(new), reason: reason)

@@ -43,7 +43,7 @@ import Testing
         var node = p.root
         var level = p.depth - 1
         while level > 0 {
-            node = try readWord(p.path, p.layout.blockOffset(node) + 8 * ((vb >> (9 * UInt64(level))) & 511))
+            node = try readWord(p.path, p.layout.blockOffset(node) + 8 * ((vb >> (9 * UInt64(level))) & 511)) & MapEntry.blockMask
             level -= 1
         }
         return p.layout.blockOffset(node) + 8 * (vb & 511)
@@ -84,9 +84,10 @@ import Testing
     @Test func doubleOwnedBlock() throws {
         let d = ScratchDirectory()
         let p = try makePool(d)
-        // Point block 2's entry at block 1's data: one block, two owners, refcount 1.
-        let owner = try readWord(p.path, try leafEntry(p, 1))
-        try writeWord(p.path, try leafEntry(p, 2), owner)
+        // Point block 2's entry at block 1's data, with a valid tag (what a bug, not a media
+        // error, would write): one block, two owners, refcount 1.
+        let owner = try readWord(p.path, try leafEntry(p, 1)) & MapEntry.blockMask
+        try writeWord(p.path, try leafEntry(p, 2), MapEntry.make(owner, index: 2, level: 0))
         let r = try check(p.path)
         #expect(r.status == 4)
         #expect(r.stdout.contains("block \(owner) under-counted"), "\(r.stdout)")
@@ -99,14 +100,14 @@ import Testing
     @Test func blockUsedAsDataAndAsMapNode() throws {
         let d = ScratchDirectory()
         let p = try makePool(d)
-        try writeWord(p.path, try leafEntry(p, 0), p.root)
+        try writeWord(p.path, try leafEntry(p, 0), MapEntry.make(p.root, index: 0, level: 0))
         let r = try check(p.path)
         #expect(r.status == 4)
         #expect(r.stdout.contains("used both as"))
         // Not safely repairable: reported, left alone.
         let rep = try check(p.path, repair: true)
         #expect(rep.status == 4)
-        #expect(try readWord(p.path, try leafEntry(p, 0)) == p.root)
+        #expect(try readWord(p.path, try leafEntry(p, 0)) == MapEntry.make(p.root, index: 0, level: 0))
     }
 
     @Test func wrongRefcountAndCounters() throws {
