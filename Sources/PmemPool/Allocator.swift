@@ -134,8 +134,9 @@ package final class Allocator: @unchecked Sendable {
         self.allocated = Atomic(allocated)
     }
 
+    /// Block `b`'s reference count (`RefcountSlot.damaged` if its slot fails its tag).
     @inline(__always) func refcount(_ b: UInt64) -> UInt32 {
-        UInt32(truncatingIfNeeded: journal.load(layout.refcountWordOffset(b)) >> PoolLayout.refcountShift(b))
+        RefcountSlot.decode(b, slot: RefcountSlot.slot(b, in: journal.load(layout.refcountWordOffset(b))))
     }
 
     /// The high-water mark, read under the lock (the committer records it while writers reserve).
@@ -160,7 +161,15 @@ package final class Allocator: @unchecked Sendable {
         }
         while highWater < layout.blockCount {
             highWater += 1
-            if !bad.contains(highWater - 1) { return highWater - 1 }
+            let b = highWater - 1
+            if bad.contains(b) { continue }
+            // Above the high-water mark every block is free — unless the pool state was damaged:
+            // a block with a count is never handed out (one word read per block, once).
+            if refcount(b) != 0 {
+                Log.error("block \(b) is in use above the high-water mark (damaged pool state): skipped; run 'pmem-nbd check --repair'")
+                continue
+            }
+            return b
         }
         return nil
     }
@@ -174,7 +183,7 @@ package final class Allocator: @unchecked Sendable {
         while n < out.count {
             if let b = free.popLast(), !bad.contains(b) {
                 out[n] = b
-            } else if highWater < layout.blockCount && cursor >= scanEnd && !bad.contains(highWater) {
+            } else if highWater < layout.blockCount && cursor >= scanEnd && !bad.contains(highWater) && refcount(highWater) == 0 {
                 out[n] = highWater
                 highWater += 1
             } else {

@@ -259,13 +259,14 @@ public enum PoolCheck {
         for b in 1..<layout.blockCount {
             if b & 0xFFFF == 0 { progress(layout.blockCount + b, 2 * layout.blockCount) }
             let w = load(layout.refcountWordOffset(b))
-            let stored = UInt32(truncatingIfNeeded: w >> PoolLayout.refcountShift(b))
+            let stored = RefcountSlot.decode(b, slot: RefcountSlot.slot(b, in: w))
             let counted = refs[Int(b)]
             if counted > 0 { maxUsed = b }
             if stored != counted {
                 mismatches += 1
                 if mismatches <= 20 {
-                    let what = stored < counted ? "under-counted (referenced \(counted) times but refcount \(stored): could be handed out while in use)"
+                    let what = stored == RefcountSlot.damaged ? "has a refcount that fails its check tag (referenced \(counted) times)"
+                        : stored < counted ? "under-counted (referenced \(counted) times but refcount \(stored): could be handed out while in use)"
                         : "leaked (refcount \(stored) but referenced \(counted) times)"
                     report.problems.append(.init(area: "refcounts", message: "block \(b) \(what)", repaired: false))
                 }
@@ -276,10 +277,10 @@ public enum PoolCheck {
         let canFixRefcounts = repair && !structural
         if canFixRefcounts && mismatches > 0 {
             for b in 1..<layout.blockCount {
-                let off = layout.refcountWordOffset(b), shift = PoolLayout.refcountShift(b)
+                let off = layout.refcountWordOffset(b)
                 let w = load(off)
-                if UInt32(truncatingIfNeeded: w >> shift) != refs[Int(b)] {
-                    store(off, (w & ~(UInt64(0xFFFF_FFFF) << shift)) | UInt64(refs[Int(b)]) << shift)
+                if RefcountSlot.decode(b, slot: RefcountSlot.slot(b, in: w)) != refs[Int(b)] {
+                    store(off, RefcountSlot.word(w, b, slot: RefcountSlot.encode(b, count: refs[Int(b)])))
                 }
             }
             for i in report.problems.indices where report.problems[i].area == "refcounts" { report.problems[i].repaired = true }

@@ -364,16 +364,20 @@ public final class PoolEngine: @unchecked Sendable {
     /// Adds `delta` to a block's refcount (gate held). At zero the block is freed; a freed map
     /// node releases its children. `level` is the node level (0 = leaf node), or -1 for data.
     package func adjustRefcount(_ b: UInt64, _ delta: Int32, level: Int) {
-        let shift = PoolLayout.refcountShift(b)
-        var underflow = false
+        var underflow = false, damaged = false
         let (old, new) = journal.update(layout.refcountWordOffset(b)) { w in
-            let cur = Int64(UInt32(truncatingIfNeeded: w >> shift))
-            var next = cur + Int64(delta)
+            let cur = RefcountSlot.decode(b, slot: RefcountSlot.slot(b, in: w))
+            if cur == RefcountSlot.damaged { damaged = true; return w }
+            var next = Int64(cur) + Int64(delta)
             if next < 0 { underflow = true; next = 0 }
-            return (w & ~(UInt64(0xFFFF_FFFF) << shift)) | (UInt64(UInt32(truncatingIfNeeded: next)) << shift)
+            return RefcountSlot.word(w, b, slot: RefcountSlot.encode(b, count: UInt32(min(next, Int64(RefcountSlot.maxCount)))))
+        }
+        if damaged {
+            Log.error("the refcount of block \(b) fails its check: the block stays in use; run 'pmem-nbd check --repair'")
+            return
         }
         if underflow { Log.error("refcount underflow on block \(b): the pool is inconsistent; run 'pmem-nbd check'") }
-        let before = UInt32(truncatingIfNeeded: old >> shift), after = UInt32(truncatingIfNeeded: new >> shift)
+        let before = RefcountSlot.decode(b, slot: RefcountSlot.slot(b, in: old)), after = RefcountSlot.decode(b, slot: RefcountSlot.slot(b, in: new))
         if before == 0 && after > 0 { allocator.allocated.add(1, ordering: .relaxed) }
         if before > 0 && after == 0 {
             allocator.allocated.subtract(1, ordering: .relaxed)
@@ -459,6 +463,43 @@ package struct NodeSpares: ~Copyable {
 }
 
 /// Map entries: a physical block number in the low 48 bits; 0 is a hole / absent subtree.
+/// A block's 32-bit refcount slot (two per 8-byte refcount word): 0 when the block is free,
+/// else a 24-bit count with an 8-bit check tag of (block, count) on top (format 3). A slot
+/// whose tag does not match — damaged media — decodes as `damaged`: the block counts as in use
+/// (never handed out, never freed, always copied before a change) until `check --repair`.
+public enum RefcountSlot {
+    public static let maxCount: UInt32 = (1 << 24) - 1
+    /// What a slot that fails its tag reads as: more references than any block has.
+    public static let damaged: UInt32 = .max
+
+    @inline(__always) static func tag(_ block: UInt64, _ count: UInt32) -> UInt32 {
+        let h = (block &* 0x9E37_79B9_7F4A_7C15) ^ (UInt64(count) &* 0xD6E8_FEB8_6659_FD93)
+        return UInt32(truncatingIfNeeded: ((h ^ (h >> 29)) &* 0xBF58_476D_1CE4_E5B9) >> 56)
+    }
+
+    @inline(__always) public static func encode(_ block: UInt64, count: UInt32) -> UInt32 {
+        count == 0 ? 0 : min(count, maxCount) | tag(block, min(count, maxCount)) << 24
+    }
+
+    /// The count a slot holds, or `damaged`.
+    @inline(__always) public static func decode(_ block: UInt64, slot: UInt32) -> UInt32 {
+        if slot == 0 { return 0 }
+        let count = slot & maxCount
+        return count != 0 && slot >> 24 == tag(block, count) ? count : damaged
+    }
+
+    /// The slot of block `b` in its refcount word.
+    @inline(__always) public static func slot(_ b: UInt64, in word: UInt64) -> UInt32 {
+        UInt32(truncatingIfNeeded: word >> PoolLayout.refcountShift(b))
+    }
+
+    /// `word` with block `b`'s slot replaced.
+    @inline(__always) public static func word(_ word: UInt64, _ b: UInt64, slot: UInt32) -> UInt64 {
+        let shift = PoolLayout.refcountShift(b)
+        return (word & ~(UInt64(0xFFFF_FFFF) << shift)) | UInt64(slot) << shift
+    }
+}
+
 /// A map entry: the physical block in the low 48 bits (0 = hole) and, since format 3, a 16-bit
 /// check tag in the top bits — a hash of the block, the entry's index in its node and the node's
 /// level. A map entry damaged on the media (a flipped bit, a stray write, a foreign sector)

@@ -11,9 +11,9 @@ import Testing
 /// serves, a block of one volume never comes back holding another block's data: it reads as
 /// written, as zeroes where damage made it a hole, or fails with EIO.
 @Suite(.serialized) struct CorruptionTests {
-    static let volumeBlocks = 256
+    static let volumeBlocks = 128
 
-    /// A pool with volumes `a` and `b` (1 MiB each, every block written with a pattern of its
+    /// A pool with volumes `a` and `b` (512 KiB each, every block written with a pattern of its
     /// volume and block) and a snapshot `a@s`; closed cleanly. Returns the regions to damage.
     static func makePool(_ path: String) throws -> [(name: String, ranges: [Range<UInt64>])] {
         try PoolEngine.create(path: path, size: 32 << 20, volumeName: "a", volumeSize: UInt64(volumeBlocks) << 12)
@@ -46,10 +46,12 @@ import Testing
         }
         let table = UInt64(PoolLayout.volumeTableOffset)
         return [
-            ("superblock", [0..<UInt64(PoolLayout.stateOffset)]),
-            ("pool state", [UInt64(PoolLayout.stateOffset)..<table]),
+            // The encoded superblock and its backup (the rest of their blocks is unused), the
+            // state block's words, the journal's header and first records.
+            ("superblock", [0..<256, UInt64(PoolLayout.backupSuperblockOffset)..<UInt64(PoolLayout.backupSuperblockOffset) + 256]),
+            ("pool state", [UInt64(PoolLayout.stateOffset)..<UInt64(PoolLayout.stateOffset) + 64]),
             ("volume table", [table..<table + 3 * UInt64(PoolLayout.volumeEntrySize)]),
-            ("journal", [layout.journalOffset..<layout.journalOffset + 4096]),
+            ("journal", [layout.journalOffset..<layout.journalOffset + 512]),
             ("map", nodes.sorted().map { layout.blockOffset($0)..<layout.blockOffset($0) + 4096 }),
             ("refcounts", [layout.refcountOffset..<layout.refcountOffset + UInt64(4 * (layout.blockCount > 2048 ? 2048 : layout.blockCount))]),
         ]
@@ -89,8 +91,9 @@ import Testing
         text.contains("Fatal error") || text.contains("crashed") || text.contains("Sanitizer")
     }
 
-    /// Reads every block of `export`: each must be its own pattern, zeroes, or an error.
-    static func verify(_ sock: String, export: String, seed: UInt64, _ what: String) throws -> (ok: Int, zero: Int, failed: Int) {
+    /// Reads every block of `export`: each must be its own pattern, zeroes, or an error (or,
+    /// with `orSeed`, its pattern before a rewrite that may have failed).
+    static func verify(_ sock: String, export: String, seed: UInt64, orSeed: UInt64? = nil, _ what: String) throws -> (ok: Int, zero: Int, failed: Int) {
         guard let c = try? connectWhenReady(sock, timeout: 5, configure: { try $0.setExportName(export) }) else {
             return (0, 0, volumeBlocks) // the export may be gone (a damaged table): allowed
         }
@@ -100,6 +103,8 @@ import Testing
             guard let data = try? c.pread(count: 4096, offset: UInt64(block) << 12) else { counts.failed += 1; continue }
             if data == pattern(4096, seed: seed + UInt64(block)) {
                 counts.ok += 1
+            } else if let orSeed, data == pattern(4096, seed: orSeed + UInt64(block)) {
+                counts.failed += 1
             } else if data == zeroes {
                 counts.zero += 1
             } else {
@@ -115,7 +120,7 @@ import Testing
         let master = d.file("master.pool")
         let regions = try Self.makePool(master)
         var rng = SystemRandomNumberGenerator()
-        let trials = 4
+        let trials = 3
         var summary: [String] = []
         for (region, ranges) in regions {
             var refused = 0, served = 0, reported = 0, errors = 0
@@ -149,12 +154,25 @@ import Testing
                 let b = try Self.verify(sock, export: "b", seed: 2_000, what)
                 let s = try Self.verify(sock, export: "a@s", seed: 1_000, what)
                 errors += a.failed + b.failed + s.failed
+                // Then rewrite all of `a` (new blocks come from the allocator, which damaged
+                // refcounts or pool state must not mislead): `b` and the snapshot stay as they were.
+                if let w = try? connectWhenReady(sock, timeout: 5, configure: { try $0.setExportName("a") }) {
+                    for block in 0..<Self.volumeBlocks {
+                        try? w.pwrite(pattern(4096, seed: 3_000 + UInt64(block)), offset: UInt64(block) << 12)
+                    }
+                    try? w.flush()
+                    _ = try Self.verify(sock, export: "a", seed: 3_000, orSeed: 1_000, what + " (after rewriting a)")
+                }
+                _ = try Self.verify(sock, export: "b", seed: 2_000, what + " (after rewriting a)")
+                _ = try Self.verify(sock, export: "a@s", seed: 1_000, what + " (after rewriting a)")
                 let status = server.stop()
                 let stderr = server.stderrText
                 #expect(status == 0 && !Self.crashed(stderr), "\(what): server ended with \(status): \(stderr)")
-                // An undamaged-looking pool serves everything as written.
-                if check.status == 0 {
-                    #expect(a.ok + b.ok + s.ok == 3 * Self.volumeBlocks || region == "refcounts" || region == "pool state",
+                // An undamaged-looking pool serves everything as written — except that a name
+                // changed into another valid name, or a damaged counter check cannot see until
+                // it matters, may hide an export or be repaired later.
+                if check.status == 0 && !["refcounts", "pool state", "volume table"].contains(region) {
+                    #expect(a.ok + b.ok + s.ok == 3 * Self.volumeBlocks,
                             "\(what): check found nothing, yet data differs (a \(a), b \(b), s \(s))")
                 }
             }
