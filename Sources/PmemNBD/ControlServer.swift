@@ -138,7 +138,7 @@ public enum VolumeCommand {
         // Offline there is no background deleter: finish deletions before returning.
         if response["ok"] as? Bool == true {
             let start = DispatchTime.now().uptimeNanoseconds
-            do { try pool.runDeletions() } catch { response = ["ok": false, "error": error.message] }
+            do { try pool.runDeletions(progress: progress) } catch { response = ["ok": false, "error": error.message] }
             response["deletion_us"] = (DispatchTime.now().uptimeNanoseconds - start) / 1000
         }
         return response

@@ -128,7 +128,8 @@ public struct Superblock: Equatable, Sendable {
         }
         let version = get(UInt32.self, Field.version)
         guard version == currentVersion else {
-            throw PoolError(.badPool, "pool format version \(version) is not supported by this build (it reads version \(currentVersion))")
+            throw PoolError(.badPool, "pool format version \(version) is not supported by this build (it reads version \(currentVersion)); "
+                            + "serve it with the build that made it and copy its volumes into a new pool (e.g. nbdcopy), see Docs/FORMAT.md")
         }
         guard get(UInt32.self, Field.headerSize) == encodedSize else { throw PoolError(.badPool, "pool header size is invalid (corrupt header)") }
         var copy = Array(bytes.prefix(encodedSize))

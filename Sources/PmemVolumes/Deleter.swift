@@ -65,6 +65,21 @@ extension Pool {
         try engine.sync()
     }
 
+    /// The same, telling `progress` how far it is (the CLI's bar).
+    /// `progress(freed, total)` counts blocks: `total` is what the records being deleted hold
+    /// alone (a walk of their maps first), `freed` how many have been released so far.
+    public func runDeletions(progress: (UInt64, UInt64) -> Void) throws(PoolError) {
+        var total: UInt64 = 0
+        for r in records() where r.kind == .deleting { total += try usage(of: r).exclusive >> 12 }
+        let before = engine.space.allocated
+        progress(0, total)
+        while try deleteStep(stopping: { false }) {
+            progress(min(total, before &- min(before, engine.space.allocated)), total)
+        }
+        progress(total, total)
+        try engine.sync()
+    }
+
     /// Records still being deleted.
     public var deletionsPending: Int { records().filter { $0.kind == .deleting }.count }
 

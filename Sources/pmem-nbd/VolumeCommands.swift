@@ -79,7 +79,10 @@ struct VolumeCommandGroup: ParsableCommand {
         @Flag(name: .long, help: "Also delete its snapshots.") var recursive = false
         @OptionGroup var access: PoolAccess
         func run() throws {
-            try access.perform(["op": "volume-delete", "name": name, "recursive": recursive]) { _ in "deleted volume \(name)" }
+            let meter = ProgressMeter("delete")
+            try access.perform(["op": "volume-delete", "name": name, "recursive": recursive], progress: meter.update, finish: meter.finish) { _ in
+                "deleted volume \(name)"
+            }
         }
     }
 
@@ -122,7 +125,10 @@ struct SnapshotCommandGroup: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Delete a snapshot; the space it alone held comes back in the background.")
         @Argument(help: "VOL@SNAP") var name: String
         @OptionGroup var access: PoolAccess
-        func run() throws { try access.perform(["op": "snapshot-delete", "name": name]) { _ in "deleted snapshot \(name)" } }
+        func run() throws {
+            let meter = ProgressMeter("delete")
+            try access.perform(["op": "snapshot-delete", "name": name], progress: meter.update, finish: meter.finish) { _ in "deleted snapshot \(name)" }
+        }
     }
 
     struct Rollback: ParsableCommand {

@@ -196,5 +196,15 @@ import Testing
         #expect(check.stdout.contains("check [########################] 100%  "), "\(check.stdout.debugDescription)")
         let quiet = try run([pmemNBDBinary, "check", pool])
         #expect(quiet.status == 0 && !quiet.stderr.contains("check ["))
+        // Offline deletion too, counting the blocks the volume held alone.
+        let sock = d.file("s.sock")
+        let server = try ServerProcess(["serve", pool, "-U", sock])
+        #expect(server.waitForSocket(sock))
+        try connectWhenReady(sock).pwrite(pattern(8 << 20, seed: 5), offset: 0)
+        #expect(server.stop() == 0)
+        let delete = try run(["script", "-qec", "\(pmemNBDBinary) volume delete --pool \(pool) pmem0", "/dev/null"], environment: ["TERM": "xterm"])
+        #expect(delete.status == 0, "\(delete.stdout)")
+        #expect(delete.stdout.contains("delete [########################] 100%"), "\(delete.stdout.debugDescription)")
+        #expect(delete.stdout.contains("deleted volume pmem0"))
     }
 }
