@@ -208,9 +208,14 @@ __attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const 
 uint32_t pmem_crc32c(uint32_t crc, const void *data, size_t len) {
   crc = ~crc;
 #ifdef PMEM_X86
+  /* Chosen once; threads may race to choose, so the flag is read and written atomically. */
   static int hw = -1;
-  if (hw < 0) hw = (pmem_cpu_features() & PMEM_CPU_SSE42) ? 1 : 0;
-  crc = hw ? crc32c_hw(crc, data, len) : crc32c_soft(crc, data, len);
+  int use = __atomic_load_n(&hw, __ATOMIC_RELAXED);
+  if (use < 0) {
+    use = (pmem_cpu_features() & PMEM_CPU_SSE42) ? 1 : 0;
+    __atomic_store_n(&hw, use, __ATOMIC_RELAXED);
+  }
+  crc = use ? crc32c_hw(crc, data, len) : crc32c_soft(crc, data, len);
 #else
   crc = crc32c_soft(crc, data, len);
 #endif
