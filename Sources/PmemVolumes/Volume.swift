@@ -354,14 +354,11 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                 for u in v..<leafEnd {
                     let off = engine.entryOffset(node: leaf, index: Int(u & 511))
                     let raw = engine.journal.load(off)
+                    guard raw != 0 else { continue }
+                    // A corrupt entry (decoded as a hole) is dropped without touching a refcount.
                     let old = engine.decodedOrHole(raw, node: leaf, index: Int(u & 511), level: 0)
-                    if raw != 0 && old == 0 {
-                        // A corrupt entry: unmapping it drops the bad word, and no refcount.
-                        engine.journal.store(off, 0)
-                    } else if old != 0 {
-                        engine.journal.store(off, 0)
-                        engine.adjustRefcount(old, -1, level: -1)
-                    }
+                    engine.journal.store(off, 0)
+                    if old != 0 { engine.adjustRefcount(old, -1, level: -1) }
                 }
             }
             v = leafEnd
