@@ -2,8 +2,9 @@ import Dispatch
 import Glibc
 import PmemSystem
 
-/// A progress bar on standard error for long operations (check, export-diff, offline volume and
-/// snapshot deletion), drawn only when standard error is a terminal: quiet in scripts, logs and CI.
+/// A progress bar on standard error for long operations (create --prefault, check, export-diff,
+/// offline volume and snapshot deletion), drawn only when standard error is a terminal: quiet
+/// in scripts, logs and CI.
 public final class ProgressMeter {
     let label: String
     let unit: UInt64

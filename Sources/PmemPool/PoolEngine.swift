@@ -88,14 +88,24 @@ public final class PoolEngine: @unchecked Sendable {
     /// Creates a pool file (sparse) or formats a device, with one volume.
     /// With `prefault`, a file pool's blocks are allocated now (fallocate), so the file system
     /// cannot run out of space under it later (a write fault would then be SIGBUS) and first
-    /// writes do not pay for allocation.
+    /// writes do not pay for allocation. It goes 1 GiB at a time; `progress(done, total)` hears
+    /// of each piece (bytes).
     @discardableResult
     public static func create(path: String, size: UInt64?, volumeName: String = "pmem0", volumeSize: UInt64? = nil,
-                              force: Bool = false, prefault: Bool = false) throws(PoolError) -> Superblock {
+                              force: Bool = false, prefault: Bool = false,
+                              progress: (UInt64, UInt64) -> Void = { _, _ in }) throws(PoolError) -> Superblock {
         let (fd, region, backing, poolSize) = try PoolFile.prepareNew(path: path, size: size, force: force)
         defer { fd.close() }
-        if prefault && backing == .file && pmem_fallocate(fd.rawValue, 0, Int64(poolSize)) != 0 {
-            throw PoolError.system(.current, "cannot allocate \(poolSize) bytes for \(path)")
+        if prefault && backing == .file {
+            var done: UInt64 = 0
+            while done < poolSize {
+                let n = min(poolSize - done, 1 << 30)
+                if pmem_fallocate(fd.rawValue, Int64(done), Int64(n)) != 0 {
+                    throw PoolError.system(.current, "cannot allocate \(poolSize) bytes for \(path)")
+                }
+                done += n
+                progress(done, poolSize)
+            }
         }
         let layout = try PoolLayout.compute(poolSize: poolSize)
         if backing != .file {

@@ -69,7 +69,10 @@ struct Create: ParsableCommand {
                 guard let v = parseSize(volumeSize) else { throw ServeError("cannot parse size '\(volumeSize)'") }
                 vsize = v & ~UInt64(4095)
             }
-            let sb = try PoolEngine.create(path: pool, size: bytes, volumeName: name, volumeSize: vsize, force: force, prefault: prefault)
+            let meter = ProgressMeter("allocate", unit: 1)
+            let sb = try PoolEngine.create(path: pool, size: bytes, volumeName: name, volumeSize: vsize, force: force, prefault: prefault,
+                                           progress: meter.update)
+            meter.finish()
             let engine = try PoolEngine.open(path: pool, readOnly: true, lock: false)
             let size = engine.records().first?.size ?? 0
             print("created \(pool): \(formatBytes(sb.layout.poolSize)), uuid \(sb.uuidString), volume '\(name)' of \(formatBytes(size))")

@@ -190,6 +190,11 @@ import Testing
         #expect(tty.stdout.contains("\r\u{1B}[K"))
         let piped = try run([pmemNBDBinary, "export-diff", "--pool", pool, "pmem0", d.file("p.diff")])
         #expect(piped.status == 0 && !piped.stderr.contains("export-diff ["))
+        // `create --prefault` allocates with a bar.
+        let made = try run(["script", "-qec", "\(pmemNBDBinary) create \(d.file("big.pool")) --size 2G --prefault", "/dev/null"],
+                           environment: ["TERM": "xterm"])
+        #expect(made.status == 0, "\(made.stdout)")
+        #expect(made.stdout.contains("allocate [########################] 100%  2 GiB of 2 GiB"), "\(made.stdout.debugDescription)")
         // `check` draws one too, covering the pool's size.
         let check = try run(["script", "-qec", "\(pmemNBDBinary) check \(pool)", "/dev/null"], environment: ["TERM": "xterm"])
         #expect(check.status == 0, "\(check.stdout)")
