@@ -3,7 +3,7 @@ import Glibc
 import PmemSystem
 import Synchronization
 
-/// The crash-consistent pool engine (format version 2): out-of-place 4 KiB block writes, a
+/// The crash-consistent pool engine (format version 3): out-of-place 4 KiB block writes, a
 /// per-volume copy-on-write radix map with reference-counted blocks, and a redo journal that
 /// commits metadata changes in atomic batches. See Docs/FORMAT.md.
 public final class PoolEngine: @unchecked Sendable {

@@ -1,7 +1,7 @@
 import Glibc
 import PmemSystem
 
-/// Where everything lives in a version-2 pool (see Docs/FORMAT.md). Computed from the pool size
+/// Where everything lives in a pool (format 3, see Docs/FORMAT.md). Computed from the pool size
 /// at creation and recorded in the superblock; never recomputed when opening.
 public struct PoolLayout: Equatable, Sendable {
     public static let blockSize = 4096

@@ -10,7 +10,7 @@ struct ZeroSource: ByteSource {
     }
 }
 
-/// A volume or snapshot of a version-2 pool as a block device. Writes go out of place: each
+/// A volume or snapshot of a pool (format 3) as a block device. Writes go out of place: each
 /// 4 KiB block is written into a free block, made durable, and only then does the map point
 /// at it (in the journal's running batch) — so after a crash a block holds its old or its new
 /// contents, never a mix. Sub-block writes copy the old block first (read-modify-write).
