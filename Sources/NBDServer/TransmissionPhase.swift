@@ -1,4 +1,3 @@
-import Dispatch
 import Glibc
 import NBDWire
 import PmemPool
@@ -53,7 +52,6 @@ struct TransmissionState {
 extension Connection {
     /// Serves requests until DISC, end of stream, a bad magic or a failed send.
     func transmit(session: NegotiatedSession, volume: any BlockVolume) throws(Errno) {
-        server.clearHandshakeTimeout(input)
         var state = TransmissionState(session: session, volume: volume)
         let readGuard = state.readGuard
         defer { readGuard.exit() }
@@ -227,7 +225,7 @@ extension Connection {
         let code = r.typeCode
         state.handedOff = true
         offloaded.enter()
-        DispatchQueue.global().async { [offloaded] in
+        Workers.shared.run { [offloaded] in
             defer { offloaded.leave() }
             let bytes: [UInt8]
             var failed = false
