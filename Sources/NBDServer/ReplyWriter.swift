@@ -2,6 +2,7 @@ import Glibc
 import NBDTLS
 import NBDWire
 import PmemSystem
+import Synchronization
 
 /// Gathers a batch of replies as an iovec list — headers in a small arena, read data as
 /// pointers straight into pool memory — and sends it with one `writev(2)`.
@@ -23,8 +24,10 @@ final class ReplyWriter: @unchecked Sendable {
     private var arenaUsed = 0
     private var mutex = pthread_mutex_t()
     private var holding = false
-    /// Set once a send fails: the peer is gone, later sends are dropped.
-    private(set) var failed = false
+    /// Set once a send fails: the peer is gone, later sends are dropped. Written under the
+    /// stream's lock (by the reader thread or a worker), read without it by the reader thread.
+    private let sendFailed = Atomic<Bool>(false)
+    var failed: Bool { sendFailed.load(ordering: .acquiring) }
 
     /// IOV_MAX on Linux.
     static let iovMax = 1024
@@ -110,7 +113,7 @@ final class ReplyWriter: @unchecked Sendable {
 
     private func send(keepLock: Bool) {
         if iovCount > 0 && !failed {
-            if !sendAll(iov, iovCount) { failed = true }
+            if !sendAll(iov, iovCount) { sendFailed.store(true, ordering: .releasing) }
         }
         iovCount = 0
         arenaUsed = 0
@@ -127,7 +130,7 @@ final class ReplyWriter: @unchecked Sendable {
         guard !failed else { return }
         bytes.withUnsafeBytes { b in
             var v = iovec(iov_base: UnsafeMutableRawPointer(mutating: b.baseAddress!), iov_len: b.count)
-            if !sendAll(&v, 1) { failed = true }
+            if !sendAll(&v, 1) { sendFailed.store(true, ordering: .releasing) }
         }
     }
 
