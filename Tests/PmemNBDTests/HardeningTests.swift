@@ -46,6 +46,54 @@ import Testing
         }
     }
 
+    // MARK: defect 4: a slow client stalls other clients' writes
+
+    /// A raw client sends the header of a partial-block WRITE and then its 10-byte payload a
+    /// byte a second. Meanwhile a libnbd client's partial writes to 300 other blocks (some
+    /// certainly on the same lock stripe), full-block writes, and a partial write to the very
+    /// same block must all complete at once. Then both writes to the shared block are there.
+    @Test(.timeLimit(.minutes(2))) func aSlowWritePayloadDoesNotStallOtherWriters() throws {
+        let s = try TestServer()
+        let raw = try RawClient(unix: s.socketPath)
+        _ = try raw.greet()
+        _ = try raw.go()
+        let slow = Array("0123456789".utf8)
+        try raw.send(RawClient.request(type: 1, cookie: 7, offset: 100, length: UInt32(slow.count)))
+        let sender = Background {
+            for b in slow {
+                try raw.send([b])
+                usleep(1_000_000)
+            }
+        }
+        usleep(300_000)
+        let c = try s.client()
+        let others = Background {
+            for b in 1...300 { try c.pwrite(pattern(100, seed: UInt64(b)), offset: UInt64(b) << 12 + 10) }
+            for b in 301...340 { try c.pwrite(pattern(4096, seed: UInt64(b)), offset: UInt64(b) << 12) }
+            try c.pwrite([UInt8](repeating: 0xEE, count: 50), offset: 2000)
+        }
+        let prompt = others.wait(4)
+        #expect(prompt, "other clients' writes waited for the slow client's payload")
+        #expect(others.wait(60) && others.error == nil, "\(String(describing: others.error))")
+        #expect(sender.wait(30) && sender.error == nil)
+        guard let reply = try raw.reply() else {
+            Issue.record("no reply to the slow write")
+            return
+        }
+        #expect(reply.cookie == 7 && reply.error == 0)
+        // Both read-modify-writes of block 0 are in it, and nothing else changed there.
+        var expected = [UInt8](repeating: 0, count: 4096)
+        expected.replaceSubrange(100..<110, with: slow)
+        expected.replaceSubrange(2000..<2050, with: [UInt8](repeating: 0xEE, count: 50))
+        #expect(try c.pread(count: 4096, offset: 0) == expected)
+        for b in [1, 77, 300] {
+            var block = [UInt8](repeating: 0, count: 4096)
+            block.replaceSubrange(10..<110, with: pattern(100, seed: UInt64(b)))
+            #expect(try c.pread(count: 4096, offset: UInt64(b) << 12) == block, "block \(b)")
+        }
+        #expect(try c.pread(count: 4096, offset: 320 << 12) == pattern(4096, seed: 320))
+    }
+
     // MARK: defect 6: ReplyWriter.failed read without the send lock
 
     /// FLUSHes in page mode are answered by workers; a client that sends a burst of them and
