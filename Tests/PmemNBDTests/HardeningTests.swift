@@ -94,6 +94,136 @@ import Testing
         #expect(try c.pread(count: 4096, offset: 320 << 12) == pattern(4096, seed: 320))
     }
 
+    // MARK: defect 5: map check tags bypassed
+
+    /// A pool file served in this process (as `pmem-nbd serve` would), for pools damaged on disk.
+    final class FileServer {
+        let pool: Pool
+        let server: Server
+        let socketPath: String
+        private var closed = false
+
+        init(path: String, socketPath: String) throws {
+            pool = try Pool.open(path: path, persistence: .page)
+            server = Server(exports: PoolExports(pool: pool, readOnly: false, defaultName: nil))
+            self.socketPath = socketPath
+            try server.listen(on: [Socket.listenUnix(path: socketPath)])
+        }
+
+        func client(_ export: String, context: String? = nil) throws -> NBDClient {
+            let c = try NBDClient()
+            try c.setExportName(export)
+            if let context { try c.addMetaContext(context) }
+            try c.connect(unix: socketPath)
+            return c
+        }
+
+        func close() {
+            guard !closed else { return }
+            closed = true
+            server.shutdown(timeoutSeconds: 10)
+            try? pool.close()
+            unlink(socketPath)
+        }
+    }
+
+    /// Byte offset in the pool file of entry `index` of the leaf of `vblock` in `volume`'s map.
+    static func leafEntryOffset(_ engine: PoolEngine, _ volume: Volume, vblock: UInt64) throws -> UInt64 {
+        let record = engine.records().first { $0.id == volume.id }!
+        let (leaf, _) = try engine.leaf(rootOffset: VolumeRecord.offset(slot: record.slot) + VolumeRecord.rootField,
+                                        depth: record.depth, vblock: vblock)
+        #expect(leaf != 0)
+        return engine.entryOffset(node: leaf, index: Int(vblock & 511))
+    }
+
+    static func poke(_ path: String, _ offset: UInt64, _ word: UInt64) throws {
+        let fd = try FileDescriptor.open(path, O_RDWR)
+        defer { fd.close() }
+        try fd.writeAll(at: Int(offset), bytes: withUnsafeBytes(of: word.littleEndian) { Array($0) })
+    }
+
+    static func peek(_ path: String, _ offset: UInt64) throws -> UInt64 {
+        let fd = try FileDescriptor.open(path, O_RDONLY)
+        defer { fd.close() }
+        let b = try fd.read(at: Int(offset), count: 8)
+        return b.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
+    }
+
+    /// Volume `vol0` (blocks 0-3 written) and its snapshot `s`; block 3 rewritten since, so
+    /// the volume has a leaf of its own. Then entry 1 of that leaf is overwritten with entry
+    /// 2's word: a stray write that names another block of the pool under a wrong tag. Block
+    /// status (allocation, sharing, the dirty bitmap against `s`) over a range that includes it
+    /// answers EIO, as a read of it does; usage fails; blocks 0 and 2 still read. Then the
+    /// volume's root is overwritten with the snapshot's root word (a tag for another slot):
+    /// the reverse map (the feed's owner query) must not take the snapshot's blocks for the
+    /// volume's.
+    @Test(.timeLimit(.minutes(2))) func damagedMapEntriesAnswerEIOWhereverTheyAreDecoded() throws {
+        let d = ScratchDirectory()
+        let path = d.file("pool"), sock = d.file("s.sock")
+        try PoolEngine.create(path: path, size: 48 << 20, volumeName: "vol0", volumeSize: 16 << 20)
+        var snapshotPhysical3: UInt64 = 0
+        var volumeID: UInt64 = 0, snapshotID: UInt64 = 0
+        do {
+            let pool = try Pool.open(path: path, persistence: .page, commitMode: .inline)
+            let vol = pool.volume(named: "vol0")!
+            volumeID = vol.id
+            for b in 0..<4 {
+                try pattern(4096, seed: UInt64(b)).withUnsafeBytes { (bytes) throws in
+                    var src = BufferByteSource(bytes)
+                    try vol.write(offset: UInt64(b) << 12, length: 4096, fua: false, from: &src)
+                }
+            }
+            _ = try pool.createSnapshot(volume: "vol0", snapshot: "s")
+            snapshotID = pool.records().first { $0.name == "s" && $0.kind == .snapshot }!.id
+            snapshotPhysical3 = try pool.volume(id: snapshotID)!.currentBlocks(first: 3, count: 1)[0]
+            try pattern(4096, seed: 33).withUnsafeBytes { (bytes) throws in
+                var src = BufferByteSource(bytes)
+                try vol.write(offset: 3 << 12, length: 4096, fua: false, from: &src)
+            }
+            try pool.close()
+        }
+        let readOnly = try Pool.open(path: path, readOnly: true, lock: false)
+        let entry1 = try Self.leafEntryOffset(readOnly.engine, readOnly.volume(named: "vol0")!, vblock: 1)
+        let entry2 = try Self.leafEntryOffset(readOnly.engine, readOnly.volume(named: "vol0")!, vblock: 2)
+        let records = readOnly.records()
+        try readOnly.close()
+        let stray = try Self.peek(path, entry2)
+        #expect(MapEntry.block(stray, index: 1, level: 0) == nil, "the stray word fails its tag at index 1")
+        try Self.poke(path, entry1, stray)
+
+        let server = try FileServer(path: path, socketPath: sock)
+        defer { server.close() }
+        let plain = try server.client("vol0")
+        #expect(try plain.pread(count: 4096, offset: 0) == pattern(4096, seed: 0))
+        #expect(try plain.pread(count: 4096, offset: 2 << 12) == pattern(4096, seed: 2))
+        #expect(throws: (any Error).self, "READ of the damaged block") { try plain.pread(count: 4096, offset: 1 << 12) }
+        for context in ["base:allocation", "pmem-nbd:sharing", "qemu:dirty-bitmap:s"] {
+            let c = try server.client("vol0", context: context)
+            #expect(throws: (any Error).self, "\(context) over the damaged entry") {
+                let extents = try c.blockStatus(count: 4 << 12, offset: 0)
+                Issue.record("\(context) answered \(extents)")
+            }
+            // Away from the damaged leaf the context still answers.
+            #expect(try c.blockStatus(count: 4096, offset: 8 << 20)[context] != nil, "\(context) elsewhere")
+        }
+        let record = server.pool.records().first { $0.id == volumeID }!
+        #expect(throws: PoolError.self, "usage of the damaged volume") { _ = try server.pool.usage(of: record) }
+        let snapshotRecord = server.pool.records().first { $0.id == snapshotID }!
+        #expect(try server.pool.usage(of: snapshotRecord).referenced == 4 * 4096, "the snapshot's map is intact")
+        server.close()
+
+        // The volume's root word replaced by the snapshot's: the volume's map now seems to be
+        // the snapshot's, block 3 included.
+        let rootOf = { (slot: Int) in VolumeRecord.offset(slot: slot) + VolumeRecord.rootField }
+        let volumeSlot = records.first { $0.id == volumeID }!.slot, snapshotSlot = records.first { $0.id == snapshotID }!.slot
+        try Self.poke(path, rootOf(volumeSlot), try Self.peek(path, rootOf(snapshotSlot)))
+        let reopened = try Pool.open(path: path, persistence: .page)
+        defer { try? reopened.close() }
+        let owners = try reopened.owners(of: snapshotPhysical3)
+        #expect(owners.map { "\($0.0):\($0.1)" } == ["\(snapshotID):3"], "owners \(owners) (volume \(volumeID), snapshot \(snapshotID))")
+        #expect(throws: PoolError.self) { _ = try reopened.usage(of: reopened.records().first { $0.id == volumeID }!) }
+    }
+
     // MARK: defect 6: ReplyWriter.failed read without the send lock
 
     /// FLUSHes in page mode are answered by workers; a client that sends a burst of them and
