@@ -224,6 +224,126 @@ import Testing
         #expect(throws: PoolError.self) { _ = try reopened.usage(of: reopened.records().first { $0.id == volumeID }!) }
     }
 
+    // MARK: defect 8: READ and WRITE up to 64 MiB
+
+    /// Test data for large requests: 4 KiB patterns, each block's first 8 bytes its number, so
+    /// a block in the wrong place shows.
+    static func bigPattern(_ count: Int, seed: UInt64) -> [UInt8] {
+        let unit = pattern(4096, seed: seed)
+        var out: [UInt8] = []
+        out.reserveCapacity(count)
+        var block: UInt64 = 0
+        while out.count < count {
+            var piece = unit
+            withUnsafeBytes(of: (block &+ seed).littleEndian) { piece.replaceSubrange(0..<8, with: $0) }
+            out += piece.prefix(count - out.count)
+            block += 1
+        }
+        return out
+    }
+
+    /// libnbd without NBD_INFO_BLOCK_SIZE (so it did not promise to keep to 32 MiB): a 42 MB
+    /// WRITE and READ at an odd offset (nbd-server's integrityhuge test) and 64 MiB ones,
+    /// verified, with structured and with simple replies; the block sizes are still advertised.
+    /// A client that did ask for them gets EINVAL over 32 MiB (it promised).
+    @Test(.timeLimit(.minutes(3))) func readsAndWritesUpTo64MiBWithoutNegotiatedBlockSizes() throws {
+        let s = try TestServer(size: 288 << 20)
+        let huge = Self.bigPattern(42_000_000, seed: 1)
+        let max = Self.bigPattern(64 << 20, seed: 2)
+        for structured in [true, false] {
+            let c = try s.client { c in
+                try c.requestBlockSize(false)
+                try c.requestStructuredReplies(structured)
+            }
+            #expect(try c.blockSize(2) == 32 << 20, "the maximum is still advertised")
+            try c.pwrite(huge, offset: 12_345)
+            #expect(try c.pread(count: huge.count, offset: 12_345) == huge, "42 MB, structured \(structured)")
+            try c.pwrite(max, offset: 128 << 20)
+            #expect(try c.pread(count: max.count, offset: 128 << 20) == max, "64 MiB, structured \(structured)")
+            try c.shutdown()
+        }
+        let promised = try s.client()
+        #expect(throws: (any Error).self, "a client that asked for the block sizes keeps to them") {
+            _ = try promised.pread(count: huge.count, offset: 0)
+        }
+        #expect(try promised.pread(count: 32 << 20, offset: 128 << 20) == Array(max.prefix(32 << 20)))
+    }
+
+    /// The same 64 MiB through nbdsh (Python libnbd, another process), and a raw client one
+    /// byte over 64 MiB: READ gets EOVERFLOW, WRITE EINVAL with its payload skipped; the stream
+    /// stays in sync.
+    @Test(.timeLimit(.minutes(3))) func nbdshAt64MiBAndOneByteOver() throws {
+        guard haveTool("nbdsh") else { return }
+        let s = try TestServer(size: 160 << 20)
+        let script = """
+            import os
+            h.set_request_block_size(False)
+            h.connect_unix('\(s.socketPath)')
+            for n, off in ((42000000, 4095), (64 << 20, 0)):
+                buf = os.urandom(n)
+                h.pwrite(buf, off)
+                assert h.pread(n, off) == buf, n
+            print('ok')
+            """
+        let r = try run(["nbdsh", "-c", script], timeout: 120)
+        #expect(r.status == 0 && r.stdout.contains("ok"), "\(r.stdout) \(r.stderr)")
+
+        let raw = try RawClient(unix: s.socketPath)
+        _ = try raw.greet()
+        _ = try raw.go()
+        let over = (64 << 20) + 1
+        try raw.send(RawClient.request(type: 0, cookie: 1, offset: 0, length: UInt32(over)))
+        #expect(try raw.reply().map { $0.cookie == 1 && $0.error == 75 } == true, "READ one byte over: EOVERFLOW")
+        try raw.send(RawClient.request(type: 1, cookie: 2, offset: 0, length: UInt32(over)))
+        let chunk = [UInt8](repeating: 0x5A, count: 1 << 20)
+        for _ in 0..<64 { try raw.send(chunk) }
+        try raw.send([0x5A])
+        #expect(try raw.reply().map { $0.cookie == 2 && $0.error == 22 } == true, "WRITE one byte over: EINVAL")
+        try raw.send(RawClient.request(type: 1, cookie: 3, offset: 0, length: UInt32(64 << 20)) + [UInt8](repeating: 0x11, count: 64 << 20))
+        #expect(try raw.reply().map { $0.cookie == 3 && $0.error == 0 } == true, "WRITE of exactly 64 MiB")
+        try raw.send(RawClient.request(type: 0, cookie: 4, offset: (64 << 20) - 4, length: 4))
+        guard case .chunk(let data) = try raw.reply() else { Issue.record("no data chunk"); return }
+        #expect(data.cookie == 4 && Array(data.payload.suffix(4)) == [0x11, 0x11, 0x11, 0x11], "no byte of the refused payload landed")
+    }
+
+    /// 64 MiB under TLS (records of 16 KiB, the payload read through GnuTLS into the pool) and
+    /// under extended headers (raw client: GO without NBD_INFO_BLOCK_SIZE).
+    @Test(.timeLimit(.minutes(3))) func sixtyFourMiBUnderTLSAndExtendedHeaders() throws {
+        let pki = TestPKI.shared
+        try pki.check()
+        let credentials = try TLSCredentials(certificateDirectory: nil, pskFile: pki.pskFile, verifyPeer: false)
+        let s = try TestServer(size: 160 << 20, tls: (.on, credentials))
+        let max = Self.bigPattern(64 << 20, seed: 3)
+        let c = try s.client { c in
+            try c.setTLS(LibNBDTLS.require)
+            try c.setTLSPSKFile(pki.pskFile)
+            try c.setTLSUsername("alice")
+            try c.requestBlockSize(false)
+        }
+        #expect(try c.tlsNegotiated)
+        try c.pwrite(max, offset: 4096)
+        #expect(try c.pread(count: max.count, offset: 4096) == max, "64 MiB through TLS")
+
+        let raw = try RawClient(unix: s.socketPath)
+        _ = try raw.greet()
+        _ = try raw.goExtended(requestBlockSize: false)
+        let other = Self.bigPattern(64 << 20, seed: 4)
+        try raw.send(RawClient.extendedRequest(type: 1, flags: 0x20, cookie: 1, offset: 8192, length: UInt64(other.count)) + other)
+        let written = try raw.extendedReply()
+        #expect(written?.count == 1 && written?[0].type == 0, "extended WRITE of 64 MiB: \(String(describing: written?.map { $0.type }))")
+        try raw.send(RawClient.extendedRequest(type: 0, cookie: 2, offset: 8192, length: UInt64(other.count)))
+        var data: [UInt8] = []
+        while let chunk = try raw.extendedChunk() {
+            #expect(chunk.type == 1, "OFFSET_DATA")
+            data += chunk.payload.dropFirst(8)
+            if chunk.done { break }
+        }
+        #expect(data == other, "extended READ of 64 MiB")
+        // One byte more, with PAYLOAD_LEN: the server hangs up (spec: SHOULD).
+        try raw.send(RawClient.extendedRequest(type: 1, flags: 0x20, cookie: 3, offset: 0, length: UInt64(64 << 20) + 1) + [0, 0, 0, 0])
+        #expect(try raw.extendedChunk() == nil)
+    }
+
     // MARK: defect 6: ReplyWriter.failed read without the send lock
 
     /// FLUSHes in page mode are answered by workers; a client that sends a burst of them and
