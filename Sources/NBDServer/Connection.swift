@@ -5,6 +5,7 @@ import NBDWire
 import PmemPool
 import PmemVolumes
 import PmemSystem
+import Synchronization
 
 /// One client connection, served by its own thread: the handshake, then the transmission
 /// phase (see HandshakePhase.swift and TransmissionPhase.swift).
@@ -24,6 +25,10 @@ final class Connection: @unchecked Sendable {
     private(set) var volume: (any BlockVolume)?
     /// The TLS session, once STARTTLS succeeded (see HandshakePhase.swift).
     var tls: TLSSession?
+    /// When the handshake must be over (monotonic nanoseconds); 0 when there is no deadline
+    /// (or the handshake is over), `expired` once the accept thread disconnected the client.
+    let handshakeDeadline = Atomic<UInt64>(0)
+    static let expired = UInt64.max
 
     init(id: UInt64, input: FileDescriptor, output: FileDescriptor, server: Server, peer: String) {
         self.id = id
@@ -56,6 +61,8 @@ final class Connection: @unchecked Sendable {
         }
         do {
             guard let session = try negotiate() else { return }
+            // The deadline no longer applies; if it passed meanwhile the socket is shut down.
+            guard handshakeDeadline.exchange(0, ordering: .acquiringAndReleasing) != Connection.expired else { return }
             guard let volume = server.exports.volume(for: session.export) else {
                 Log.warning("connection \(id): export '\(session.export.name)' vanished")
                 return
@@ -84,5 +91,18 @@ final class Connection: @unchecked Sendable {
     /// Interrupts blocking reads so the thread drains and exits (server shutdown).
     func interrupt() {
         Socket.shutdown(input, read: true, write: false)
+    }
+
+    /// Disconnects the client if its handshake deadline passed before `now`: shuts the socket
+    /// down both ways, so a read or a send blocked in the handshake fails at once. True when
+    /// this call did it (the connection's thread then ends; it closes the descriptor).
+    func expireHandshake(now: UInt64) -> Bool {
+        let deadline = handshakeDeadline.load(ordering: .relaxed)
+        guard deadline != 0, deadline != Connection.expired, now >= deadline,
+              handshakeDeadline.compareExchange(expected: deadline, desired: Connection.expired, ordering: .acquiringAndReleasing).exchanged
+        else { return false }
+        Socket.shutdown(input)
+        if output != input { Socket.shutdown(output) }
+        return true
     }
 }

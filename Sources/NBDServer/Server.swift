@@ -11,8 +11,12 @@ import Synchronization
 /// Shutdown stops accepting, lets in-flight requests finish, and waits for connections.
 public final class Server: @unchecked Sendable {
     public let exports: any ExportSource
-    /// Seconds a client may take to finish the handshake.
-    public var handshakeTimeoutSeconds: Int = 60
+    /// Seconds a client may take from its connection to the end of the handshake (0: no
+    /// limit); then it is disconnected (set before listening).
+    public var handshakeTimeoutSeconds: Int = 10
+    /// Connections served at once (0: no limit); a client beyond it is closed as soon as it is
+    /// accepted, and those being served do not notice (set before listening).
+    public var maxConnections: Int = 0
     /// Whether connections measure request latency (for metrics; set before listening).
     public var measuresLatency = false
     /// STARTTLS policy (set before listening); TLS stays off without credentials.
@@ -21,6 +25,10 @@ public final class Server: @unchecked Sendable {
     public var tlsCredentials: TLSCredentials?
 
     private let connections = Locked<[UInt64: Connection]>([:])
+    /// Clients closed at once because `maxConnections` were being served.
+    private let refusedOverLimit = Atomic<UInt64>(0)
+    /// Whether the last accepted client found the server full (to log the change once).
+    private let wasFull = Atomic<Bool>(false)
     private let nextID = Atomic<UInt64>(1)
     private let shuttingDown = Atomic<Bool>(false)
     private let active = WaitGroup()
@@ -66,16 +74,49 @@ public final class Server: @unchecked Sendable {
         c.run()
     }
 
-    /// Serves an accepted socket on a new thread.
+    /// Serves an accepted socket on a new thread (called by an accept thread).
     func accepted(_ fd: FileDescriptor, peer: String) {
         if isShuttingDown {
             fd.close()
             return
         }
+        if maxConnections > 0 {
+            let full = connectionCount >= maxConnections
+            if wasFull.exchange(full, ordering: .relaxed) != full {
+                if full {
+                    Log.warning("\(maxConnections) connections are being served (--max-connections): new clients are closed until one ends")
+                } else {
+                    Log.info("below \(maxConnections) connections again: accepting clients")
+                }
+            }
+            if full {
+                refusedOverLimit.add(1, ordering: .relaxed)
+                Log.debug("client from \(peer) closed: \(maxConnections) connections are being served")
+                fd.close()
+                return
+            }
+        }
         Socket.setNoDelay(fd)
-        setHandshakeTimeout(fd)
         let c = register(input: fd, output: fd, peer: peer)
+        if handshakeTimeoutSeconds > 0 {
+            c.handshakeDeadline.store(MonotonicClock.nanoseconds() + UInt64(handshakeTimeoutSeconds) * 1_000_000_000, ordering: .relaxed)
+        }
         OSThread.spawn(name: "nbd-conn-\(c.id)") { c.run() }
+    }
+
+    /// Clients closed at once because `maxConnections` were being served.
+    public var connectionsRefused: UInt64 { refusedOverLimit.load(ordering: .relaxed) }
+
+    /// Disconnects clients whose handshake outlived `handshakeTimeoutSeconds` (called by the
+    /// accept thread about twice a second). Their reads and writes fail at once, whatever
+    /// they were waiting for: the next byte of an option, a TLS record, room to send a reply.
+    func expireHandshakes() {
+        guard handshakeTimeoutSeconds > 0 else { return }
+        let now = MonotonicClock.nanoseconds()
+        let open = connections.withLock { Array($0.values) }
+        for c in open where c.expireHandshake(now: now) {
+            Log.info("connection \(c.id) from \(c.peer): handshake not finished within \(handshakeTimeoutSeconds) s; disconnecting")
+        }
     }
 
     private func register(input: FileDescriptor, output: FileDescriptor, peer: String) -> Connection {
@@ -110,16 +151,6 @@ public final class Server: @unchecked Sendable {
         }
         m.connectionsTotal = nextID.load(ordering: .relaxed) - 1
         return m
-    }
-
-    func setHandshakeTimeout(_ fd: FileDescriptor) {
-        var tv = timeval(tv_sec: handshakeTimeoutSeconds, tv_usec: 0)
-        setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-    }
-
-    func clearHandshakeTimeout(_ fd: FileDescriptor) {
-        var tv = timeval(tv_sec: 0, tv_usec: 0)
-        setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
     /// Stops accepting, interrupts idle reads so each connection finishes what it has in

@@ -29,6 +29,8 @@ public enum ServeCommand {
         let exports = PoolExports(pool: pool, readOnly: o.readOnly, defaultName: o.exportName)
         let server = Server(exports: exports)
         server.measuresLatency = o.metrics != nil
+        server.maxConnections = o.maxConnections
+        server.handshakeTimeoutSeconds = o.handshakeTimeout
         server.tlsMode = o.tlsMode
         server.tlsCredentials = tls
         pool.onVolumeChange { [weak server] id in

@@ -29,6 +29,11 @@ public struct ServeOptions: Sendable {
     /// Seconds a feed client may leave an event that pinned a block unacknowledged.
     public var ackDeadline: Double = 10
 
+    /// Connections served at once (0: no limit); clients beyond it are closed at once.
+    public var maxConnections = ServeOptions.defaultMaxConnections
+    /// Seconds a client has to finish the handshake (0: no limit).
+    public var handshakeTimeout = ServeOptions.defaultHandshakeTimeout
+
     /// Print the NBD URIs clients should use on standard output once listening.
     public var printURI = false
     /// Fork into the background once listening (the parent exits 0 when the child serves).
@@ -50,4 +55,8 @@ public struct ServeOptions: Sendable {
     public init(poolPath: String) { self.poolPath = poolPath }
 
     public static let defaultPort: UInt16 = 10809
+    /// As qemu-nbd since CVE-2024-7409 (clients that connect and never finish the handshake
+    /// must not exhaust the server).
+    public static let defaultMaxConnections = 100
+    public static let defaultHandshakeTimeout = 10
 }

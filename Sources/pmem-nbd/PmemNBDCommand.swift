@@ -172,6 +172,10 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: "File of bad byte ranges of the pool, 'OFFSET LENGTH' per line (testing media errors).") var badblocks: String?
     @Option(name: .long, help: "Seconds a write-lease holder has to return a recalled lease before it is fenced.") var recallDeadline: Double = 2
     @Option(name: .long, help: "Seconds a feed client may leave an event that pinned a block unacknowledged before it is fenced.") var ackDeadline: Double = 10
+    @Option(name: .long, help: ArgumentHelp("Connections served at once (0: no limit); a client beyond it is closed at once, as qemu-nbd does.", valueName: "n"))
+    var maxConnections: Int = ServeOptions.defaultMaxConnections
+    @Option(name: .long, help: ArgumentHelp("Seconds a client has from connecting to the end of its handshake, TLS included (0: no limit).", valueName: "seconds"))
+    var handshakeTimeout: Int = ServeOptions.defaultHandshakeTimeout
     @Flag(name: .long, help: "Once listening, print the NBD URI of each listening socket on standard output, one per line.") var printURI = false
     @Flag(name: .long, help: "Go into the background once listening: the command returns (0) when the server is ready.") var fork = false
     @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics over HTTP (GET /metrics) at HOST:PORT, :PORT (127.0.0.1) or unix:PATH.", valueName: "address"))
@@ -207,6 +211,10 @@ struct Serve: ParsableCommand {
             o.badBlocksFile = badblocks
             o.recallDeadline = recallDeadline
             o.ackDeadline = ackDeadline
+            guard maxConnections >= 0 else { throw ServeError("--max-connections must be 0 (no limit) or more") }
+            guard handshakeTimeout >= 0 else { throw ServeError("--handshake-timeout must be 0 (no limit) or more seconds") }
+            o.maxConnections = maxConnections
+            o.handshakeTimeout = handshakeTimeout
             if fork && foreground { throw ServeError("--fork and --foreground cannot be used together") }
             o.printURI = printURI
             o.fork = fork
