@@ -22,7 +22,8 @@ final class ReplyWriter: @unchecked Sendable {
     private let arena: UnsafeMutableRawPointer
     private let arenaCapacity = 64 * 1024
     private var arenaUsed = 0
-    private var mutex = pthread_mutex_t()
+    /// Serialises the byte stream (see above).
+    private let mutex = PosixMutex()
     private var holding = false
     /// Set once a send fails: the peer is gone, later sends are dropped. Written under the
     /// stream's lock (by the reader thread or a worker), read without it by the reader thread.
@@ -39,20 +40,18 @@ final class ReplyWriter: @unchecked Sendable {
         self.fd = fd
         iov = .allocate(capacity: ReplyWriter.iovMax)
         arena = .allocate(byteCount: arenaCapacity, alignment: 64)
-        pthread_mutex_init(&mutex, nil)
     }
 
     deinit {
         iov.deallocate()
         arena.deallocate()
-        pthread_mutex_destroy(&mutex)
     }
 
     var hasPending: Bool { iovCount > 0 }
 
     @inline(__always) private func acquireForBatch() {
         if !holding {
-            pthread_mutex_lock(&mutex)
+            mutex.lock()
             holding = true
         }
     }
@@ -119,14 +118,14 @@ final class ReplyWriter: @unchecked Sendable {
         arenaUsed = 0
         if !keepLock {
             holding = false
-            pthread_mutex_unlock(&mutex)
+            mutex.unlock()
         }
     }
 
     /// Sends a complete reply from another thread (offloaded commands).
     func sendNow(_ bytes: [UInt8]) {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
+        mutex.lock()
+        defer { mutex.unlock() }
         guard !failed else { return }
         bytes.withUnsafeBytes { b in
             var v = iovec(iov_base: UnsafeMutableRawPointer(mutating: b.baseAddress!), iov_len: b.count)

@@ -110,53 +110,37 @@ public final class Workers: @unchecked Sendable {
 /// A counter other threads can wait on reaching zero (used for draining connections).
 public final class WaitGroup: @unchecked Sendable {
     private var count = 0
-    private var mutex = pthread_mutex_t()
-    private var cond = pthread_cond_t()
+    private let condition = PosixCondition()
 
-    public init() {
-        pthread_mutex_init(&mutex, nil)
-        pthread_cond_init(&cond, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(&mutex)
-        pthread_cond_destroy(&cond)
-    }
+    public init() {}
 
     public func enter() {
-        pthread_mutex_lock(&mutex)
-        count += 1
-        pthread_mutex_unlock(&mutex)
+        condition.withLock { count += 1 }
     }
 
     public func leave() {
-        pthread_mutex_lock(&mutex)
-        count -= 1
-        if count == 0 { pthread_cond_broadcast(&cond) }
-        pthread_mutex_unlock(&mutex)
+        condition.withLock {
+            count -= 1
+            if count == 0 { condition.broadcast() }
+        }
     }
 
-    public var current: Int {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return count
-    }
+    public var current: Int { condition.withLock { count } }
 
     /// Blocks until the count is zero or the timeout passes; returns whether it reached zero.
     @discardableResult
     public func wait(timeoutSeconds: Double = .infinity) -> Bool {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
+        condition.lock()
+        defer { condition.unlock() }
         if timeoutSeconds.isInfinite {
-            while count > 0 { pthread_cond_wait(&cond, &mutex) }
+            while count > 0 { condition.wait() }
             return true
         }
-        var now = timespec()
-        clock_gettime(CLOCK_REALTIME, &now)
-        let total = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 + timeoutSeconds
-        var deadline = timespec(tv_sec: Int(total), tv_nsec: Int((total - Double(Int(total))) * 1e9))
+        let deadline = MonotonicClock.nanoseconds() &+ UInt64(max(0, timeoutSeconds) * 1e9)
         while count > 0 {
-            if pthread_cond_timedwait(&cond, &mutex, &deadline) == ETIMEDOUT { return count == 0 }
+            let now = MonotonicClock.nanoseconds()
+            if now >= deadline { return false }
+            _ = condition.wait(seconds: Double(deadline - now) / 1e9)
         }
         return true
     }
