@@ -26,9 +26,10 @@ final class Connection: @unchecked Sendable {
     /// The TLS session, once STARTTLS succeeded (see HandshakePhase.swift).
     var tls: TLSSession?
     /// When the handshake must be over (monotonic nanoseconds); 0 when there is no deadline
-    /// (or the handshake is over), `expired` once the accept thread disconnected the client.
+    /// (or the handshake is over), `expired` once the accept thread disconnected the client,
+    /// `closing` once this connection's thread is about to close its descriptors.
     let handshakeDeadline = Atomic<UInt64>(0)
-    static let expired = UInt64.max
+    static let expired = UInt64.max, closing = UInt64.max - 1
 
     init(id: UInt64, input: FileDescriptor, output: FileDescriptor, server: Server, peer: String) {
         self.id = id
@@ -45,6 +46,9 @@ final class Connection: @unchecked Sendable {
     func run() {
         Log.debug("connection \(id) from \(peer)")
         defer {
+            // From here the accept thread leaves the descriptors alone (it shuts a socket down
+            // under the same lock, so never one that is closed, or reused by then).
+            server.connectionLock.withLock { handshakeDeadline.store(Connection.closing, ordering: .relaxed) }
             // Release the reply stream first: offloaded commands need it to send their replies.
             replies.flush()
             offloaded.wait()
@@ -88,17 +92,21 @@ final class Connection: @unchecked Sendable {
         tls.bye()
     }
 
-    /// Interrupts blocking reads so the thread drains and exits (server shutdown).
+    /// Interrupts blocking reads so the thread drains and exits (server shutdown). Not once
+    /// the thread is closing its descriptors: the number may already name another file.
     func interrupt() {
-        Socket.shutdown(input, read: true, write: false)
+        server.connectionLock.withLock {
+            if handshakeDeadline.load(ordering: .relaxed) != Connection.closing { Socket.shutdown(input, read: true, write: false) }
+        }
     }
 
     /// Disconnects the client if its handshake deadline passed before `now`: shuts the socket
     /// down both ways, so a read or a send blocked in the handshake fails at once. True when
     /// this call did it (the connection's thread then ends; it closes the descriptor).
+    /// Called with `server.connectionLock` held.
     func expireHandshake(now: UInt64) -> Bool {
         let deadline = handshakeDeadline.load(ordering: .relaxed)
-        guard deadline != 0, deadline != Connection.expired, now >= deadline,
+        guard deadline != 0, deadline < Connection.closing, now >= deadline,
               handshakeDeadline.compareExchange(expected: deadline, desired: Connection.expired, ordering: .acquiringAndReleasing).exchanged
         else { return false }
         Socket.shutdown(input)

@@ -114,7 +114,8 @@ public final class Server: @unchecked Sendable {
         guard handshakeTimeoutSeconds > 0 else { return }
         let now = MonotonicClock.nanoseconds()
         let open = connections.withLock { Array($0.values) }
-        for c in open where c.expireHandshake(now: now) {
+        let expired = connectionLock.withLock { open.filter { $0.expireHandshake(now: now) } }
+        for c in expired {
             Log.info("connection \(c.id) from \(c.peer): handshake not finished within \(handshakeTimeoutSeconds) s; disconnecting")
         }
     }
