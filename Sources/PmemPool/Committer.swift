@@ -15,7 +15,14 @@ package final class Committer: @unchecked Sendable {
     private var durable: UInt64 = 0
     private var stopping = false
     private var running = false
-    package private(set) var failure: PoolError?
+    /// The failure that made the pool read-only (under `cond`); `failed` says whether there is
+    /// one without the lock (writers check it on every metadata group).
+    private var storedFailure: PoolError?
+    private let failed = Atomic<Bool>(false)
+    package var failure: PoolError? {
+        guard failed.load(ordering: .acquiring) else { return nil }
+        return cond.withLock { storedFailure }
+    }
     static let interval = 1.0
 
     init(mode: PoolEngine.CommitMode) { self.mode = mode }
@@ -64,8 +71,8 @@ package final class Committer: @unchecked Sendable {
         defer { cond.unlock() }
         requested = max(requested, batch)
         cond.broadcast()
-        while durable < batch && failure == nil && !stopping { cond.wait() }
-        if let failure { throw failure }
+        while durable < batch && storedFailure == nil && !stopping { cond.wait() }
+        if let storedFailure { throw storedFailure }
     }
 
     private func commitNow() throws(PoolError) {
@@ -80,7 +87,8 @@ package final class Committer: @unchecked Sendable {
         } catch {
             Log.error("commit failed: \(error.message); the pool is now read-only")
             cond.withLock {
-                failure = PoolError(.io, "commit failed: \(error.message)")
+                storedFailure = PoolError(.io, "commit failed: \(error.message)")
+                failed.store(true, ordering: .releasing)
                 cond.broadcast()
             }
             throw error
@@ -93,9 +101,11 @@ package final class Committer: @unchecked Sendable {
             cond.lock()
             if !(requested > durable || stopping) { _ = cond.wait(seconds: Committer.interval) }
             let stop = stopping
+            // Read under the lock: syncs raise `requested` from other threads.
+            let asked = requested > durable
             cond.unlock()
             guard let engine else { return }
-            if engine.journal.hasPendingWords || requested > durable || stop {
+            if engine.journal.hasPendingWords || asked || stop {
                 commitLock.lock()
                 try? commitNow()
                 commitLock.unlock()
