@@ -12,6 +12,19 @@ import Testing
 /// `pthread_t` after `pthread_create` returned; a detached connection thread that had already
 /// ended, its stack unmapped, made that a SIGSEGV.)
 @Suite(.serialized) struct ChurnTests {
+    /// A generator with state of its own per thread (SystemRandomNumberGenerator has no
+    /// storage: ThreadSanitizer sees every thread's `inout` use of it at one address).
+    struct XorShift: RandomNumberGenerator {
+        var state: UInt64
+        init() { state = UInt64.random(in: 1...UInt64.max) }
+        mutating func next() -> UInt64 {
+            state ^= state << 13
+            state ^= state >> 7
+            state ^= state << 17
+            return state
+        }
+    }
+
     /// One kind of misbehaving client per call, chosen by `kind`.
     static func misbehave(_ socket: String, kind: Int, held: inout [RawClient], rng: inout some RandomNumberGenerator) {
         guard let raw = try? RawClient(unix: socket) else { return }
@@ -71,7 +84,7 @@ import Testing
             group.enter()
             Thread {
                 defer { group.leave() }
-                var rng = SystemRandomNumberGenerator()
+                var rng = XorShift()
                 var held: [RawClient] = []
                 var n = 0
                 while !shared.stop.withLock({ $0 }) {
@@ -89,7 +102,7 @@ import Testing
         // The verifying client: writes a pattern to a block of its own region and reads it back.
         var verified = 0, failures: [String] = []
         let deadline = Date().addingTimeInterval(8)
-        var rng = SystemRandomNumberGenerator()
+        var rng = XorShift()
         while Date() < deadline {
             let block = UInt64.random(in: 0..<1024, using: &rng)
             let seed = UInt64.random(in: 0..<UInt64.max, using: &rng)
