@@ -224,6 +224,63 @@ import Testing
         #expect(throws: PoolError.self) { _ = try reopened.usage(of: reopened.records().first { $0.id == volumeID }!) }
     }
 
+    /// The volume table's depth and size words are not tagged. A depth word damaged into
+    /// nonsense (2^40 + 2) made the first write reserve 2^40 map-node slots (the server died on
+    /// the allocation), and a size word damaged upwards (16 MiB to 4 GiB, past what the depth-2
+    /// map reaches) made block 262149 read as block 5. On `serve` (run as a process, so a crash
+    /// is a failure) the first is now served through the depth its size needs (the map's own,
+    /// here) and the second answers EIO; `check` reports both records; the other volume is
+    /// untouched.
+    @Test(.timeLimit(.minutes(3))) func aDamagedMapDepthOrSizeAnswersEIONeverAnotherBlock() throws {
+        let d = ScratchDirectory()
+        let master = d.file("master.pool")
+        try PoolEngine.create(path: master, size: 64 << 20, volumeName: "vol0", volumeSize: 16 << 20)
+        do {
+            let pool = try Pool.open(path: master, persistence: .page, commitMode: .inline)
+            _ = try pool.createVolume(name: "b", size: 4 << 20)
+            for (name, seed) in [("vol0", UInt64(100)), ("b", 200)] {
+                let vol = pool.volume(named: name)!
+                for block in 0..<8 {
+                    try pattern(4096, seed: seed + UInt64(block)).withUnsafeBytes { (bytes) throws in
+                        var src = BufferByteSource(bytes)
+                        try vol.write(offset: UInt64(block) << 12, length: 4096, fua: false, from: &src)
+                    }
+                }
+            }
+            try pool.close()
+        }
+        let record = VolumeRecord.offset(slot: 0)
+        for (what, field, value) in [("depth", VolumeRecord.depthField, (UInt64(1) << 40) | 2), ("size", VolumeRecord.sizeField, UInt64(4) << 30)] {
+            let path = d.file("\(what).pool"), sock = d.file("\(what).sock")
+            #expect(try run(["cp", "--sparse=always", master, path]).status == 0)
+            try Self.poke(path, record + field, value)
+            let check = try run([pmemNBDBinary, "check", path])
+            #expect(check.status != 0 && check.stdout.contains("does not fit size"), "\(what): check: \(check.status) \(check.stdout)")
+            let server = try ServerProcess(["serve", path, "-U", sock, "--control", "none", "--feed", "none"])
+            #expect(server.waitForSocket(sock), "\(what): \(server.stderrText)")
+            let c = try connectWhenReady(sock) { try $0.setExportName("vol0") }
+            if what == "size" {
+                // The depth the size needs (3) is not the one the root was tagged with (2).
+                #expect(throws: (any Error).self, "read of block 5") { _ = try c.pread(count: 4096, offset: 5 << 12) }
+                let alias = try? c.pread(count: 4096, offset: 262_149 << 12)
+                #expect(alias != pattern(4096, seed: 105), "block 262149 came back as block 5")
+                #expect(throws: (any Error).self, "write") { try c.pwrite(pattern(4096, seed: 9), offset: 3 << 12) }
+            } else {
+                // The depth the size needs is the one the map has: it is read as it is, or EIO.
+                let read = try? c.pread(count: 4096, offset: 5 << 12)
+                #expect(read == nil || read == pattern(4096, seed: 105), "block 5 came back with other data")
+                if (try? c.pwrite(pattern(4096, seed: 9), offset: 3 << 12)) != nil {
+                    #expect(try c.pread(count: 4096, offset: 3 << 12) == pattern(4096, seed: 9))
+                }
+            }
+            let b = try connectWhenReady(sock) { try $0.setExportName("b") }
+            #expect(try b.pread(count: 4096, offset: 7 << 12) == pattern(4096, seed: 207), "\(what): the other volume")
+            #expect(server.process.isRunning, "\(what): the server died: \(server.stderrText)")
+            let status = server.stop()
+            #expect(status == 0, "\(what): exit status \(status): \(server.stderrText)")
+        }
+    }
+
     // MARK: defect 8: READ and WRITE up to 64 MiB
 
     /// Test data for large requests: 4 KiB patterns, each block's first 8 bytes its number, so
