@@ -6,7 +6,7 @@ One live server (and a second one with TLS required) under attack while real cli
   - a verifying fio client (ioengine=nbd, verify=crc32c with a verify backlog) writing and
     reading back its volume for the whole run;
   - a libnbd probe writing and reading back whole and partial blocks of its own volume every
-    0.1 s, each round timed (a client stalled by another is a failure);
+    0.1 s, each round timed (a round over --stall-limit, a client stalled by another, fails);
   - a snapshot churner: `pmem-nbd snapshot create` / `snapshot delete` through the control
     socket, keeping the newest three;
   - a libnbd TLS client (nbdinfo with an nbds URI) against the TLS server every few seconds;
@@ -24,7 +24,7 @@ server descriptors back to their idle count and anonymous memory back to its war
 no sanitizer report or fatal error in the server logs; `pmem-nbd check` clean on both pools.
 
 usage: hostile.py --binary PMEM_NBD --seconds N [--label NAME] [--workers 4] [--idle 1000]
-                  [--sanitizer] [--keep] [--report FILE]
+                  [--sanitizer] [--stall-limit S] [--keep] [--report FILE]
 Every process it starts runs under `timeout -k` and is reaped; the servers are stopped at the end
 whatever happens.
 """
@@ -564,6 +564,8 @@ def main():
     ap.add_argument("--threads", type=int, default=6, help="threads per attacker process (default 6)")
     ap.add_argument("--idle", type=int, default=1000, help="idle connections held at once (default 1000)")
     ap.add_argument("--sanitizer", action="store_true", help="the server is built with a sanitizer: looser memory bound")
+    ap.add_argument("--stall-limit", type=float, default=5,
+                    help="seconds a probe round may take (default 5; a sanitizer slows the server 2-15 times)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--report", help="write the figures as JSON here")
     args = ap.parse_args()
@@ -581,7 +583,8 @@ def main():
     servers = []
     processes = []
     env = dict(SYSTEM_ENV, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:quarantine_size_mb=16",
-               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+               TSAN_OPTIONS="halt_on_error=0:report_signal_unsafe=0:second_deadlock_stack=1")
     figures = {"label": args.label, "seconds": args.seconds}
     try:
         for argv in ([binary, "create", pool, "--size", "512M", "--name", "vol", "--volume-size", "128M"],
@@ -649,12 +652,14 @@ def main():
         total = args.seconds
         fio_out = os.path.join(work, "fio.json")
         fio = subprocess.Popen(
-            ["timeout", "-k", "10", str(int(total + 120)), "fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}",
+            ["timeout", "-k", "10", str(int(total + 900)), "fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}",
              "--rw=randwrite", "--bsrange=4k-64k", "--numjobs=4", "--iodepth=8", "--size=16M", "--offset_increment=16M",
              "--verify=crc32c", "--verify_backlog=64", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
-             "--time_based", f"--runtime={int(total)}", "--output-format=json", f"--output={fio_out}"],
+             "--time_based", f"--runtime={int(total + 600)}", "--output-format=json", f"--output={fio_out}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=SYSTEM_ENV)
         processes.append(fio)
+
+        stall_limit = args.stall_limit
 
         def probe():
             import nbd  # python3-libnbd
@@ -683,7 +688,7 @@ def main():
                 with lock:
                     stats["probe_rounds"] += 1
                     stats["probe_max_s"] = max(stats["probe_max_s"], took)
-                if took > 5:
+                if took > stall_limit:
                     visible_error(f"probe: a round took {took:.1f} s (another client stalled it)")
                 stop.wait(0.1)
 
@@ -850,11 +855,22 @@ def main():
 
         round_ends = []  # (RssAnon KiB, descriptors) after each round's quiet
         idle_held = idle_failed = peak_fds = peak_threads = 0
+
+        def quiet(limit=60):
+            """Waits until only the well-behaved clients' connections are left (their threads
+            gone too), at most `limit` seconds."""
+            until = time.time() + limit
+            while time.time() < until and plain.alive():
+                if fd_count(plain.pid) <= fds_idle + 12 and threads_of(plain.pid) <= threads_idle + 12:
+                    break
+                time.sleep(0.5)
+            time.sleep(1)
+
         for r in range(rounds):
-            r0 = start + r * round_len
-            until = r0 + round_len - 3
+            r0 = time.time()
+            until = min(deadline, r0 + round_len) if r == rounds - 1 else r0 + round_len
             attackers, results = launch(until)
-            time.sleep(max(0, r0 + round_len * 0.2 - time.time()))
+            time.sleep(max(0, round_len * 0.2 - (time.time() - r0)))
             t0 = time.time()
             conns, failed = open_idle(args.idle, None)
             if plain.alive():
@@ -863,21 +879,29 @@ def main():
             if r == 0:
                 say(f"{len(conns)} idle connections open ({failed} failed) in {time.time() - t0:.1f} s; "
                     f"server descriptors {peak_fds}, threads {peak_threads}")
-            time.sleep(max(0.5, r0 + round_len * 0.6 - time.time()))
+            time.sleep(max(3, round_len * 0.6 - (time.time() - r0)))
             for c in conns:
                 c.close()
             del conns
             collect(attackers, results, until)
             if not plain.alive() or (tls and not tls.alive()):
                 break
-            time.sleep(max(0, r0 + round_len - time.time()))
+            quiet()
             round_ends.append((rss_kib(plain.pid), fd_count(plain.pid)))
         rss_base = round_ends[0][0] if round_ends else 0
         stop.set()
         for t in slow + helpers:
             t.join(90)
+        # fio runs until the attack is over (however long the rounds took): SIGINT ends it with
+        # its report, after the I/O in flight completed and was verified.
         try:
-            fio.wait(max(10, total + 120 - (time.time() - start)))
+            with open(f"/proc/{fio.pid}/task/{fio.pid}/children") as f:
+                for child in f.read().split():
+                    os.kill(int(child), signal.SIGINT)
+        except OSError:
+            pass
+        try:
+            fio.wait(120)
         except subprocess.TimeoutExpired:
             fio.kill()
             fio.wait(10)
@@ -890,12 +914,13 @@ def main():
         fio_errors, fio_ios = None, 0
         try:
             with open(fio_out) as f:
-                report = json.load(f)
+                text = f.read()
+            report = json.loads(text[text.index("{"):])  # after "fio: terminating on signal 2"
             fio_errors = sum(j.get("error", 0) for j in report["jobs"])
             fio_ios = sum(j["write"]["total_ios"] + j["read"]["total_ios"] for j in report["jobs"])
         except (OSError, ValueError, KeyError) as e:
             failures.append(f"fio: no report ({e}); exit {fio.returncode}; {fio_err.strip()[-1000:]}")
-        if fio.returncode != 0 or fio_errors:
+        if fio.returncode not in (0, 128) or fio_errors:  # 128: it ended on our SIGINT
             visible_error(f"fio: exit {fio.returncode}, err={fio_errors}: {fio_err.strip()[-1000:]}")
         if plain.alive():
             r = run(["nbdinfo", "--size", uri], 60)
@@ -931,7 +956,10 @@ def main():
                     say(f"descriptors made once by the runtime during the run: {extra}")
             if tls_fds_end is not None and tls_fds_end > tls_fds_idle + 2:
                 failures.append(f"TLS server descriptors {tls_fds_idle} idle before, {tls_fds_end} after")
-            margin = 192 * 1024 if args.sanitizer else 32 * 1024
+            # Each round of 1,000 concurrent connections leaves some memory behind (allocator
+            # retention decaying round after round; Docs/RELIABILITY.md): the bound catches a
+            # leak of whole connections, not that.
+            margin = 256 * 1024 if args.sanitizer else 48 * 1024
             if rss_end > rss_base + margin:
                 failures.append(f"server RssAnon {rss_base // 1024} MiB after the first round, {rss_end // 1024} MiB after (more than {margin // 1024} MiB growth)")
         handled = metric(metrics_sock, "pmem_nbd_connections_total")
