@@ -381,3 +381,15 @@ int pmem_tcp_nodelay(int fd) {
 int pmem_pipe_cloexec(int fds[2]) {
   return pipe2(fds, O_CLOEXEC);
 }
+
+int pmem_spawn_actions_closefrom(posix_spawn_file_actions_t *actions, int from) {
+  return posix_spawn_file_actions_addclosefrom_np(actions, from);
+}
+
+int pmem_pidfd_open(pid_t pid) {
+  return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int pmem_pidfd_send_signal(int pidfd, int sig) {
+  return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
+}

@@ -1,7 +1,7 @@
 import NBDWire
 import Testing
 
-@Suite struct RequestCheckTests {
+@Suite(.timeLimit(.minutes(5))) struct RequestCheckTests {
     func session(structured: Bool = true, readOnly: Bool = false, contexts: [MetaContext] = [MetaContext(id: 1, name: "base:allocation")]) -> NegotiatedSession {
         var flags = baseFlags
         if readOnly { flags.insert(.readOnly) }

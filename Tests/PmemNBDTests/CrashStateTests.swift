@@ -6,7 +6,7 @@ import Testing
 /// Crash consistency, tested not argued: crash states at every fence and sync of the write,
 /// trim, write-zeroes, flush, commit and recovery paths, each recovered and checked.
 /// `PMEM_NBD_CRASH_STATES=200000 scripts/test --filter CrashStateTests` runs a longer search.
-@Suite(.serialized) struct CrashStateTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct CrashStateTests {
     static var target: Int { Int(ProcessInfo.processInfo.environment["PMEM_NBD_CRASH_STATES"] ?? "") ?? 6000 }
 
     func explore(_ domain: Persistence.Domain, states: Int, firstSeed: UInt64, snapshots: Bool = false) throws -> (Int, Int, [String]) {

@@ -4,7 +4,7 @@ import Testing
 
 /// Hostile and malformed input over raw sockets: each gets the spec's answer or a
 /// disconnect, the server never crashes, and other clients do not notice.
-@Suite struct MalformedInputTests {
+@Suite(.timeLimit(.minutes(5))) struct MalformedInputTests {
     /// A libnbd client connected before the abuse must still work after it.
     func bystanderStillWorks(_ s: TestServer, _ bystander: NBDClient) throws {
         try bystander.pwrite([0x42], offset: 99)

@@ -3,7 +3,7 @@ import Testing
 
 /// Docs/pmem-nbd.1 agrees with `--help`: every subcommand has a section and every option a
 /// subcommand prints is in the page.
-@Suite struct ManPageTests {
+@Suite(.timeLimit(.minutes(5))) struct ManPageTests {
     static let subcommands = [
         ["serve"], ["create"], ["info"], ["check"], ["volume", "create"], ["volume", "list"], ["volume", "delete"],
         ["volume", "resize"], ["snapshot", "create"], ["snapshot", "list"], ["snapshot", "delete"], ["snapshot", "rollback"],

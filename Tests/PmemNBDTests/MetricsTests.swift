@@ -9,7 +9,7 @@ import PmemSystem
 import Testing
 
 /// `serve --metrics`: the Prometheus endpoint, what it counts, and `pmem-nbd stats`.
-@Suite struct MetricsTests {
+@Suite(.timeLimit(.minutes(5))) struct MetricsTests {
     func scrape(_ address: MetricsAddress) throws -> (text: String, doc: PrometheusText.Document) {
         let text = try MetricsClient.fetch(address)
         return (text, try PrometheusText.parse(text))

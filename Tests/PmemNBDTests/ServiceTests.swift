@@ -9,7 +9,7 @@ let repositoryRoot: String = URL(fileURLWithPath: #filePath).deletingLastPathCom
 
 /// Running pmem-nbd the ways nbdkit and qemu-nbd users run servers: `--print-uri`, `--fork`
 /// with a pid file, and systemd socket activation with the unit files in Docs/systemd.
-@Suite struct ServiceTests {
+@Suite(.timeLimit(.minutes(5))) struct ServiceTests {
     @Test func printURIForUnixAndTCPSockets() throws {
         let d = ScratchDirectory()
         let pool = d.file("p.pool"), sock = d.file("s.sock")

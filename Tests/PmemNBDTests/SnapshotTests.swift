@@ -8,7 +8,7 @@ import PmemVolumes
 import Testing
 
 /// Snapshots, clones, rollback and deletion, driven through libnbd, nbdinfo and the CLI.
-@Suite struct SnapshotTests {
+@Suite(.timeLimit(.minutes(5))) struct SnapshotTests {
     /// Sends a control request to the in-process pool (what the control socket does).
     @discardableResult
     func control(_ s: TestServer, _ request: [String: Any]) throws -> [String: Any] {
