@@ -138,6 +138,13 @@ int pmem_tcp_nodelay(int fd);
 /// pipe2(O_CLOEXEC): 0 or -1 with errno.
 int pmem_pipe_cloexec(int fds[2]);
 
+/// prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when its parent
+/// exits. 0 or -1 with errno.
+int pmem_set_parent_death_signal(int sig);
+
+/// syslog(3) of one preformatted message (syslog itself is variadic).
+void pmem_syslog(int priority, const char *message);
+
 // ---- Counters for metrics ----------------------------------------------------
 
 /// Adds to a counter that only the calling thread writes: a relaxed load and a relaxed store,
