@@ -120,7 +120,8 @@ public struct RBDDiffExport {
         }
         out.byte(UInt8(ascii: "e"))
         try out.drain()
-        do { try fd.sync() } catch { throw PoolError(.system(error), "cannot write \(path): \(error)") }
+        // A file is made durable; a pipe or FIFO (standard output) cannot be, and need not.
+        if !special { do { try fd.sync() } catch { throw PoolError(.system(error), "cannot write \(path): \(error)") } }
         summary.fileBytes = out.written
         ok = true
         return summary

@@ -137,7 +137,11 @@ struct Check: ParsableCommand {
     func run() throws {
         try reportingErrors(failure: 8) {
             let meter = ProgressMeter("check", unit: 2048)
-            let report = try PoolCheck.run(path: pool, repair: repair, progress: meter.update)
+            let report: CheckReport
+            do { report = try PoolCheck.run(path: pool, repair: repair, progress: meter.update) } catch let error as PoolError {
+                // Every error names the file.
+                throw error.message.contains(pool) ? error : PoolError(error.kind, "\(pool): \(error.message)")
+            }
             meter.finish()
             print(json ? report.json() : report.text())
             return report.exitStatus

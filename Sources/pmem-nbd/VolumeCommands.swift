@@ -354,23 +354,26 @@ struct ExportDiff: ParsableCommand {
             try reportingErrors { throw ServeError("\(file) exists; add --force to replace it") }
         }
         // Standard output: the writer (the server, or this process) writes into a FIFO that a
-        // thread here copies to standard output.
-        var pipe: (directory: TemporaryDirectory, done: DispatchSemaphore, fifo: String)?
+        // thread here copies to standard output. This process holds a write end of its own
+        // until the request is answered, so the copy sees the end only then — however early
+        // the request fails, and whether or not the writer ever opened the FIFO.
+        var pipe: (directory: TemporaryDirectory, done: DispatchSemaphore, holder: FileDescriptor)?
         if toStdout {
             try reportingErrors {
                 let directory = try TemporaryDirectory(prefix: "pmem-nbd-diff")
                 let fifo = try directory.makeFIFO("diff")
+                let reader = try FileDescriptor.open(fifo, O_RDONLY | O_NONBLOCK)
+                let holder = try FileDescriptor.open(fifo, O_WRONLY)
+                try reader.setNonBlocking(false)
                 let done = DispatchSemaphore(value: 0)
                 OSThread.spawn(name: "pmem-diff-out") {
-                    defer { done.signal() }
-                    guard let fd = try? FileDescriptor.open(fifo, O_RDONLY) else { return }
-                    defer { fd.close() }
+                    defer { reader.close(); done.signal() }
                     var chunk = [UInt8](repeating: 0, count: 1 << 20)
-                    while let n = try? chunk.withUnsafeMutableBytes({ try fd.read(into: $0) }), n > 0 {
+                    while let n = try? chunk.withUnsafeMutableBytes({ try reader.read(into: $0) }), n > 0 {
                         guard (try? FileDescriptor.standardOutput.writeAll(bytes: Array(chunk[0..<n]))) != nil else { return }
                     }
                 }
-                pipe = (directory, done, fifo)
+                pipe = (directory, done, holder)
                 request["path"] = fifo
                 request["force"] = true
                 return 0
@@ -378,8 +381,7 @@ struct ExportDiff: ParsableCommand {
         }
         defer {
             if let pipe {
-                // Unblocks the reader if the writer never opened the FIFO (an early error).
-                if let w = try? FileDescriptor.open(pipe.fifo, O_WRONLY | O_NONBLOCK) { w.close() }
+                pipe.holder.close()
                 pipe.done.wait()
                 pipe.directory.remove()
             }

@@ -128,8 +128,8 @@ import Testing
 /// Runs a bash script with a hard deadline, then kills every process still running in its
 /// directory (servers it left in the background), so nothing outlives the test.
 /// Its output goes to files, not pipes: a server it leaves running would hold a pipe open.
-func runScript(_ script: String, in directory: String, timeout: TimeInterval) throws -> ToolResult {
-    defer { killProcesses(inDirectory: directory) }
+func runScript(_ script: String, in directory: String, timeout: TimeInterval, reap: Bool = true) throws -> ToolResult {
+    defer { if reap { killProcesses(inDirectory: directory) } }
     let out = directory + "/.script-stdout", err = directory + "/.script-stderr"
     let r = try run(["/bin/bash", "-c", "exec >'\(out)' 2>'\(err)' </dev/null\n" + script], timeout: timeout)
     func text(_ path: String) -> String { (try? String(contentsOfFile: path, encoding: .utf8)) ?? "" }
