@@ -473,9 +473,12 @@ func fileExists(_ path: String) -> Bool { FileManager.default.fileExists(atPath:
         let uri = server.readLines(1).first ?? ""
         #expect(uri.hasPrefix("nbd+unix:///pmem0?socket="), "\(uri)")
         let socket = String(uri.drop { $0 != "=" }.dropFirst())
+        #expect(socket.hasPrefix("/") && socket.hasSuffix("/socket"), "\(uri)")
         #expect(try tool(["nbdinfo", "--size", uri]).stdout == "\(16 << 20)\n")
         #expect(stopServer(server).status == 0)
-        #expect(!fileExists(socket) && !fileExists((socket as NSString).deletingLastPathComponent))
+        let directory = socket.hasSuffix("/socket") ? String(socket.dropLast("/socket".count)) : socket
+        #expect(!socket.isEmpty && !fileExists(socket) && !fileExists(directory))
+        killProcesses(inDirectory: d.path)
     }
 
     /// --exit-with-parent: the server stops cleanly (pid file and socket removed) when the
