@@ -89,7 +89,8 @@ public final class PoolFile: @unchecked Sendable {
             return (file, PoolMedia(base: region.base, length: region.length, persistence: persistence, file: file))
         } catch {
             fd.close()
-            throw error
+            // Every error names the file.
+            throw error.naming(path)
         }
     }
 

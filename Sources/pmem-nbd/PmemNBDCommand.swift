@@ -140,7 +140,7 @@ struct Check: ParsableCommand {
             let report: CheckReport
             do { report = try PoolCheck.run(path: pool, repair: repair, progress: meter.update) } catch let error as PoolError {
                 // Every error names the file.
-                throw error.message.contains(pool) ? error : PoolError(error.kind, "\(pool): \(error.message)")
+                throw error.naming(pool)
             }
             meter.finish()
             print(json ? report.json() : report.text())
