@@ -397,15 +397,18 @@ func fileExists(_ path: String) -> Bool { FileManager.default.fileExists(atPath:
         let server = try startServer([pool, "-U", sock], socket: sock)
         let c = try connectWhenReady(sock)
         var failures = 0
+        let started = Date()
         for i in 0..<32 {
             do { try c.pwrite(pattern(1 << 20, seed: UInt64(i)), offset: UInt64(i) << 20) } catch { failures += 1 }
         }
+        let elapsed = Date().timeIntervalSince(started)
         #expect(failures > 3)
         try c.shutdown()
         let (status, stderr) = stopServer(server)
         #expect(status == 0)
+        // One warning per 10 s at most (a loaded machine may take longer than 10 s for this).
         let warnings = stderr.components(separatedBy: "\n").filter { $0.contains("the pool is full") }
-        #expect(warnings.count == 1, "\(stderr)")
+        #expect(warnings.count >= 1 && warnings.count <= 1 + Int(elapsed / 10), "\(failures) failures in \(elapsed) s: \(stderr)")
         #expect(warnings.first?.contains("export pmem0") == true && warnings.first?.contains("ENOSPC") == true)
     }
 }
