@@ -22,6 +22,12 @@ public enum ServeCommand {
         let parent = getppid()
         // First, before anything can start a thread: fork() is only safe in a single-threaded process.
         let daemon = o.fork ? try Daemon.forkIntoBackground() : nil
+        // SIGTERM, SIGINT and SIGHUP are blocked before any thread exists (every thread inherits
+        // the mask) and taken by a sigwait thread once listening is set up, so one that arrives
+        // at any moment — even before the handler runs — stops the server cleanly. (With
+        // --stdio they keep their default action: the one connection just ends.)
+        let stopSignals = [SIGTERM, SIGINT, SIGHUP]
+        if !o.stdio { SignalMask.block(stopSignals) }
         signal(SIGPIPE, SIG_IGN)
         let tls = try loadTLSCredentials(o)
         var st = stat()
@@ -63,17 +69,13 @@ public enum ServeCommand {
             return 0
         }
 
-        // SIGTERM, SIGINT and SIGHUP (as nbdkit and qemu-nbd treat it) are handled from before
-        // the first client can connect (or learn the pid from the pid file or --fork's parent):
-        // one that arrives early stops the server cleanly.
+        // SIGTERM, SIGINT and SIGHUP (as nbdkit and qemu-nbd treat it), blocked since the start,
+        // are taken from here on: one that came early (before the first client could connect,
+        // or learn the pid from the pid file or --fork's parent) stops the server at once.
         let stop = DispatchSemaphore(value: 0)
-        var sources: [DispatchSourceSignal] = []
-        for sig in [SIGTERM, SIGINT, SIGHUP] {
-            signal(sig, SIG_IGN)
-            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler { stop.signal() }
-            s.resume()
-            sources.append(s)
+        SignalMask.waitOnThread(for: stopSignals) { sig in
+            Log.info("signal \(sig): stopping")
+            stop.signal()
         }
         if o.exitWithParent {
             do { try ProcessControl.signalWhenParentExits(SIGTERM, parent: parent) } catch {
@@ -214,7 +216,6 @@ public enum ServeCommand {
         if let path = createdUnixPath { unlink(path) }
         privateDirectory?.remove()
         if let pidFile = o.pidFile { unlink(pidFile) }
-        _ = sources
         return runStatus?.withLock { $0 } ?? 0
     }
 
