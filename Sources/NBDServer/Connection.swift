@@ -23,6 +23,10 @@ final class Connection: @unchecked Sendable {
     let offloaded = WaitGroup()
     /// The volume being served, once transmission started.
     private(set) var volume: (any BlockVolume)?
+    /// The name of its export (under `server.connectionLock`, like `volume`).
+    private(set) var exportName: String?
+    /// When the connection was accepted (seconds since the Unix epoch).
+    let since: Double
     /// The TLS session, once STARTTLS succeeded (see HandshakePhase.swift).
     var tls: TLSSession?
     /// When the handshake must be over (monotonic nanoseconds); 0 when there is no deadline
@@ -40,6 +44,9 @@ final class Connection: @unchecked Sendable {
         receive = ReceiveBuffer(fd: input, capacity: 256 * 1024)
         replies = ReplyWriter(fd: output)
         metrics = ConnectionMetrics(timed: server.measuresLatency)
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        since = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
 
     /// Thread entry: runs the connection to its end and closes it.
@@ -71,7 +78,10 @@ final class Connection: @unchecked Sendable {
                 Log.warning("connection \(id): export '\(session.export.name)' vanished")
                 return
             }
-            server.connectionLock.withLock { self.volume = volume }
+            server.connectionLock.withLock {
+                self.volume = volume
+                self.exportName = session.export.name
+            }
             try transmit(session: session, volume: volume)
         } catch {
             Log.debug("connection \(id): \(error)")

@@ -35,6 +35,13 @@ public final class Server: @unchecked Sendable {
     private var listeners: [Listener] = []
     /// Counters of connections that ended (own and offloaded), added under `connections`' lock.
     private let retired = CounterBlock(count: MetricSlot.count)
+    /// The same, by the export each used (under `connections`' lock).
+    private var retiredByExport: [String: CounterBlock] = [:]
+    /// When the last ENOSPC warning was logged (monotonic ns), and how many were not since.
+    private let noSpaceWarned = Atomic<UInt64>(0)
+    private let noSpaceQuiet = Atomic<UInt64>(0)
+    /// Seconds between two ENOSPC warnings in the log.
+    public var noSpaceWarningInterval: Double = 10
 
     public init(exports: any ExportSource) {
         self.exports = exports
@@ -60,6 +67,43 @@ public final class Server: @unchecked Sendable {
 
     /// Number of connections being served.
     public var connectionCount: Int { connections.withLock { $0.count } }
+
+    /// Number of connections serving a volume that matches (busy volumes are not deleted
+    /// without --force).
+    public func connectionCount(where matches: (any BlockVolume) -> Bool) -> Int {
+        let open = connections.withLock { Array($0.values) }
+        return open.filter { c in connectionLock.withLock({ c.volume }).map(matches) ?? false }.count
+    }
+
+    /// The open connections, oldest first (`pmem-nbd connections`).
+    public func connectionInfo() -> [ConnectionInfo] {
+        let open = connections.withLock { Array($0.values) }.sorted { $0.id < $1.id }
+        return open.map { c in
+            let export = connectionLock.withLock { c.exportName }
+            let (requests, completed) = c.metrics.requestsAndCompleted
+            let bytesIn = c.metrics.own.load(MetricSlot.bytesWritten)
+            let bytesOut = c.metrics.own.load(MetricSlot.bytesRead)
+            return ConnectionInfo(id: c.id, peer: c.peer, export: export, since: c.since, bytesIn: bytesIn, bytesOut: bytesOut,
+                                  requests: requests, inFlight: requests >= completed ? requests - completed : 0)
+        }
+    }
+
+    /// Logs that a request failed for want of free space, at most once per
+    /// `noSpaceWarningInterval` (saying how many were not logged in between).
+    func warnNoSpace(export: String, command: String, offset: UInt64, length: UInt64) {
+        let now = MonotonicClock.nanoseconds()
+        let last = noSpaceWarned.load(ordering: .relaxed)
+        let interval = UInt64(noSpaceWarningInterval * 1e9)
+        guard last == 0 || now &- last >= interval,
+              noSpaceWarned.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged else {
+            noSpaceQuiet.add(1, ordering: .relaxed)
+            return
+        }
+        let quiet = noSpaceQuiet.exchange(0, ordering: .relaxed)
+        Log.warning("export \(export): the pool is full: \(command) of \(length) bytes at offset \(offset) failed with ENOSPC"
+                    + (quiet > 0 ? " (and \(quiet) more since the last warning)" : "")
+                    + "; free space by deleting snapshots or volumes, or TRIM")
+    }
 
     /// Starts accepting on listening sockets (Unix, TCP or inherited from systemd).
     public func listen(on sockets: [FileDescriptor]) throws(Errno) {
@@ -132,8 +176,17 @@ public final class Server: @unchecked Sendable {
         connections.withLock {
             _ = $0.removeValue(forKey: c.id)
             // Counted once: either among the live connections or here, never both.
+            let export = connectionLock.withLock { c.exportName }
+            var byExport: CounterBlock?
+            if let export {
+                byExport = retiredByExport[export] ?? CounterBlock(count: MetricSlot.count)
+                retiredByExport[export] = byExport
+            }
             for block in [c.metrics.own, c.metrics.offloaded] {
-                for i in 0..<MetricSlot.count { retired.addShared(i, block.load(i)) }
+                for i in 0..<MetricSlot.count {
+                    retired.addShared(i, block.load(i))
+                    byExport?.addShared(i, block.load(i))
+                }
             }
         }
         active.leave()
@@ -152,6 +205,21 @@ public final class Server: @unchecked Sendable {
         }
         m.connectionsTotal = nextID.load(ordering: .relaxed) - 1
         return m
+    }
+
+    /// Request counters by export name (the name each connection asked for), over live and
+    /// ended connections: the per-volume metrics. Added up at scrape time, like the totals.
+    public func requestMetricsByExport() -> [String: RequestMetrics] {
+        var out: [String: RequestMetrics] = [:]
+        connections.withLock { open in
+            for (export, block) in retiredByExport { out[export, default: RequestMetrics()].add(block) }
+            for c in open.values {
+                guard let export = connectionLock.withLock({ c.exportName }) else { continue }
+                out[export, default: RequestMetrics()].add(c.metrics.own)
+                out[export, default: RequestMetrics()].add(c.metrics.offloaded)
+            }
+        }
+        return out
     }
 
     /// Stops accepting, interrupts idle reads so each connection finishes what it has in

@@ -193,7 +193,13 @@ extension Connection {
     private func replyError(_ r: Request, _ state: TransmissionState, _ error: PoolError) {
         let code: NBDErrno
         switch error.kind {
-        case .noSpace: code = .noSpace
+        case .noSpace:
+            code = .noSpace
+            // Not a request past the end (also ENOSPC): the pool ran out of free blocks.
+            if r.offset <= state.volume.size && UInt64(r.length) <= state.volume.size - r.offset {
+                server.warnNoSpace(export: state.session.export.name, command: r.type?.name ?? "request",
+                                   offset: r.offset, length: UInt64(r.length))
+            }
         case .readOnly: code = .permission
         case .invalid: code = error.isNotFast ? .notSupported : .invalid
         case .notFound, .exists: code = .invalid

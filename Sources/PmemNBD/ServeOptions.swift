@@ -52,7 +52,21 @@ public struct ServeOptions: Sendable {
     /// Require client certificates signed by the directory's ca-cert.pem.
     public var tlsVerifyPeer = false
 
+    /// With `createSize`: the pool is sized so that its first volume is exactly this many bytes
+    /// (and can be filled); `createSize` is then ignored.
+    public var createVolumeSize: UInt64?
+    /// Captive mode (nbdkit's `--run`): run this shell command once serving, with `$uri`,
+    /// `$unixsocket`, `$port`, `$exportname` and `$tls` set, stop when it exits, and exit with
+    /// its status.
+    public var runCommand: String?
+    /// Stop (as on SIGTERM) when the parent process exits.
+    public var exitWithParent = false
+
     public init(poolPath: String) { self.poolPath = poolPath }
+
+    /// `-U -`: a private socket in a new temporary directory (removed at exit).
+    public static let privateSocket = "-"
+
 
     public static let defaultPort: UInt16 = 10809
     /// As qemu-nbd since CVE-2024-7409 (clients that connect and never finish the handshake

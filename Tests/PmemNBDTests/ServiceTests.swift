@@ -104,7 +104,7 @@ let repositoryRoot: String = URL(fileURLWithPath: #filePath).deletingLastPathCom
         let socketUnit = try String(contentsOfFile: repositoryRoot + "/Docs/systemd/pmem-nbd.socket", encoding: .utf8)
         let serviceUnit = try String(contentsOfFile: repositoryRoot + "/Docs/systemd/pmem-nbd.service", encoding: .utf8)
         let listen = unitValues(socketUnit, "ListenStream")
-        #expect(listen == ["/run/pmem-nbd.sock", "10809"])
+        #expect(listen == ["/run/pmem-nbd.sock", "127.0.0.1:10809"], "TCP on loopback only: NBD is plaintext")
         let exec = try #require(unitValues(serviceUnit, "ExecStart").first).split(separator: " ").map(String.init)
         #expect(Array(exec.prefix(3)) == ["/usr/local/bin/pmem-nbd", "serve", "/var/lib/pmem-nbd/pool"])
 

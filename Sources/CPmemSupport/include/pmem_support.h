@@ -150,6 +150,13 @@ int pmem_pidfd_open(pid_t pid);
 /// pidfd_send_signal(2): 0 or -1 with errno (ESRCH once the process has ended).
 int pmem_pidfd_send_signal(int pidfd, int sig);
 
+/// prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when its parent
+/// exits. 0 or -1 with errno.
+int pmem_set_parent_death_signal(int sig);
+
+/// syslog(3) of one preformatted message (syslog itself is variadic).
+void pmem_syslog(int priority, const char *message);
+
 // ---- Counters for metrics ----------------------------------------------------
 
 /// Adds to a counter that only the calling thread writes: a relaxed load and a relaxed store,
