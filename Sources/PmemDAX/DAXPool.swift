@@ -49,6 +49,8 @@ public final class DAXPool: @unchecked Sendable {
 
     /// Read leases last this long and are renewed when less than a third is left.
     public var leaseDuration: Double = 60
+    /// Test hooks (package access only).
+    package let testHooks = Locked(DAXTestHooks())
 
     public init(feed: String, nbd: String? = nil, writable: Bool = false, name: String = "pmem-dax") throws {
         connection = try FeedConnection(path: feed, name: name)
@@ -318,6 +320,13 @@ public final class DAXPool: @unchecked Sendable {
             retries += retried
         }
     }
+}
+
+/// Callbacks tests install to force interleavings; nil in production.
+package struct DAXTestHooks: Sendable {
+    /// In `writeLease`, after the grant arrived, before the call returns the handle.
+    package var beforeRegisteringWriteLease: (@Sendable () -> Void)?
+    package init() {}
 }
 
 struct RegionKey: Hashable {

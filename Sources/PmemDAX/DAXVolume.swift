@@ -156,6 +156,7 @@ public final class DAXVolume: @unchecked Sendable {
         _ = try r.u32()
         var blocks: [UInt64] = []
         for _ in 0..<n { blocks.append(try r.u64()) }
+        pool.testHooks.withLock { $0.beforeRegisteringWriteLease }?()
         let handle = DAXWriteLease(pool: pool, id: lease, first: first, blocks: blocks, onRecall: onRecall)
         pool.cond.withLock { pool.writeLeases[lease] = handle }
         return handle

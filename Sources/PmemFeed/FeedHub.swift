@@ -37,6 +37,8 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
 
     /// Events kept for subscribers that fall behind or reconnect.
     public let ringCapacity: Int
+    /// Test hooks (package access only).
+    package let testHooks = Locked(FeedTestHooks())
 
     public init(pool: Pool, recallDeadline: Double = 2, ackDeadline: Double = 10, ringCapacity: Int = 65_536) throws {
         self.pool = pool
@@ -383,6 +385,14 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             return c
         }
     }
+}
+
+/// Callbacks tests install to force interleavings; nil in production.
+package struct FeedTestHooks: Sendable {
+    /// After a lease is granted and its reply queued, before the session reads its next
+    /// request: (lease id, mode).
+    package var afterGrant: (@Sendable (UInt64, LeaseMode) -> Void)?
+    package init() {}
 }
 
 /// Why a request was refused.

@@ -190,7 +190,10 @@ final class FeedSession: @unchecked Sendable {
                 send(FeedMessages.granted(request: request, lease: lease.id, mode: mode, sequence: seq, durationMs: durationMs,
                                           volume: volume, first: first, blocks: blocks))
             }
-            if case .failure(let why) = result { hub.cond.withLock { send(FeedMessages.denied(request: request, reason: why.reason)) } }
+            switch result {
+            case .failure(let why): hub.cond.withLock { send(FeedMessages.denied(request: request, reason: why.reason)) }
+            case .success(let (lease, _, _)): hub.testHooks.withLock { $0.afterGrant }?(lease.id, mode)
+            }
         case .release, .returnLease:
             let leaseID = try r.u64()
             hub.cond.withLock {

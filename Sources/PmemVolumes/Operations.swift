@@ -154,6 +154,7 @@ extension Pool {
             }
         }
         try engine.sync()
+        testHooks.withLock { $0.beforeVolumeEvent }?(.rollback, vr.id)
         observer?.volumeChanged(.rollback, volume: vr.id, aux: sr.id)
         changed(vr.id)
         deleter.wake()
@@ -183,6 +184,7 @@ extension Pool {
             }
         }
         try engine.sync()
+        for d in doomed { testHooks.withLock { $0.beforeVolumeEvent }?(d.kind == .snapshot ? .snapshotDeleted : .volumeDeleted, d.id) }
         for d in doomed {
             observer?.volumeChanged(d.kind == .snapshot ? .snapshotDeleted : .volumeDeleted, volume: d.kind == .snapshot ? d.parent : d.id, aux: d.id)
             changed(d.id)

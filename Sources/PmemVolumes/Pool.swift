@@ -13,6 +13,8 @@ public final class Pool: @unchecked Sendable {
     private let observerBox = Locked<(any MappingObserver)?>(nil)
     /// Whether an observer is installed (checked on every write without locking).
     let observing = Atomic<Bool>(false)
+    /// Test hooks (package access only): places where tests force an interleaving.
+    package let testHooks = Locked(PoolTestHooks())
 
     /// Opens a pool file or device (recovering it) and resumes unfinished deletions.
     public static func open(path: String, readOnly: Bool = false, persistence: PersistenceMode = .auto,
@@ -51,6 +53,9 @@ public final class Pool: @unchecked Sendable {
     @inline(__always) var observer: (any MappingObserver)? {
         observing.load(ordering: .acquiring) ? observerBox.withLock { $0 } : nil
     }
+
+    /// Wakes the background deleter (tests: as if another deletion were in progress).
+    package func wakeDeleter() { deleter.wake() }
 
     func changed(_ id: UInt64) {
         cache.withLock { c in for (k, v) in c where v.id == id { c.removeValue(forKey: k) } }
@@ -106,4 +111,12 @@ public final class Pool: @unchecked Sendable {
     public func snapshots(of id: UInt64) -> [VolumeRecord] {
         records().filter { $0.kind == .snapshot && $0.parent == id }.sorted { $0.generation < $1.generation }
     }
+}
+
+/// Callbacks tests install to force interleavings; nil in production.
+package struct PoolTestHooks: Sendable {
+    /// After a rollback's or deletion's change is durable, before the observer hears of it:
+    /// (change, volume or snapshot id).
+    package var beforeVolumeEvent: (@Sendable (VolumeChange, UInt64) -> Void)?
+    package init() {}
 }
