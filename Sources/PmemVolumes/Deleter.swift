@@ -85,7 +85,8 @@ extension Pool {
 
     /// One metadata group of deletion work; false when nothing is left to delete.
     func deleteStep(stopping: () -> Bool) throws(PoolError) -> Bool {
-        guard !stopping(), let r = records().first(where: { $0.kind == .deleting }) else { return false }
+        let held = deleterHolds.withLock { $0 }
+        guard !stopping(), let r = records().first(where: { $0.kind == .deleting && !held.contains($0.slot) }) else { return false }
         let budget = max(600, engine.journal.capacity / 8)
         try engine.withMetadata(words: budget) { () throws(PoolError) in
             let j = engine.journal

@@ -15,6 +15,10 @@ public final class Pool: @unchecked Sendable {
     let observing = Atomic<Bool>(false)
     /// Test hooks (package access only): places where tests force an interleaving.
     package let testHooks = Locked(PoolTestHooks())
+    /// Table slots of maps being released that the deleter must leave alone for now: a
+    /// deletion or rollback holds its map here until the observer has heard of it (see
+    /// `releaseToDeleter`).
+    let deleterHolds = Locked<Set<Int>>([])
 
     /// Opens a pool file or device (recovering it) and resumes unfinished deletions.
     public static func open(path: String, readOnly: Bool = false, persistence: PersistenceMode = .auto,
