@@ -124,10 +124,15 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         let kind = FeedEventKind(rawValue: change.rawValue) ?? .resized
         let seq = append { FeedEvent(sequence: $0, kind: kind, volume: volume, aux: aux) }
         if change == .rollback || change == .volumeDeleted || change == .snapshotDeleted {
-            // Every block of the old map is about to be released: holders of read leases on
-            // the volume keep all frees back (through their read epoch) until they acknowledge.
-            for s in sessions.values where !s.fenced && s.hasReadLease(on: volume) { s.holdFrees(until: seq) }
-            for lease in leases.values where lease.volume == volume { lease.expires = 0 }
+            // The map whose blocks are about to be released: the volume's (rolled back or
+            // deleted), or the snapshot's — not its volume's. Pool operations publish this
+            // before the deleter may touch that map (Pool's deleter holds), so every session
+            // with a read lease on it keeps all frees back (through its read epoch) until it
+            // acknowledges this event; its leases on that map end.
+            let doomed = change == .snapshotDeleted ? aux : volume
+            let t = now
+            for s in sessions.values where !s.fenced && s.hasReadLease(on: doomed) { s.holdFrees(until: seq, at: t) }
+            for lease in leases.values where lease.volume == doomed { lease.expires = 0 }
         }
     }
 
@@ -139,11 +144,9 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     // MARK: moves and write leases
 
     public func beginMove(volume: UInt64, first: UInt64, count: UInt64) {
-        var fenced: [Lease] = []
+        var fenced: [FencedWrite] = []
         cond.lock()
-        let id = nextMoveID
-        nextMoveID += 1
-        moves[id] = (volume, first, count)
+        _ = addMove(volume: volume, first: first, count: count)
         while writeLeaseCount > 0 && !stopping {
             let conflicting = leases.values.filter { $0.mode == .write && !$0.returned && $0.overlaps(volume: volume, first: first, count: count) }
             if conflicting.isEmpty { break }
@@ -165,8 +168,8 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         }
         cond.unlock()
         // Blocks a fenced holder may still store into are moved away from the volume (outside
-        // the lock: this writes through the volume, which reports back here).
-        for lease in fenced { relocate(lease) }
+        // the lock: this writes through the volume, which reports back here), then it is told.
+        finishFence(fenced)
     }
 
     public func endMove(volume: UInt64, first: UInt64, count: UInt64) {
@@ -176,25 +179,51 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         }
     }
 
-    /// Voids every lease of a session that missed a recall deadline (lock held); returns its
-    /// write leases, whose blocks must be moved away.
-    func fence(_ s: FeedSession, because reason: String = "missed a recall deadline") -> [Lease] {
+    /// A fenced write lease whose blocks are being moved away from its volume; FENCED is sent
+    /// once they are.
+    struct FencedWrite {
+        let lease: Lease
+        /// The move that keeps new write leases off the range meanwhile.
+        let move: UInt64
+    }
+
+    /// Voids every lease of a session that missed a recall or acknowledgement deadline (lock
+    /// held): read leases are told at once; write leases are returned, and told by
+    /// `finishFence` (outside the lock) once their blocks are moved away.
+    func fence(_ s: FeedSession, because reason: String = "missed a recall deadline") -> [FencedWrite] {
         guard !s.fenced else { return [] }
         s.fenced = true
         Log.warning("feed: client \(s.id) (\(s.name)) \(reason); fencing it")
-        var writes: [Lease] = []
+        var writes: [FencedWrite] = []
         for lease in leases.values where lease.session === s {
             if lease.mode == .write {
-                writes.append(lease)
-                // The blocks it may still write into are never reused while it is connected.
+                // The blocks it may still write into are never reused while it is connected,
+                // and no other write lease is granted over them before they leave the volume.
                 for b in lease.blocks { engine.allocator.pin(b); s.fencedPins.append(b) }
+                writes.append(FencedWrite(lease: lease, move: addMove(volume: lease.volume, first: lease.first, count: lease.count)))
+            } else {
+                s.send(FeedMessages.fenced(lease: lease.id))
             }
-            s.send(FeedMessages.fenced(lease: lease.id))
             dropLease(lease)
         }
+        // A fenced session's reads are no longer protected: its pins and its hold on frees go.
         s.releasePins(through: .max)
+        s.endFreeHold()
         cond.broadcast()
         return writes
+    }
+
+    /// Moves each fenced write lease's blocks away from its volume (lock not held), then sends
+    /// FENCED: from then on nothing the holder stores reaches any volume or snapshot.
+    func finishFence(_ writes: [FencedWrite]) {
+        for w in writes {
+            relocate(w.lease)
+            cond.withLock {
+                moves[w.move] = nil
+                w.lease.session.send(FeedMessages.fenced(lease: w.lease.id))
+                cond.broadcast()
+            }
+        }
     }
 
     /// Copies a fenced write lease's blocks to new ones, so the volume no longer uses blocks
@@ -206,6 +235,15 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         } catch {
             Log.error("feed: relocating blocks of a fenced lease failed: \(error.message)")
         }
+    }
+
+    /// Registers a move of a range (lock held): no write lease is granted over it until
+    /// `moves[id]` is removed.
+    private func addMove(volume: UInt64, first: UInt64, count: UInt64) -> UInt64 {
+        let id = nextMoveID
+        nextMoveID += 1
+        moves[id] = (volume, first, count)
+        return id
     }
 
     /// Removes a lease (lock held) and releases what it held.
@@ -248,6 +286,9 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             let result: (Lease, UInt64, [UInt64])? = volume.withMapLocked {
                 cond.withLock {
                     if s.fenced { return nil }
+                    // Deleted since it was looked up: its deletion event may already have gone
+                    // out, so a lease now would protect nothing.
+                    if !volume.isLive { return nil }
                     if mode == .write && moves.values.contains(where: { $0.volume == volumeID && $0.first < first + count && first < $0.first + $0.count }) {
                         return nil
                     }
@@ -269,6 +310,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             }
             if let result { return .success(result) }
             if s.fenced { return .failure(FeedDenial("this client is fenced")) }
+            if !volume.isLive { return .failure(FeedDenial("no volume with id \(volumeID)")) }
             _ = attempt
         }
         return .failure(FeedDenial("the range kept changing; try again"))
@@ -284,10 +326,11 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         return volume.withMapLocked {
             do throws(PoolError) {
                 let blocks = try volume.currentBlocks(first: first, count: count)
-                return .success(cond.withLock {
+                return try cond.withLock { () throws(PoolError) in
+                    guard volume.isLive else { throw PoolError(.notFound, "no volume with id \(volumeID)") }
                     reply(sequence, blocks)
-                    return (sequence, blocks)
-                })
+                    return .success((sequence, blocks))
+                }
             } catch { return .failure(FeedDenial(error.message)) }
         }
     }
@@ -336,7 +379,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                 if lease.mode == .write && !lease.returned {
                     let writes = fence(lease.session)
                     cond.unlock()
-                    for w in writes { relocate(w) }
+                    finishFence(writes)
                     cond.lock()
                     continue
                 }
@@ -345,10 +388,13 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             // A holder that sits on pinned blocks (never acknowledges) would keep them from
             // reuse forever: past the deadline it is fenced and its pins go.
             for session in sessions.values where !session.fenced {
-                if let oldest = session.pins.oldest, t - oldest.since > ackDeadline {
-                    let writes = fence(session, because: "left an event unacknowledged for \(Int(t - oldest.since)) s")
+                // The oldest event it owes an acknowledgement for: one that pinned a block, or
+                // one that holds every free back.
+                let since = min(session.pins.oldest?.since ?? .infinity, session.holdSince ?? .infinity)
+                if t - since > ackDeadline {
+                    let writes = fence(session, because: "left an event unacknowledged for \(Int(t - since)) s")
                     cond.unlock()
-                    for w in writes { relocate(w) }
+                    finishFence(writes)
                     cond.lock()
                 }
             }
