@@ -22,7 +22,7 @@ public struct DAXError: Error, CustomStringConvertible {
 /// volumes at once over the one feed connection (replies are matched by request id).
 /// Docs/FEED.md states what it guarantees (G1–G9).
 public final class DAXPool: @unchecked Sendable {
-    let connection: FeedConnection
+    package let connection: FeedConnection
     let base: UnsafeMutableRawPointer
     let length: Int
     let status: UnsafeMutablePointer<UInt64>
