@@ -32,6 +32,10 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     private var nextLeaseID: UInt64 = 1
     private var writeLeaseCount = 0
     private var moves: [UInt64: (volume: UInt64, first: UInt64, count: UInt64)] = [:]
+    /// The moves of `moves` that are fence relocations in progress: until one is done, no
+    /// other move of its range may begin (it would share, or keep, blocks the fenced holder
+    /// can still store into).
+    private var fenceMoves: Set<UInt64> = []
     private var nextMoveID: UInt64 = 1
     private var stopping = false
 
@@ -170,11 +174,18 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         // Blocks a fenced holder may still store into are moved away from the volume (outside
         // the lock: this writes through the volume, which reports back here), then it is told.
         finishFence(fenced)
+        // Another thread may be relocating a lease over this range that it fenced (for a
+        // recall both were waiting for): nothing may move the range before that is done.
+        cond.withLock {
+            while !stopping && fenceMoves.contains(where: { moves[$0].map { $0.volume == volume && $0.first < first + count && first < $0.first + $0.count } ?? false }) {
+                _ = cond.wait(seconds: 0.05)
+            }
+        }
     }
 
     public func endMove(volume: UInt64, first: UInt64, count: UInt64) {
         cond.withLock {
-            if let id = moves.first(where: { $0.value == (volume, first, count) })?.key { moves[id] = nil }
+            if let id = moves.first(where: { $0.value == (volume, first, count) && !fenceMoves.contains($0.key) })?.key { moves[id] = nil }
             cond.broadcast()
         }
     }
@@ -200,7 +211,9 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                 // The blocks it may still write into are never reused while it is connected,
                 // and no other write lease is granted over them before they leave the volume.
                 for b in lease.blocks { engine.allocator.pin(b); s.fencedPins.append(b) }
-                writes.append(FencedWrite(lease: lease, move: addMove(volume: lease.volume, first: lease.first, count: lease.count)))
+                let move = addMove(volume: lease.volume, first: lease.first, count: lease.count)
+                fenceMoves.insert(move)
+                writes.append(FencedWrite(lease: lease, move: move))
             } else {
                 s.send(FeedMessages.fenced(lease: lease.id))
             }
@@ -220,6 +233,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             relocate(w.lease)
             cond.withLock {
                 moves[w.move] = nil
+                fenceMoves.remove(w.move)
                 w.lease.session.send(FeedMessages.fenced(lease: w.lease.id))
                 cond.broadcast()
             }

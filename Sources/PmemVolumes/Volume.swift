@@ -169,8 +169,10 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             defer { if published < count { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published...])) } }
             var spares = try NodeSpares(engine, count: leaves * depth + 1)
             let observer = pool.observer
-            observer?.beginMove(volume: id, first: first, count: UInt64(count))
-            defer { observer?.endMove(volume: id, first: first, count: UInt64(count)) }
+            // A fence relocation is the observer's own move (it keeps the range to itself).
+            let announce = reason != .fence
+            if announce { observer?.beginMove(volume: id, first: first, count: UInt64(count)) }
+            defer { if announce { observer?.endMove(volume: id, first: first, count: UInt64(count)) } }
             var pos = offset
             let end = offset + UInt64(length)
             while pos < end {

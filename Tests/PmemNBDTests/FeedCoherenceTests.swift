@@ -257,6 +257,46 @@ func eventually(timeout: Double = 10, _ condition: () throws -> Bool) rethrows -
         #expect(told.get, "onRecall ran for the lost lease")
     }
 
+    /// Guarantee G7 (found by the torture test): when two operations wait for the same ignored
+    /// recall, the one that fences the holder moves its blocks away; the other must not go
+    /// ahead meanwhile — a snapshot would share the blocks the fenced holder still stores into.
+    @Test(.timeLimit(.minutes(2)))
+    func noOperationOvertakesTheRelocationOfAFencedLease() throws {
+        let s = try TestServer(size: 96 << 20, volumeSize: 32 << 20, withFeed: true, recallDeadline: 0.5)
+        let c = try s.client()
+        let blocks = 4096 // 16 MiB: the relocation takes a while
+        try c.pwrite(pattern(blocks << 12, seed: 20), offset: 0)
+        let probe = try FeedProbe(s.feedPath, subscribe: false)
+        let lease = try probe.lease(.write, volume: id(s, "vol0"), first: 0, count: UInt32(blocks))
+        guard let poolFD = probe.c.poolFD else { Issue.record("no pool descriptor"); return }
+        let w = probe.c.welcome!
+        let map = mmap(nil, Int(w.poolSize), PROT_READ | PROT_WRITE, MAP_SHARED, poolFD.rawValue, 0)!
+        defer { munmap(map, Int(w.poolSize)) }
+        // An NBD write into the range and a snapshot both wait for the recall the holder ignores.
+        let pool = s.pool
+        let writer = Handed(try s.client())
+        let write = Background("nbd-write") { try writer.value.pwrite(pattern(4096, seed: 21), offset: UInt64(blocks - 1) << 12) }
+        usleep(100_000)
+        let snapshot = Background("snapshot") {
+            let r = VolumeRequests.perform(["op": "snapshot-create", "name": "vol0@s"], on: pool)
+            guard r["ok"] as? Bool == true else { throw DAXError("\(r)") }
+        }
+        #expect(write.join() == nil)
+        #expect(snapshot.join() == nil)
+        // The fenced holder stores into every block it was given.
+        for b in lease.blocks { memset(map + Int(w.blockAreaOffset) + Int(b) << 12, 0xEE, 4096) }
+        let snap = try s.client { try $0.setExportName("vol0@s") }.pread(count: blocks << 12, offset: 0)
+        let expected = pattern(blocks << 12, seed: 20)
+        // (The last block is the NBD write's or the old one: the two operations ran in either order.)
+        let reached = (0..<(blocks - 1)).filter { snap[($0 << 12)..<(($0 + 1) << 12)] != expected[($0 << 12)..<(($0 + 1) << 12)] }.count
+        let last = Array(snap[((blocks - 1) << 12)...])
+        #expect(reached == 0 && (last == Array(expected[((blocks - 1) << 12)...]) || last == pattern(4096, seed: 21)),
+                "stores of the fenced holder reached \(reached) blocks of the snapshot")
+        let now = try c.pread(count: (blocks - 1) << 12, offset: 0)
+        let intact = now == Array(expected[..<((blocks - 1) << 12)])
+        #expect(intact, "stores of the fenced holder reached the volume")
+    }
+
     // MARK: 4. requests in flight together on one connection
 
     /// Guarantee G8: VOLUMES and LEASE requests in flight together on one connection, from two
