@@ -16,6 +16,9 @@ final class FeedSession: @unchecked Sendable {
     var name = "?"
     /// All state below is guarded by the hub's lock.
     var fenced = false
+    /// Set when the session is unregistered: nothing may be granted to it any more (its
+    /// worker may still be answering a LEASE when its reader sees the client go).
+    var closed = false
     var pins = PinQueue()
     var fencedPins: [UInt64] = []
     /// Volume subscribed to (0 = all), and the next event to send; nil before SUBSCRIBE.
