@@ -32,10 +32,14 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     private var nextLeaseID: UInt64 = 1
     private var writeLeaseCount = 0
     private var moves: [UInt64: (volume: UInt64, first: UInt64, count: UInt64)] = [:]
-    /// The moves of `moves` that are fence relocations in progress: until one is done, no
-    /// other move of its range may begin (it would share, or keep, blocks the fenced holder
-    /// can still store into).
-    private var fenceMoves: Set<UInt64> = []
+    /// The moves of `moves` that are relocations in progress — the copy-on-write before a
+    /// write lease, or moving a fenced lease's blocks away. A relocation reads its range and
+    /// writes it back elsewhere, so it holds the range alone: it begins when no other move of
+    /// the range is under way (for a fence: none has changed anything yet, they all wait for
+    /// the lease), and no move of the range begins until it ends — else a write acknowledged
+    /// between its read and its write-back would be undone, or a snapshot would share blocks
+    /// a fenced holder still stores into.
+    private var relocations: Set<UInt64> = []
     private var nextMoveID: UInt64 = 1
     private var stopping = false
 
@@ -174,10 +178,11 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         // Blocks a fenced holder may still store into are moved away from the volume (outside
         // the lock: this writes through the volume, which reports back here), then it is told.
         finishFence(fenced)
-        // Another thread may be relocating a lease over this range that it fenced (for a
-        // recall both were waiting for): nothing may move the range before that is done.
+        // A relocation of this range may be under way (a copy-on-write for a lease being
+        // granted, or another thread moving the blocks of a lease it fenced for a recall both
+        // were waiting for): nothing may move the range before it is done.
         cond.withLock {
-            while !stopping && fenceMoves.contains(where: { moves[$0].map { $0.volume == volume && $0.first < first + count && first < $0.first + $0.count } ?? false }) {
+            while !stopping && relocations.contains(where: { moves[$0].map { $0.volume == volume && $0.first < first + count && first < $0.first + $0.count } ?? false }) {
                 _ = cond.wait(seconds: 0.05)
             }
         }
@@ -185,7 +190,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
 
     public func endMove(volume: UInt64, first: UInt64, count: UInt64) {
         cond.withLock {
-            if let id = moves.first(where: { $0.value == (volume, first, count) && !fenceMoves.contains($0.key) })?.key { moves[id] = nil }
+            if let id = moves.first(where: { $0.value == (volume, first, count) && !relocations.contains($0.key) })?.key { moves[id] = nil }
             cond.broadcast()
         }
     }
@@ -194,6 +199,8 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     /// once they are.
     struct FencedWrite {
         let lease: Lease
+        /// Kept alive until told (it may disconnect during the relocation).
+        let session: FeedSession
         /// The move that keeps new write leases off the range meanwhile.
         let move: UInt64
     }
@@ -212,8 +219,8 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                 // and no other write lease is granted over them before they leave the volume.
                 for b in lease.blocks { engine.allocator.pin(b); s.fencedPins.append(b) }
                 let move = addMove(volume: lease.volume, first: lease.first, count: lease.count)
-                fenceMoves.insert(move)
-                writes.append(FencedWrite(lease: lease, move: move))
+                relocations.insert(move)
+                writes.append(FencedWrite(lease: lease, session: s, move: move))
             } else {
                 s.send(FeedMessages.fenced(lease: lease.id))
             }
@@ -233,8 +240,8 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             relocate(w.lease)
             cond.withLock {
                 moves[w.move] = nil
-                fenceMoves.remove(w.move)
-                w.lease.session.send(FeedMessages.fenced(lease: w.lease.id))
+                relocations.remove(w.move)
+                w.session.send(FeedMessages.fenced(lease: w.lease.id))
                 cond.broadcast()
             }
         }
@@ -283,23 +290,36 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         for attempt in 0..<4 {
             if mode == .write {
                 // No other write lease, no move in progress over the range.
-                let busy = cond.withLock { () -> String? in
-                    if s.fenced { return "this client is fenced" }
+                let busy = cond.withLock { () -> Result<UInt64, FeedDenial> in
+                    if s.fenced { return .failure(FeedDenial("this client is fenced")) }
+                    if s.closed { return .failure(FeedDenial("the session is closed")) }
                     if leases.values.contains(where: { $0.mode == .write && $0.overlaps(volume: volumeID, first: first, count: count) }) {
-                        return "another write lease covers part of the range"
+                        return .failure(FeedDenial("another write lease covers part of the range"))
                     }
                     while moves.values.contains(where: { $0.volume == volumeID && $0.first < first + count && first < $0.first + $0.count }) && !stopping {
                         _ = cond.wait(seconds: 0.05)
                     }
-                    return nil
+                    // The copy-on-write below holds the range alone.
+                    let move = addMove(volume: volumeID, first: first, count: count)
+                    relocations.insert(move)
+                    return .success(move)
                 }
-                if let busy { return .failure(FeedDenial(busy)) }
+                guard case .success(let relocation) = busy else {
+                    if case .failure(let why) = busy { return .failure(why) }
+                    continue
+                }
                 // Blocks shared with snapshots or clones (or holes) get blocks of their own first.
-                do { try volume.makeExclusive(first: first, count: count) } catch { return .failure(FeedDenial(error.message)) }
+                let copied = Result { () throws(PoolError) in try volume.makeExclusive(first: first, count: count) }
+                cond.withLock {
+                    moves[relocation] = nil
+                    relocations.remove(relocation)
+                    cond.broadcast()
+                }
+                if case .failure(let error) = copied { return .failure(FeedDenial(error.message)) }
             }
             let result: (Lease, UInt64, [UInt64])? = volume.withMapLocked {
                 cond.withLock {
-                    if s.fenced { return nil }
+                    if s.fenced || s.closed { return nil }
                     // Deleted since it was looked up: its deletion event may already have gone
                     // out, so a lease now would protect nothing.
                     if !volume.isLive { return nil }
@@ -324,6 +344,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             }
             if let result { return .success(result) }
             if s.fenced { return .failure(FeedDenial("this client is fenced")) }
+            if s.closed { return .failure(FeedDenial("the session is closed")) }
             if !volume.isLive { return .failure(FeedDenial("no volume with id \(volumeID)")) }
             _ = attempt
         }
@@ -363,6 +384,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
 
     func unregister(_ s: FeedSession) {
         cond.withLock {
+            s.closed = true
             sessions[s.id] = nil
             for lease in leases.values where lease.session === s { dropLease(lease) }
             s.releasePins(through: .max)

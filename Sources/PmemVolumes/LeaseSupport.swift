@@ -142,6 +142,7 @@ extension Volume {
             }
             guardEpoch.exit()
             engine.rmwLocks[0].unlock()
+            pool.testHooks.withLock { $0.relocationCopied }?(id, v, reason)
             let r: Result<Void, PoolError> = data.withUnsafeBytes { b in
                 Result { () throws(PoolError) in
                     var source = BufferByteSource(b)

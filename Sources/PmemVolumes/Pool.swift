@@ -122,5 +122,8 @@ package struct PoolTestHooks: Sendable {
     /// After a rollback's or deletion's change is durable, before the observer hears of it:
     /// (change, volume or snapshot id).
     package var beforeVolumeEvent: (@Sendable (VolumeChange, UInt64) -> Void)?
+    /// In a relocation (copy-on-write for a write lease, or a fence), after it read a range
+    /// and before it writes it back: (volume id, first block, reason).
+    package var relocationCopied: (@Sendable (UInt64, UInt64, MappingChangeReason) -> Void)?
     package init() {}
 }

@@ -169,8 +169,9 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             defer { if published < count { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published...])) } }
             var spares = try NodeSpares(engine, count: leaves * depth + 1)
             let observer = pool.observer
-            // A fence relocation is the observer's own move (it keeps the range to itself).
-            let announce = reason != .fence
+            // A relocation (copy-on-write for a write lease, a fence) is the observer's own
+            // move: it holds the range alone already.
+            let announce = reason != .fence && reason != .copyOnWrite
             if announce { observer?.beginMove(volume: id, first: first, count: UInt64(count)) }
             defer { if announce { observer?.endMove(volume: id, first: first, count: UInt64(count)) } }
             var pos = offset

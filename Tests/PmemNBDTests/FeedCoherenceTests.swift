@@ -297,6 +297,36 @@ func eventually(timeout: Double = 10, _ condition: () throws -> Bool) rethrows -
         #expect(intact, "stores of the fenced holder reached the volume")
     }
 
+    /// Guarantee G5 (found by the torture test): the copy-on-write that gives a new write
+    /// lease blocks of its own reads the range and writes it back elsewhere; an NBD write
+    /// acknowledged in between must not be undone by the write-back.
+    @Test(.timeLimit(.minutes(2)))
+    func copyOnWriteForALeaseNeverUndoesAnAcknowledgedWrite() throws {
+        let s = try TestServer(withFeed: true)
+        let c = try s.client()
+        try c.pwrite(pattern(4096, seed: 30), offset: 0)
+        perform(s, ["op": "snapshot-create", "name": "vol0@s"]) // block 0 is shared: a lease copies it
+        let writer = Handed(try s.client())
+        let write = Shared<Background?>(nil)
+        s.pool.testHooks.withLock {
+            $0.relocationCopied = { _, _, reason in
+                guard reason == .copyOnWrite, write.get == nil else { return }
+                // An NBD write of the block between the copy's read and its write-back.
+                write.set(Background("nbd-write") { try writer.value.pwrite(pattern(4096, seed: 31), offset: 0) })
+                usleep(300_000)
+            }
+        }
+        let probe = try FeedProbe(s.feedPath, subscribe: false)
+        let lease = try probe.lease(.write, volume: id(s, "vol0"), first: 0, count: 1)
+        _ = lease
+        #expect(write.get != nil, "the lease copied the shared block")
+        // The NBD write waits for the lease (it recalls it): give it back.
+        try probe.c.returnLease(lease.id)
+        #expect(write.get?.join() == nil)
+        let now = try c.pread(count: 4096, offset: 0) == pattern(4096, seed: 31)
+        #expect(now, "an acknowledged NBD write was undone by the copy-on-write for a write lease")
+    }
+
     // MARK: 4. requests in flight together on one connection
 
     /// Guarantee G8: VOLUMES and LEASE requests in flight together on one connection, from two
