@@ -179,6 +179,8 @@ final class TortureRun: @unchecked Sendable {
         var reads: [(block: UInt64, seen: TortureStamp.Seen, t0: UInt64, t1: UInt64, loan: Bool)] = []
         /// Reads of snapshots and clones, by record id.
         var recordReads: [(record: UInt64, block: UInt64, seen: TortureStamp.Seen, t0: UInt64, t1: UInt64)] = []
+        /// Loans of snapshots and clones: record, interval (for coverage: did one span a deletion?).
+        var recordLoans: [(record: UInt64, t0: UInt64, t1: UInt64)] = []
         /// Name lookups: name, id returned, interval.
         var lookups: [(name: String, id: UInt64, t0: UInt64, t1: UInt64)] = []
         /// Reads that failed: record, interval, message.
@@ -257,6 +259,7 @@ final class TortureRun: @unchecked Sendable {
         var negativeReads = 0, negativeFlagged = 0
         var violations: [String] = []
         var missing: [String] = []
+        var history = ""
         var seconds = 0.0
         var description: String {
             var lines = ["\(Int(seconds)) s; \(readsChecked) reads checked against the model (\(readsUnlogged) more not logged); \(violations.count) violations"]
@@ -265,7 +268,7 @@ final class TortureRun: @unchecked Sendable {
             if let fences = counts["holder fenced after ignoring a recall"], fences > 0, let ms = counts["recall to FENCED (ms, summed)"] {
                 lines.append("recall to FENCED: \(ms / fences) ms on average")
             }
-            return lines.joined(separator: "\n")
+            return lines.joined(separator: "\n") + (history.isEmpty ? "" : "\n" + history)
         }
     }
 
@@ -546,11 +549,16 @@ final class TortureRun: @unchecked Sendable {
                 if handles.count > 4 { handles.removeFirst() }
             }
             let h = handles.randomElement()!
-            let b = UInt64.random(in: 0..<(TortureRun.blocks - 4), using: &rng)
+            // Half the time a hot block: the snapshots' copies of those differ from one another,
+            // so deleting a snapshot frees them.
+            let b = UInt64.random(in: 0..<(Bool.random(using: &rng) ? TortureRun.hot : TortureRun.blocks - 4), using: &rng)
             let t0 = now()
             do {
                 if Bool.random(using: &rng) {
-                    let hold = UInt32.random(in: 0...4000, using: &rng)
+                    // One loan in four is held long enough for a deletion, the deleter and
+                    // the reuse of what it freed to happen meanwhile.
+                    let hold = Int.random(in: 0..<4, using: &rng) == 0 ? UInt32.random(in: 100_000...300_000, using: &rng)
+                        : UInt32.random(in: 0...4000, using: &rng)
                     let seen = try h.withMappedBlock(b) { p -> TortureStamp.Seen in
                         let first = TortureStamp.decode(p, family: TortureRun.family, block: b)
                         let sum = PersistentMemory.crc32c(p)
@@ -559,7 +567,9 @@ final class TortureRun: @unchecked Sendable {
                         return first
                     }
                     if let seen {
-                        log.recordRead(h.info.id, b, seen, t0, now())
+                        let t1 = now()
+                        log.recordRead(h.info.id, b, seen, t0, t1)
+                        log.recordLoans.append((h.info.id, t0, t1))
                         counts.add("loan of a snapshot or clone")
                     }
                 } else {
@@ -950,6 +960,11 @@ final class TortureRun: @unchecked Sendable {
                     violations.append("G9: volume(named: \(l.name)) returned id \(l.id), which did not hold the name during the call")
                 }
             }
+            for l in log.recordLoans {
+                if let life = lifetimes[l.record], let deleting = life.deleting, l.t0 < deleting, let deleted = life.deleted, l.t1 > deleted {
+                    report.counts["loan of a snapshot or clone held through its deletion", default: 0] += 1
+                }
+            }
             for f in log.failures {
                 // A read of a record that lived throughout may not fail.
                 if let life = lifetimes[f.record], life.created < f.t0, life.deleting.map({ $0 > f.t1 }) ?? true {
@@ -972,6 +987,17 @@ final class TortureRun: @unchecked Sendable {
         }
         report.violations = violations
         report.counts.merge(counts.all) { $0 + $1 }
+        // The history of the first blocks in trouble, to tell a bug from a model error.
+        let troubled = Set(violations.compactMap { v -> UInt64? in
+            guard let r = v.range(of: "block ") else { return nil }
+            return UInt64(v[r.upperBound...].prefix { $0.isNumber })
+        }).sorted().prefix(3)
+        for b in troubled {
+            var lines = ["history of block \(b) (value issue ack, relative to the start; windows):"]
+            for log in all { for v in log.versions where v.block == b { lines.append("  v \(v.value) \(v.issue) \(v.ack == .max ? "-" : String(v.ack))") } }
+            for log in all { for w in log.windows where w.block == b { lines.append("  w \(w.from) \(w.to)") } }
+            report.history += lines.sorted().joined(separator: "\n") + "\n"
+        }
         let required = ["nbd write", "nbd write fua", "nbd multi-block write", "nbd trim", "nbd write-zeroes", "nbd write-zeroes (no hole)",
                         "nbd whole-leaf trim", "nbd write into a write lease", "other write", "copy read of vol0 (direct)", "loan of vol0",
                         "loan of a snapshot or clone", "copy read of a snapshot or clone", "volume list (pipelined)",
