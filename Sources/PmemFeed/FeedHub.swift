@@ -197,7 +197,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
 
     /// A fenced write lease whose blocks are being moved away from its volume; FENCED is sent
     /// once they are.
-    struct FencedWrite {
+    struct FencedWrite: @unchecked Sendable {
         let lease: Lease
         /// Kept alive until told (it may disconnect during the relocation).
         let session: FeedSession
@@ -234,10 +234,19 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     }
 
     /// Moves each fenced write lease's blocks away from its volume (lock not held), then sends
-    /// FENCED: from then on nothing the holder stores reaches any volume or snapshot.
+    /// FENCED: from then on nothing the holder stores reaches any volume or snapshot. While the
+    /// pool is too full for the copy, it tries again every 50 ms — moves of the range wait
+    /// meanwhile, and FENCED is not sent: the blocks are still the volume's.
     func finishFence(_ writes: [FencedWrite]) {
         for w in writes {
-            relocate(w.lease)
+            var waited = false
+            while !relocate(w.lease) && !cond.withLock({ stopping }) {
+                if !waited {
+                    Log.error("feed: the pool is too full to move a fenced lease's blocks (\(w.lease.count) needed); operations on that range wait until space is freed")
+                    waited = true
+                }
+                usleep(50_000)
+            }
             cond.withLock {
                 moves[w.move] = nil
                 relocations.remove(w.move)
@@ -248,14 +257,16 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     }
 
     /// Copies a fenced write lease's blocks to new ones, so the volume no longer uses blocks
-    /// the fenced holder can still store into.
-    func relocate(_ lease: Lease) {
-        guard let volume = pool.volume(id: lease.volume) else { return }
+    /// the fenced holder can still store into; false when the pool is full (try again).
+    func relocate(_ lease: Lease) -> Bool {
+        guard let volume = pool.volume(id: lease.volume) else { return true }
         do {
             try volume.relocate(first: lease.first, count: lease.count, reason: .fence)
         } catch {
+            if error.kind == .noSpace { return false }
             Log.error("feed: relocating blocks of a fenced lease failed: \(error.message)")
         }
+        return true
     }
 
     /// Registers a move of a range (lock held): no write lease is granted over it until
@@ -397,6 +408,13 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         }
     }
 
+    /// `finishFence` on a thread of its own: the reaper must go on fencing (a full pool may be
+    /// waiting for it to release another session's pins).
+    private func finishFenceElsewhere(_ writes: [FencedWrite]) {
+        guard !writes.isEmpty else { return }
+        OSThread.spawn(name: "pmem-feed-fence") { [self] in finishFence(writes) }
+    }
+
     /// Expires leases and releases what they held.
     private func reaper() {
         while true {
@@ -413,10 +431,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                 }
                 if lease.mode == .write, let d = lease.recallDeadline, d > t, !lease.returned { continue }
                 if lease.mode == .write && !lease.returned {
-                    let writes = fence(lease.session)
-                    cond.unlock()
-                    finishFence(writes)
-                    cond.lock()
+                    finishFenceElsewhere(fence(lease.session))
                     continue
                 }
                 dropLease(lease)
@@ -428,10 +443,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                 // one that holds every free back.
                 let since = min(session.pins.oldest?.since ?? .infinity, session.holdSince ?? .infinity)
                 if t - since > ackDeadline {
-                    let writes = fence(session, because: "left an event unacknowledged for \(Int(t - since)) s")
-                    cond.unlock()
-                    finishFence(writes)
-                    cond.lock()
+                    finishFenceElsewhere(fence(session, because: "left an event unacknowledged for \(Int(t - since)) s"))
                 }
             }
             cond.unlock()

@@ -327,6 +327,54 @@ func eventually(timeout: Double = 10, _ condition: () throws -> Bool) rethrows -
         #expect(now, "an acknowledged NBD write was undone by the copy-on-write for a write lease")
     }
 
+    /// Guarantee G7 (found by the torture test): when the pool is too full to move a fenced
+    /// lease's blocks away, the fence waits for space — FENCED is not sent and the snapshot
+    /// waiting for the recall does not go ahead while the volume still uses those blocks.
+    @Test(.timeLimit(.minutes(2)))
+    func aFenceInAFullPoolWaitsForSpace() throws {
+        let s = try TestServer(size: 24 << 20, volumeSize: 2 << 20, withFeed: true, recallDeadline: 0.5)
+        let c = try s.client()
+        try c.pwrite(pattern(4 << 12, seed: 40), offset: 0)
+        let probe = try FeedProbe(s.feedPath, subscribe: false)
+        let lease = try probe.lease(.write, volume: id(s, "vol0"), first: 0, count: 4)
+        // Fill the pool.
+        perform(s, ["op": "volume-create", "name": "fill", "size": 64 << 20])
+        let fill = try s.client { try $0.setExportName("fill") }
+        var offset: UInt64 = 0
+        while offset < 64 << 20 {
+            do { try fill.pwrite(pattern(256 << 12, seed: 41), offset: offset) } catch { break }
+            offset += 256 << 12
+        }
+        // Then block by block: not one block left.
+        while offset < 64 << 20 {
+            do { try fill.pwrite(pattern(4096, seed: 42), offset: offset) } catch { break }
+            offset += 4096
+        }
+        try fill.shutdown()
+        let pool = s.pool
+        let snapshot = Background("snapshot") {
+            let r = VolumeRequests.perform(["op": "snapshot-create", "name": "vol0@s"], on: pool)
+            guard r["ok"] as? Bool == true else { throw DAXError("\(r)") }
+        }
+        // The recall is ignored; past the deadline there is no room to move the blocks.
+        usleep(1_500_000)
+        _ = try probe.reply(.recall)
+        #expect(!probe.other.contains { $0.0 == FeedMessage.fenced.rawValue } && !probe.c.hasPendingInput,
+                "FENCED was sent though the volume still uses the lease's blocks")
+        // Space comes back: the blocks move, FENCED follows, the snapshot completes.
+        perform(s, ["op": "volume-delete", "name": "fill"])
+        _ = try probe.reply(.fenced)
+        #expect(snapshot.join() == nil)
+        guard let poolFD = probe.c.poolFD else { Issue.record("no pool descriptor"); return }
+        let w = probe.c.welcome!
+        let map = mmap(nil, Int(w.poolSize), PROT_READ | PROT_WRITE, MAP_SHARED, poolFD.rawValue, 0)!
+        defer { munmap(map, Int(w.poolSize)) }
+        for b in lease.blocks { memset(map + Int(w.blockAreaOffset) + Int(b) << 12, 0xEE, 4096) }
+        let volume = try c.pread(count: 4 << 12, offset: 0) == pattern(4 << 12, seed: 40)
+        let snap = try s.client { try $0.setExportName("vol0@s") }.pread(count: 4 << 12, offset: 0) == pattern(4 << 12, seed: 40)
+        #expect(volume && snap, "stores after FENCED reached the volume (\(!volume)) or the snapshot (\(!snap))")
+    }
+
     // MARK: 4. requests in flight together on one connection
 
     /// Guarantee G8: VOLUMES and LEASE requests in flight together on one connection, from two
