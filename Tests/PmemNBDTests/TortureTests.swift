@@ -541,7 +541,9 @@ final class TortureRun: @unchecked Sendable {
         defer { buf.deallocate() }
         while running {
             if handles.isEmpty || Int.random(in: 0..<20, using: &rng) == 0 {
-                guard let name = names().randomElement() else { usleep(10_000); continue }
+                // Half the time the oldest snapshot: the next to be deleted.
+                let all = names()
+                guard let name = Bool.random(using: &rng) ? all.first : all.randomElement() else { usleep(10_000); continue }
                 let t0 = now()
                 guard let h = try? dax.volume(named: name) else { continue }
                 log.lookups.append((name, h.info.id, t0, now()))
@@ -784,6 +786,17 @@ final class TortureRun: @unchecked Sendable {
                 nextKill = now() + UInt64.random(in: 200_000_000...2_000_000_000, using: &rng)
                 counts.add("crashing holder started")
             }
+            // The oldest snapshot goes first: the copy-on-write burst that follows the next
+            // snapshot reuses at once what the deletion freed (the allocator hands out the most
+            // recently freed blocks first), while sessions may still be lending them.
+            if live.count >= 3 {
+                let victim = live.removeFirst()
+                publishNames()
+                lifetimes[victim.id]?.deleting = now()
+                try perform(["op": "snapshot-delete", "name": "vol0@\(victim.name)"])
+                lifetimes[victim.id]?.deleted = now()
+                counts.add("snapshot delete")
+            }
             // A snapshot, read back at once through NBD: its content is what the model checks
             // every later read of it against.
             if let name = snapNames.first(where: { n in !live.contains { $0.name == n } }) {
@@ -797,14 +810,6 @@ final class TortureRun: @unchecked Sendable {
                 live.append((name, id))
                 counts.add("snapshot")
                 publishNames()
-            }
-            if live.count >= 3 {
-                let victim = live.removeFirst()
-                publishNames()
-                lifetimes[victim.id]?.deleting = now()
-                try perform(["op": "snapshot-delete", "name": "vol0@\(victim.name)"])
-                lifetimes[victim.id]?.deleted = now()
-                counts.add("snapshot delete")
             }
             if now() - lastClone > 2_000_000_000, let source = live.randomElement() {
                 lastClone = now()
