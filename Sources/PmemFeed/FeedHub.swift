@@ -319,8 +319,12 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                     if case .failure(let why) = busy { return .failure(why) }
                     continue
                 }
-                // Blocks shared with snapshots or clones (or holes) get blocks of their own first.
-                let copied = Result { () throws(PoolError) in try volume.makeExclusive(first: first, count: count) }
+                // Blocks shared with snapshots or clones (or holes) get blocks of their own first
+                // (through the volume as it is now: the wait may have spanned a rollback).
+                let copied = Result { () throws(PoolError) in
+                    guard let current = pool.volume(id: volumeID) else { throw PoolError(.notFound, "no volume with id \(volumeID)") }
+                    try current.makeExclusive(first: first, count: count)
+                }
                 cond.withLock {
                     moves[relocation] = nil
                     relocations.remove(relocation)
@@ -328,6 +332,9 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                 }
                 if case .failure(let error) = copied { return .failure(FeedDenial(error.message)) }
             }
+            // The volume as it is now (a rollback while this waited replaced its record's map
+            // and perhaps its size; its old object may be stale).
+            guard let volume = pool.volume(id: volumeID) else { return .failure(FeedDenial("no volume with id \(volumeID)")) }
             let result: (Lease, UInt64, [UInt64])? = volume.withMapLocked {
                 cond.withLock {
                     if s.fenced || s.closed { return nil }

@@ -15,6 +15,21 @@ public final class Pool: @unchecked Sendable {
     let observing = Atomic<Bool>(false)
     /// Test hooks (package access only): places where tests force an interleaving.
     package let testHooks = Locked(PoolTestHooks())
+    /// One map lock per table slot. The pool drops a cached `Volume` when its record changes
+    /// wholesale (rollback, resize), but a thread may still hold the old object (a feed lease
+    /// being granted, a connection finishing a request): both must take the same lock, or two
+    /// writers could copy the same map node at once and one's change be lost.
+    private let mapLocks = Locked<[Int: PosixMutex]>([:])
+
+    func mapLock(slot: Int) -> PosixMutex {
+        mapLocks.withLock { locks in
+            if let m = locks[slot] { return m }
+            let m = PosixMutex()
+            locks[slot] = m
+            return m
+        }
+    }
+
     /// Table slots of maps being released that the deleter must leave alone for now: a
     /// deletion or rollback holds its map here until the observer has heard of it (see
     /// `releaseToDeleter`).

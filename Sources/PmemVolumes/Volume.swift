@@ -27,8 +27,9 @@ public final class Volume: BlockVolume, @unchecked Sendable {
     public let depth: Int
     public let readOnly: Bool
     let rootOffset: UInt64
-    /// Held while this volume's map changes.
-    let mapLock = PosixMutex()
+    /// Held while this volume's map changes. Shared by every `Volume` of the same table slot:
+    /// an object the pool no longer caches (after a rollback or resize) may still be in use.
+    let mapLock: PosixMutex
 
     /// The volume a snapshot belongs to (0 for volumes).
     public let parent: UInt64
@@ -45,6 +46,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         depth = record.depth
         readOnly = engine.readOnly || record.kind != .volume
         rootOffset = VolumeRecord.offset(slot: record.slot) + VolumeRecord.rootField
+        mapLock = pool.mapLock(slot: record.slot)
     }
 
     public var summary: String {

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import PmemNBD
+import PmemSystem
 import PmemVolumes
 import Testing
 
@@ -49,5 +50,53 @@ import Testing
         let back = try c.pread(count: 512 << 12, offset: 0)
         let intact = (0..<512).allSatisfy { back[($0 << 12)..<(($0 + 1) << 12)].elementsEqual(pattern(4096, seed: 1000 + UInt64($0))) }
         #expect(intact, "a block read back wrong")
+    }
+}
+
+/// Two objects for one volume — one held across a rollback (which makes the pool open a new
+/// one), one fresh — change the same map safely.
+@Suite struct VolumeObjectTests {
+    /// Found by the DAX torture test: a write lease granted across a rollback went on with the
+    /// volume object it had looked up before; each object had a map lock of its own, so its
+    /// copy-on-write and the writes through the new object copied the same map node at once,
+    /// and one's change was lost (the holder's stores went to blocks the volume no longer
+    /// mapped; a long run ended with map entries failing their checks).
+    @Test(.timeLimit(.minutes(2)))
+    func anOldVolumeObjectAndANewOneShareTheMapLock() throws {
+        let s = try TestServer(size: 64 << 20, volumeSize: 8 << 20)
+        func request(_ r: [String: Any]) {
+            let answer = VolumeRequests.perform(r, on: s.pool)
+            #expect(answer["ok"] as? Bool == true, "\(r): \(answer)")
+        }
+        request(["op": "snapshot-create", "name": "vol0@s"])
+        let old = s.pool.volume(named: "vol0")!
+        request(["op": "snapshot-rollback", "name": "vol0@s"])
+        let new = s.pool.volume(named: "vol0")!
+        #expect(old !== new, "the rollback made the pool open a new object")
+        let oldV = Handed(old), newV = Handed(new)
+        // Rounds: a snapshot shares leaf 0 again, then both objects write its blocks at once
+        // (even blocks through the old object, odd through the new one), each write copying
+        // the shared leaf unless the other already did.
+        for round in 0..<40 {
+            request(["op": "snapshot-create", "name": "vol0@r\(round)"])
+            let writers = [(oldV, 0), (newV, 1)].map { v, parity in
+                Background("writer-\(parity)") {
+                    for b in stride(from: parity, to: 64, by: 2) {
+                        let data = pattern(4096, seed: UInt64(round * 1000 + b))
+                        try data.withUnsafeBytes { p in
+                            var source = BufferByteSource(p)
+                            try v.value.write(offset: UInt64(b) << 12, length: 4096, fua: false, from: &source)
+                        }
+                    }
+                }
+            }
+            for w in writers { #expect(w.join() == nil) }
+            request(["op": "snapshot-delete", "name": "vol0@r\(round)"])
+            let c = try s.client()
+            let back = try c.pread(count: 64 << 12, offset: 0)
+            let lost = (0..<64).filter { !back[($0 << 12)..<(($0 + 1) << 12)].elementsEqual(pattern(4096, seed: UInt64(round * 1000 + $0))) }
+            #expect(lost.isEmpty, "round \(round): writes to blocks \(lost) were lost")
+            if !lost.isEmpty { break }
+        }
     }
 }
