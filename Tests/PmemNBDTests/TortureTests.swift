@@ -5,6 +5,7 @@ import Glibc
 import PmemDAX
 import PmemFeedClient
 import PmemNBD
+import PmemPool
 import PmemSystem
 import PmemVolumes
 import Synchronization
@@ -326,6 +327,13 @@ final class TortureRun: @unchecked Sendable {
         shared.close()
         snapshotOnly.close()
         try finalCheck()
+        // The pool itself: a copy taken after a sync (what a crash would leave) must pass check.
+        try pool.engine.sync()
+        let copy = server.scratch.file("pool-copy")
+        try FileManager.default.copyItem(atPath: server.poolPath, toPath: copy)
+        let fsck = try PoolCheck.run(path: copy, repair: false)
+        for problem in fsck.problems { control.violations.append("pmem-nbd check: \(problem)") }
+        counts.add("pmem-nbd check of the pool after the run (problems)", fsck.problems.count)
         var report = check()
         report.seconds = Double(now() - started) / 1e9
         return report
