@@ -140,5 +140,8 @@ package struct PoolTestHooks: Sendable {
     /// In a relocation (copy-on-write for a write lease, or a fence), after it read a range
     /// and before it writes it back: (volume id, first block, reason).
     package var relocationCopied: (@Sendable (UInt64, UInt64, MappingChangeReason) -> Void)?
+    /// The deleter, freeing the table slot of a record it has finished, has just cleared the
+    /// slot's kind word (the slot).
+    package var deleterFreeingSlot: (@Sendable (Int) -> Void)?
     package init() {}
 }
