@@ -122,6 +122,8 @@ struct TortureModel {
         // After prepare():
         var suffixMinAck: [UInt64] = []
         var byValue: [UInt64: [Int]] = [:]
+        /// Per value: the greatest acknowledgement time among its versions up to each one.
+        var byValueMaxAck: [UInt64: [UInt64]] = [:]
         var windowMaxTo: [UInt64] = []
     }
     private var blocks: [Block]
@@ -145,6 +147,10 @@ struct TortureModel {
             var index: [UInt64: [Int]] = [:]
             for (k, x) in v.enumerated() { index[x.value, default: []].append(k) }
             blocks[i].byValue = index
+            blocks[i].byValueMaxAck = index.mapValues { list in
+                var m: UInt64 = 0
+                return list.map { m = max(m, v[$0].ack); return m }
+            }
             blocks[i].windows.sort { $0.from < $1.from }
             var m: UInt64 = 0
             blocks[i].windowMaxTo = blocks[i].windows.map { m = max(m, $0.to); return m }
@@ -168,7 +174,7 @@ struct TortureModel {
     /// before t0.
     func possible(block: UInt64, value: UInt64, t0: UInt64, t1: UInt64) -> Bool {
         let b = blocks[Int(block)]
-        guard let candidates = b.byValue[value] else { return false }
+        guard let candidates = b.byValue[value], let maxAck = b.byValueMaxAck[value] else { return false }
         // Candidates issued before t1, latest first (the likeliest to be still current).
         var lo = 0, hi = candidates.count
         while lo < hi {
@@ -176,8 +182,17 @@ struct TortureModel {
             if b.versions[candidates[mid]].issue < t1 { lo = mid + 1 } else { hi = mid }
         }
         var k = lo - 1
+        // A candidate fails when a version issued after its acknowledgement was acknowledged
+        // before t0; that version disqualifies every candidate acknowledged no later. So once
+        // the candidates left were all acknowledged no later than one that failed, stop.
+        var failedAck: UInt64?
         while k >= 0 {
+            if let f = failedAck, maxAck[k] <= f { return false }
             let i = candidates[k]
+            if let f = failedAck, b.versions[i].ack <= f {
+                k -= 1
+                continue
+            }
             // The first version issued after V was acknowledged.
             var a = i + 1, z = b.versions.count
             while a < z {
@@ -185,6 +200,7 @@ struct TortureModel {
                 if b.versions[mid].issue > b.versions[i].ack { z = mid } else { a = mid + 1 }
             }
             if b.suffixMinAck[a] >= t0 { return true }
+            failedAck = max(failedAck ?? 0, b.versions[i].ack)
             k -= 1
         }
         return false
