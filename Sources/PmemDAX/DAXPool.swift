@@ -66,10 +66,11 @@ public final class DAXPool: @unchecked Sendable {
     /// a call on one, so they are closed only when the pool goes.
     private var retiredNBD: [OpaquePointer] = []
 
-    /// Statistics.
-    public private(set) var daxReads = 0
-    public private(set) var retries = 0
-    public private(set) var fallbacks = 0
+    /// Statistics (read under the pool's lock: other threads update them).
+    public var daxReads: Int { cond.withLock { reads } }
+    public var retries: Int { cond.withLock { retried } }
+    public var fallbacks: Int { cond.withLock { nbdReads } }
+    private var reads = 0, retried = 0, nbdReads = 0
 
     /// Read leases last this long and are renewed when less than a third is left.
     public var leaseDuration: Double = 60
@@ -450,7 +451,7 @@ public final class DAXPool: @unchecked Sendable {
         for attempt in 0..<2 {
             let h = try nbdHandle(export, socket: socket)
             if nbd_pread(h, p, count, offset, 0) == 0 {
-                cond.withLock { fallbacks += 1 }
+                cond.withLock { nbdReads += 1 }
                 return
             }
             let message = String(cString: nbd_get_error())
@@ -481,8 +482,8 @@ public final class DAXPool: @unchecked Sendable {
 
     func countRead(retried: Int) {
         cond.withLock {
-            daxReads += 1
-            retries += retried
+            reads += 1
+            self.retried += retried
         }
     }
 }
