@@ -488,12 +488,10 @@ package struct NodeSpares: ~Copyable {
         allocator = engine.allocator
         blocks = []
         blocks.reserveCapacity(count)
-        for _ in 0..<count {
-            do { blocks.append(try engine.reserveBlock()) } catch {
-                for b in blocks { engine.allocator.unreserve(b) }
-                throw error
-            }
-        }
+        // On failure the value is already whole, so its deinit gives back what was reserved:
+        // giving it back here too would put the blocks on the free list twice, and they would
+        // be handed out twice (two map entries, one block).
+        for _ in 0..<count { blocks.append(try engine.reserveBlock()) }
     }
 
     mutating func take() throws(PoolError) -> UInt64 {

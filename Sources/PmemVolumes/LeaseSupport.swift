@@ -43,6 +43,15 @@ extension Pool {
 }
 
 extension Volume {
+    /// Whether this volume or snapshot still exists: its table slot still holds its id and it
+    /// is not being deleted. (Ids are never reused, so a stale `Volume` never passes.)
+    public var isLive: Bool {
+        let o = VolumeRecord.offset(slot: slot)
+        let kind = engine.journal.load(o + VolumeRecord.kindField)
+        return engine.journal.load(o + VolumeRecord.idField) == id
+            && (kind == VolumeRecord.Kind.volume.rawValue || kind == VolumeRecord.Kind.snapshot.rawValue)
+    }
+
     /// Runs `body` with this volume's map lock held (no map change can happen meanwhile).
     public func withMapLocked<T>(_ body: () -> T) -> T {
         mapLock.lock()
@@ -138,6 +147,7 @@ extension Volume {
             }
             guardEpoch.exit()
             engine.rmwLocks[0].unlock()
+            pool.testHooks.withLock { $0.relocationCopied }?(id, v, reason)
             let r: Result<Void, PoolError> = data.withUnsafeBytes { b in
                 Result { () throws(PoolError) in
                     var source = BufferByteSource(b)

@@ -145,8 +145,12 @@ extension Pool {
         observer?.beginMove(volume: vr.id, first: 0, count: max(vol.size, sr.size) >> 12)
         defer { observer?.endMove(volume: vr.id, first: 0, count: max(vol.size, sr.size) >> 12) }
         let keepsClients = sr.size == vr.size && sr.depth == vr.depth
+        var held: [Int] = []
+        defer { releaseToDeleter(held) }
         try engine.tableLock.withLock { () throws(PoolError) in
             let slot = try freeSlot()
+            // The old map goes to the deleter only once the rollback event is out (below).
+            holdFromDeleter(slot, in: &held)
             // In ascending order, as writers take them (before the metadata gate, as they do).
             for lock in engine.rmwLocks { lock.lock() }
             defer { for lock in engine.rmwLocks.reversed() { lock.unlock() } }
@@ -170,10 +174,10 @@ extension Pool {
             }
         }
         try engine.sync()
+        testHooks.withLock { $0.beforeVolumeEvent }?(.rollback, vr.id)
         observer?.volumeChanged(.rollback, volume: vr.id, aux: sr.id)
         // Same size and depth: the open Volume (and its clients) read the new root as it is.
         if !keepsClients { changed(vr.id) }
-        deleter.wake()
         return keepsClients
     }
 
@@ -193,6 +197,10 @@ extension Pool {
         let observer = self.observer
         for d in doomed { observer?.beginMove(volume: d.id, first: 0, count: d.size >> 12) }
         defer { for d in doomed { observer?.endMove(volume: d.id, first: 0, count: d.size >> 12) } }
+        // The maps go to the deleter only once their deletion events are out (below).
+        var held: [Int] = []
+        defer { releaseToDeleter(held) }
+        for d in doomed { holdFromDeleter(d.slot, in: &held) }
         try engine.tableLock.withLock { () throws(PoolError) in
             try engine.withMetadata(words: 8 * doomed.count + 8) {
                 for d in doomed {
@@ -201,10 +209,26 @@ extension Pool {
             }
         }
         try engine.sync()
+        for d in doomed { testHooks.withLock { $0.beforeVolumeEvent }?(d.kind == .snapshot ? .snapshotDeleted : .volumeDeleted, d.id) }
         for d in doomed {
             observer?.volumeChanged(d.kind == .snapshot ? .snapshotDeleted : .volumeDeleted, volume: d.kind == .snapshot ? d.parent : d.id, aux: d.id)
             changed(d.id)
         }
+    }
+
+    /// Keeps the map in `slot` from the deleter (recorded in `held` for `releaseToDeleter`).
+    /// A whole map is released only after the observer has published the event that ends its
+    /// use and taken its holds: a deleter already at work on something else would otherwise
+    /// free the map's blocks before any reader of it had been told (Docs/FEED.md, G4).
+    func holdFromDeleter(_ slot: Int, in held: inout [Int]) {
+        deleterHolds.withLock { _ = $0.insert(slot) }
+        held.append(slot)
+    }
+
+    /// Hands held maps to the deleter and wakes it.
+    func releaseToDeleter(_ held: [Int]) {
+        guard !held.isEmpty else { return }
+        deleterHolds.withLock { for s in held { $0.remove(s) } }
         deleter.wake()
     }
 

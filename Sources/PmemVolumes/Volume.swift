@@ -27,8 +27,9 @@ public final class Volume: BlockVolume, @unchecked Sendable {
     public let depth: Int
     public let readOnly: Bool
     let rootOffset: UInt64
-    /// Held while this volume's map changes.
-    let mapLock = PosixMutex()
+    /// Held while this volume's map changes. Shared by every `Volume` of the same table slot:
+    /// an object the pool no longer caches (after a rollback or resize) may still be in use.
+    let mapLock: PosixMutex
 
     /// The volume a snapshot belongs to (0 for volumes).
     public let parent: UInt64
@@ -45,6 +46,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         depth = record.depth
         readOnly = engine.readOnly || record.kind != .volume
         rootOffset = VolumeRecord.offset(slot: record.slot) + VolumeRecord.rootField
+        mapLock = pool.mapLock(slot: record.slot)
     }
 
     public var summary: String {
@@ -174,8 +176,11 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             // nothing other connections (or feed clients) wait for may wait on it.
             try fill(offset, end, &source, UnsafeBufferPointer(blocks))
             let observer = pool.observer
-            observer?.beginMove(volume: id, first: first, count: UInt64(count))
-            defer { observer?.endMove(volume: id, first: first, count: UInt64(count)) }
+            // A relocation (copy-on-write for a write lease, a fence) is the observer's own
+            // move: it holds the range alone already.
+            let announce = reason != .fence && reason != .copyOnWrite
+            if announce { observer?.beginMove(volume: id, first: first, count: UInt64(count)) }
+            defer { if announce { observer?.endMove(volume: id, first: first, count: UInt64(count)) } }
             var pos = offset
             while pos < end {
                 // One metadata group per leaf: bounded size, at most `depth` new map nodes.

@@ -5,6 +5,11 @@
 //   pmem-dax-read --feed POOL.feed --nbd SOCK VOLUME --bench N
 //   pmem-dax-read --feed POOL.feed VOLUME --hold SECONDS   (read leases on the whole volume,
 //     following and acknowledging events: what a busy DAX reader costs the server)
+//   pmem-dax-read --feed POOL.feed VOLUME --stamp-writer FIRST COUNT FAMILY TAG SECONDS
+//     (a write-lease holder: leases blocks FIRST..<FIRST+COUNT again and again and stores
+//     self-describing 4 KiB stamps into them, printing "I block version time" before and
+//     "S block version time" after each store (CLOCK_MONOTONIC ns), "L lease" per lease and
+//     "E state" when one ends; exits after SECONDS. The DAX torture test kills it at random.)
 import CLibNBD
 import Glibc
 import PmemDAX
@@ -58,7 +63,14 @@ guard let feed = option("--feed") else { fail("usage: pmem-dax-read --feed SOCKE
 let nbdSocket = option("--nbd")
 let bench = option("--bench").flatMap { Int($0) }
 let hold = option("--hold").flatMap { Double($0) }
+let stampWriter = args.firstIndex(of: "--stamp-writer").map { i -> [UInt64] in
+    let values = args.dropFirst(i + 1).prefix(5).compactMap { UInt64($0) }
+    guard values.count == 5 else { fail("--stamp-writer FIRST COUNT FAMILY TAG SECONDS") }
+    args.removeSubrange(i...(i + 5))
+    return values
+}
 guard let volumeName = args.first else { fail("name a volume") }
+if let w = stampWriter { writeStamps(feed: feed, volume: volumeName, first: w[0], count: w[1], family: w[2], tag: w[3], seconds: w[4]) }
 
 do {
     let pool = try DAXPool(feed: feed, nbd: nbdSocket)
@@ -125,3 +137,67 @@ do {
 }
 
 main()
+
+/// A 4 KiB stamp that says what it is: magic, family (which volume lineage wrote it), block,
+/// version, then a CRC-32C of the rest, which is a pseudo-random fill derived from the header.
+/// The DAX torture test (Tests/PmemNBDTests/TortureTests.swift) decodes the same layout.
+func fillStamp(_ p: UnsafeMutableRawPointer, family: UInt64, block: UInt64, version: UInt64) {
+    var x = version &* 0x9E37_79B9_7F4A_7C15 ^ block ^ family << 32 | 1
+    for i in stride(from: 40, to: 4096, by: 8) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17
+        p.storeBytes(of: x, toByteOffset: i, as: UInt64.self)
+    }
+    p.storeBytes(of: 0x5254_524F_5458_4144 as UInt64, toByteOffset: 0, as: UInt64.self)
+    p.storeBytes(of: family, toByteOffset: 8, as: UInt64.self)
+    p.storeBytes(of: block, toByteOffset: 16, as: UInt64.self)
+    p.storeBytes(of: version, toByteOffset: 24, as: UInt64.self)
+    let sum = PersistentMemory.crc32c(p + 40, count: 4096 - 40, seed: UInt32(truncatingIfNeeded: version ^ block ^ family))
+    p.storeBytes(of: UInt64(sum), toByteOffset: 32, as: UInt64.self)
+}
+
+func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// `--stamp-writer`: see the header comment. Never returns.
+func writeStamps(feed: String, volume name: String, first: UInt64, count: UInt64, family: UInt64, tag: UInt64, seconds: UInt64) -> Never {
+    // A hard deadline of its own, whatever happens to the parent.
+    alarm(UInt32(seconds + 5))
+    func emit(_ line: String) { _ = try? FileDescriptor.standardOutput.writeAll(bytes: Array((line + "\n").utf8)) }
+    do {
+        let pool = try DAXPool(feed: feed, writable: true, name: "stamp-writer-\(tag)")
+        let volume = try pool.volume(named: name)
+        let end = monotonicNanoseconds() + seconds * 1_000_000_000
+        let stamp = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        var n: UInt64 = 0
+        var rng = SystemRandomNumberGenerator()
+        while monotonicNanoseconds() < end {
+            guard let lease = try? volume.writeLease(first: first, count: UInt32(count), onRecall: {}) else {
+                if pool.isFenced { emit("F"); exit(3) }
+                usleep(20_000)
+                continue
+            }
+            emit("L \(lease.id)")
+            while monotonicNanoseconds() < end {
+                let i = Int.random(in: 0..<Int(count), using: &rng)
+                n += 1
+                let version = tag << 32 | n
+                fillStamp(stamp, family: family, block: first + UInt64(i), version: version)
+                let stored: Void? = try? lease.withStores {
+                    emit("I \(first + UInt64(i)) \(version) \(monotonicNanoseconds())")
+                    lease.pointer(i).copyMemory(from: stamp, byteCount: 4096)
+                    emit("S \(first + UInt64(i)) \(version) \(monotonicNanoseconds())")
+                }
+                if stored == nil { break }
+                usleep(UInt32.random(in: 50...500, using: &rng))
+            }
+            emit("E \(lease.waitUntilEnded(timeout: 5))")
+        }
+        pool.close()
+        exit(0)
+    } catch {
+        fail("\(error)")
+    }
+}
