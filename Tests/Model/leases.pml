@@ -20,8 +20,9 @@
  *               write leases (DAXVolume.writeLease, DAXWriteLease), a crash and a new process
  *   Monitor     once nothing can move any more: every holder was told
  *
- * The protocol modelled is the one of the dax-coherence branch (issue 14), plus two changes it
- * does not have yet, marked FIX below. Compile-time switches put the known bugs back, one at a
+ * The protocol modelled is the one of the dax-coherence branch (issue 14), plus three changes
+ * it does not have yet, marked FIX below. The assertions name the guarantees of Docs/FEED.md
+ * (G1-G9) they check. Compile-time switches put the known bugs back, one at a
  * time (negative controls: spin must find each):
  *   BUG_SNAPSHOT_PIN    snapshot deletion holds frees only for the parent's read leases (issue 14 item 1)
  *   BUG_EARLY_RECALL    a RECALL before the handle is registered is returned behind the holder's back (item 2)
@@ -347,10 +348,10 @@ inline taken(res) {
   :: res != 0 ->
      reserved[res] = 1;
      for (i : 0 .. NC-1) {
-       /* G-REUSE: a lent block is reused only under a fenced session (which must be told) */
+       /* G2, G3: a lent block is reused only once its session is fenced (which it must be told: G7) */
        assert(!(loanOn[i] && loanBlk[i] == res) || fenced[i]);
        if :: loanOn[i] && loanBlk[i] == res -> loanLost[i] = 1 :: else -> skip fi;
-       /* G-REUSE: never a block a write-lease holder may still store into */
+       /* G3, G7: never a block a write-lease holder may still store into (a fenced one's is pinned) */
        assert(!(storing[i] && wblk[i] == res));
        /* a copy from it must not be accepted (checked by the reader) */
        if :: copyOn[i] && copyBlk[i] == res -> copyStale[i] = 1 :: else -> skip fi
@@ -679,7 +680,7 @@ end:
             :: k == RELEASE || k == RETURN ->
                if
                :: L[a].cli == c && L[a].inc == sinc[c] && L[a].st == LS_ACTIVE ->
-                  /* G-TOLD: the server takes back a write lease only from a holder that knows */
+                  /* G6: the server takes a write lease back only from a holder that knows (onRecall ran, or it released) */
                   assert(L[a].mode == RD || hd[a].told || hd[a].released);
                   RETIRE(a)
                :: else -> skip                      /* fenced or ended already */
@@ -739,7 +740,7 @@ end:
              :: OPEN && !fenced[c] && moving > 0 -> att++; res = 0
              :: OPEN && !fenced[c] && moving == 0 && RECHECK -> push(c, DENIED, 0, 0); res = 2   /* FIX 1 */
              :: OPEN && !fenced[c] && moving == 0 && !RECHECK && vmap != 0 && RC(vmap) == 1 ->
-                /* G-ONE-WRITER: one write lease per block */
+                /* G5: at most one write lease covers a block */
                 assert(cf == 0);
                 assert(nextLease <= NL); l = nextLease; nextLease++;
                 L[l].mode = WR; L[l].cli = c; L[l].inc = sinc[c]; L[l].vol = V; L[l].st = LS_ACTIVE; L[l].blk = vmap;
@@ -905,7 +906,7 @@ inline copy(key) {
        processed[c] >= c2 ->
        if
        :: c2 == c1 || (reg[2*c+key].valid && reg[2*c+key].changed <= c1) ->
-          /* G-COPY: an accepted copy read a block that was not reused meanwhile */
+          /* G1: an accepted copy read a block that was not reused meanwhile */
           assert(copyBlk[c] == 0 || !copyStale[c])
        :: else -> skip                              /* retried (not modelled) */
        fi;
@@ -950,9 +951,9 @@ inline writeLease() {
   do
   :: d_step { storing[c] && n < MAXST ->
        n++;
-       /* G-WRITE: a store lands in the volume's own block under a lease the server honours,
-        * or, once fenced, in that block or an orphan pinned for this holder: never in a block
-        * that is free, reused or shared with a snapshot */
+       /* G5, G7: a store lands in the volume's own block under a lease the server honours, or,
+        * once fenced, in that block (until it is moved away) or in the orphan pinned for this
+        * holder: never in a block that is free, reused, or shared with a snapshot */
        assert((vmap == wblk[c] && RC(wblk[c]) == 1 && (L[l].st == LS_ACTIVE || sb[c].fpin[wblk[c]])) ||
               (RC(wblk[c]) == 0 && sb[c].fpin[wblk[c]] && !reserved[wblk[c]]))
      }
@@ -990,7 +991,8 @@ active proctype Monitor() {
     for (l : 1 .. NL) {
       if
       :: L[l].mode == WR && L[l].st != LS_NONE && L[l].inc == cinc[L[l].cli] ->
-         /* G-TOLD: a fenced holder sees it on its handle; a lease still held has a handle */
+         /* G6, G7: a fenced holder sees it on its handle, only after its block left the volume;
+          * a lease still held has a handle */
          assert(L[l].st != LS_FDONE || hd[l].fenced);
          assert(L[l].st != LS_FENCED);              /* its block was moved away in the end */
          assert(L[l].st != LS_ACTIVE || hd[l].exists)
@@ -998,7 +1000,7 @@ active proctype Monitor() {
       fi
     };
     for (c : 0 .. NC-1) {
-      /* G-TOLD: a loan whose block was reused (only possible once fenced) learns of the fence */
+      /* G7: a session whose lent block was reused (only possible once fenced) was told */
       assert(!loanLost[c] || fencedSeen[c])
     }
   }
