@@ -16,14 +16,14 @@
  *   Feed(c)     the client library's feed thread (DAXPool.receiveLoop) and its recall thread
  *               (DAXWriteLease.recall); it reads what the session's writer thread sends
  *               (FeedSession.writer)
- *   Holder(c)   the application: loans (DAXVolume.withMappedBlock), copies (DAXVolume.read),
+ *   Holder0/1   the application: loans (DAXVolume.withMappedBlock), copies (DAXVolume.read),
  *               write leases (DAXVolume.writeLease, DAXWriteLease), a crash and a new process
  *   Monitor     once nothing can move any more: every holder was told
  *
- * The protocol modelled is the one of the dax-coherence branch (issue 14), plus three changes
- * it does not have yet, marked FIX below. The assertions name the guarantees of Docs/FEED.md
- * (G1-G9) they check. Compile-time switches put the known bugs back, one at a
- * time (negative controls: spin must find each):
+ * The protocol modelled is the one of the issue 14 fixes (branch dax-coherence), plus three
+ * changes they do not have (as of dax-coherence edd1e16), marked FIX below. The assertions name
+ * the guarantees of Docs/FEED.md (G1-G9) they check. Compile-time switches put the known bugs
+ * back, one at a time (negative controls: spin must find each):
  *   BUG_SNAPSHOT_PIN    snapshot deletion holds frees only for the parent's read leases (issue 14 item 1)
  *   BUG_EARLY_RECALL    a RECALL before the handle is registered is returned behind the holder's back (item 2)
  *   BUG_FENCE_HIDDEN    the recall drops the handle, so FENCED never reaches it (item 3)
@@ -33,11 +33,11 @@
  *   BUG_FENCE_RACE      the fence as on main: the lease is dropped and others move on before the
  *                       fencer has moved its block away (a failure to move it is only logged)
  *   BUG_DOUBLE_GRANT    the write grant does not check other write leases again after its copy-on-write
- *                       (FIX 1: the dax-coherence branch still has this)
+ *                       (undoes FIX 1)
  *   BUG_SILENT_FENCE    a session fenced while it holds no lease is not told
- *                       (FIX 2: the dax-coherence branch still has this)
+ *                       (undoes FIX 2)
  *   BUG_RESERVE_FIRST   a write reserves its blocks before beginMove: a fence it makes waits for
- *                       space it holds itself (FIX 3: the dax-coherence branch still has this)
+ *                       space it holds itself (undoes FIX 3)
  */
 
 #ifndef CONFIG
@@ -104,11 +104,10 @@
 #define CRASHES0 1
 #define H0_SCRIPT loan(KEY_V); renew(KEY_V); loan(KEY_V)
 #define H1_SCRIPT writeLease()
-#elif CONFIG == 11     /* long: snapshot with a write lease and the ack deadline */
+#elif CONFIG == 11     /* long: snapshot with a write lease */
 #define INIT_V 2
 #define INIT_S 1
 #define WRITES 1
-#define ACKFENCE 1
 #define SNAP_SCRIPT deleteSnap(); createSnap()
 #define H0_SCRIPT openSnap(); loan(KEY_S); loan(KEY_S)
 #define H1_SCRIPT writeLease(); loan(KEY_V)
@@ -127,11 +126,10 @@
 #define SNAP_SCRIPT rollback()
 #define H0_SCRIPT loan(KEY_V); copy(KEY_V)
 #define H1_SCRIPT writeLease()
-#elif CONFIG == 14     /* long: write leases, a snapshot, a crash, a reader, the ack deadline */
+#elif CONFIG == 14     /* long: write leases, a snapshot, a crash, a reader */
 #define WRITES 1
 #define READS1 0
 #define CRASHES1 1
-#define ACKFENCE 1
 #define SNAP_SCRIPT createSnap()
 #define H0_SCRIPT loan(KEY_V); loan(KEY_V)
 #define H1_SCRIPT writeLease(); writeLease()
