@@ -1119,7 +1119,7 @@ final class TortureChild: @unchecked Sendable {
         process = try ActivatedProcess([TortureChild.binary, "--feed", run.server.feedPath, "vol0", "--stamp-writer", String(first), String(count),
                                         String(TortureRun.family), String(tag), "60"],
                                        passing: [], environment: [:], stderrPath: run.server.scratch.file("child-\(tag).err"))
-        let fd = process.stdoutRead
+        let fd = process.process.standardOutput!.rawValue
         let lines = self.lines
         reader = Background("child-stdout") {
             var buffer: [UInt8] = []
