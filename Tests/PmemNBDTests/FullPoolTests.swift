@@ -55,8 +55,8 @@ import Testing
     }
 }
 
-/// Two objects for one volume — one held across a rollback (which makes the pool open a new
-/// one), one fresh — change the same map safely.
+/// Two objects for one volume — one held across a rollback to a snapshot of another size
+/// (which makes the pool open a new one), one fresh — change the same map safely.
 @Suite(.timeLimit(.minutes(5))) struct VolumeObjectTests {
     /// Found by the DAX torture test: a write lease granted across a rollback went on with the
     /// volume object it had looked up before; each object had a map lock of its own, so its
@@ -70,7 +70,10 @@ import Testing
             let answer = VolumeRequests.perform(r, on: s.pool)
             #expect(answer["ok"] as? Bool == true, "\(r): \(answer)")
         }
+        // A rollback to a snapshot of another size opens a new object (one of the same size
+        // keeps the object, and its clients).
         request(["op": "snapshot-create", "name": "vol0@s"])
+        request(["op": "volume-resize", "name": "vol0", "size": 16 << 20])
         let old = s.pool.volume(named: "vol0")!
         request(["op": "snapshot-rollback", "name": "vol0@s"])
         let new = s.pool.volume(named: "vol0")!
