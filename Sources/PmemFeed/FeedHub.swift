@@ -307,7 +307,12 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                     if leases.values.contains(where: { $0.mode == .write && $0.overlaps(volume: volumeID, first: first, count: count) }) {
                         return .failure(FeedDenial("another write lease covers part of the range"))
                     }
+                    var waited = false
                     while moves.values.contains(where: { $0.volume == volumeID && $0.first < first + count && first < $0.first + $0.count }) && !stopping {
+                        if !waited {
+                            waited = true
+                            testHooks.withLock { $0.writeGrantWaitsForMove }?()
+                        }
                         _ = cond.wait(seconds: 0.05)
                     }
                     // The copy-on-write below holds the range alone.
@@ -493,6 +498,9 @@ package struct FeedTestHooks: Sendable {
     /// After a lease is granted and its reply queued, before the session reads its next
     /// request: (lease id, mode).
     package var afterGrant: (@Sendable (UInt64, LeaseMode) -> Void)?
+    /// A write grant that found no other write lease over its range waits for a move of the
+    /// range to end (called once per wait, hub locked: it must not use the hub).
+    package var writeGrantWaitsForMove: (@Sendable () -> Void)?
     package init() {}
 }
 
