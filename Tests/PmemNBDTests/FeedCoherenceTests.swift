@@ -108,7 +108,8 @@ func eventually(timeout: Double = 10, _ condition: () throws -> Bool) rethrows -
     }
 
     /// Fills the pool with a new volume `name`: big writes, then block by block until not
-    /// one block is left.
+    /// one block is left — also once every freed block waiting for a commit or for readers has
+    /// come back (on a slow machine, under a sanitizer, a write may fail before they have).
     func fillPool(_ s: TestServer, name: String = "fill") throws {
         perform(s, ["op": "volume-create", "name": name, "size": 64 << 20])
         let fill = try s.client { try $0.setExportName(name) }
@@ -118,7 +119,13 @@ func eventually(timeout: Double = 10, _ condition: () throws -> Bool) rethrows -
             offset += 256 << 12
         }
         while offset < 64 << 20 {
-            do { try fill.pwrite(pattern(4096, seed: 42), offset: offset) } catch { break }
+            do {
+                try fill.pwrite(pattern(4096, seed: 42), offset: offset)
+            } catch {
+                try? fill.flush()
+                _ = eventually(timeout: 10) { s.pool.engine.space.held == 0 }
+                if (try? fill.pwrite(pattern(4096, seed: 42), offset: offset)) == nil { break }
+            }
             offset += 4096
         }
         try fill.shutdown()
@@ -362,20 +369,7 @@ func eventually(timeout: Double = 10, _ condition: () throws -> Bool) rethrows -
         try c.pwrite(pattern(4 << 12, seed: 40), offset: 0)
         let probe = try FeedProbe(s.feedPath, subscribe: false)
         let lease = try probe.lease(.write, volume: id(s, "vol0"), first: 0, count: 4)
-        // Fill the pool.
-        perform(s, ["op": "volume-create", "name": "fill", "size": 64 << 20])
-        let fill = try s.client { try $0.setExportName("fill") }
-        var offset: UInt64 = 0
-        while offset < 64 << 20 {
-            do { try fill.pwrite(pattern(256 << 12, seed: 41), offset: offset) } catch { break }
-            offset += 256 << 12
-        }
-        // Then block by block: not one block left.
-        while offset < 64 << 20 {
-            do { try fill.pwrite(pattern(4096, seed: 42), offset: offset) } catch { break }
-            offset += 4096
-        }
-        try fill.shutdown()
+        try fillPool(s)
         let pool = s.pool
         let snapshot = Background("snapshot") {
             let r = VolumeRequests.perform(["op": "snapshot-create", "name": "vol0@s"], on: pool)
