@@ -122,6 +122,9 @@ public enum VolumeCommand {
     public static func run(_ request: [String: Any], pool path: String, control: String?,
                            progress: (UInt64, UInt64) -> Void = { _, _ in }) throws -> [String: Any] {
         if let control { return try online(request, control) }
+        // A served pool answers on its control socket: ask there first. (Trying the pool's lock
+        // first would wait up to a second for it on every command against a served pool.)
+        if let answer = try? online(request, ControlClient.defaultPath(forPool: path)) { return answer }
         let opened = Result { () throws(PoolError) -> Pool in try Pool.open(path: path, commitMode: .inline) }
         if case .failure(let e) = opened {
             guard e.kind == .exists else { throw e }

@@ -2,8 +2,9 @@ import Glibc
 import PmemSystem
 import Synchronization
 
-/// Runs commits: on its own thread every second when anything is pending, and whenever a sync
-/// or a full batch asks; or inline on the caller's thread.
+/// Runs commits: on its own thread whenever a sync (FLUSH, FUA), free space or a full batch asks,
+/// and every few seconds while anything is pending; or inline on the caller's thread. After a
+/// commit that leaves the journal ring more than half used it runs a checkpoint.
 package final class Committer: @unchecked Sendable {
     let mode: PoolEngine.CommitMode
     /// Set right after the engine is built. The committer's thread holds the engine strongly
@@ -16,7 +17,9 @@ package final class Committer: @unchecked Sendable {
     private var stopping = false
     private var running = false
     package private(set) var failure: PoolError?
-    static let interval = 1.0
+    /// Seconds after which pending changes are committed although nobody asked (as a file
+    /// system commits its journal every few seconds).
+    static let interval = 5.0
 
     init(mode: PoolEngine.CommitMode) { self.mode = mode }
 
@@ -68,6 +71,14 @@ package final class Committer: @unchecked Sendable {
         if let failure { throw failure }
     }
 
+    /// Runs `body` holding the commit lock (nothing commits meanwhile).
+    func withCommitLock<T>(_ body: () throws(PoolError) -> T) throws(PoolError) -> T {
+        commitLock.lock()
+        defer { commitLock.unlock() }
+        if let failure { throw failure }
+        return try body()
+    }
+
     private func commitNow() throws(PoolError) {
         guard let engine else { return }
         if let failure { throw failure }
@@ -77,6 +88,8 @@ package final class Committer: @unchecked Sendable {
                 durable = max(durable, b)
                 cond.broadcast()
             }
+            // With the waiters released, make room in the ring if it is filling up.
+            if engine.journal.wantsCheckpoint { try engine.checkpointLocked() }
         } catch {
             Log.error("commit failed: \(error.message); the pool is now read-only")
             cond.withLock {

@@ -212,17 +212,23 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         let base = engine.media.base
         let persistence = engine.persistence
         let nt = persistence.prefersNonTemporal
+        // Page mode on a file on a device: blocks are assembled in a buffer and written with
+        // pwrite (see Persistence.PageWrites), at most `scratchBlocks` at a time.
+        let pw = persistence.usesPwrite
+        let scratch = pw ? engine.takeScratch() : nil
+        defer { if let scratch { engine.returnScratch(scratch) } }
         var i = 0
         while i < count {
             let vb = first + UInt64(i)
             let blockStart = vb << 12
             let a = max(start, blockStart), b = min(end, blockStart + 4096)
-            let dst = base + Int(engine.layout.blockOffset(blocks[i]))
+            let dst = scratch ?? base + Int(engine.layout.blockOffset(blocks[i]))
             var run = 1
             if b - a == 4096 {
                 // Whole blocks that follow each other in the pool are filled by one call, so a
                 // large payload can go from the socket straight into them.
-                while i + run < count && blocks[i + run] == blocks[i] + UInt64(run) && (vb + UInt64(run) + 1) << 12 <= end { run += 1 }
+                while i + run < count && blocks[i + run] == blocks[i] + UInt64(run) && (vb + UInt64(run) + 1) << 12 <= end
+                    && (!pw || run < PoolEngine.scratchBlocks) { run += 1 }
             } else {
                 let readGuard = engine.rmwGuards[stripe(vb)]
                 readGuard.enter()
@@ -230,8 +236,14 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                 let old = try engine.lookup(rootOffset: rootOffset, depth: depth, vblock: vb)
                 if old != 0 {
                     guard engine.validBlock(old) else { throw PoolError(.io, "map entry for block \(vb) is out of range (corrupt map)") }
-                    PersistentMemory.copyNonTemporal(to: dst, from: base + Int(engine.layout.blockOffset(old)), count: 4096)
+                    if pw {
+                        dst.copyMemory(from: base + Int(engine.layout.blockOffset(old)), byteCount: 4096)
+                    } else {
+                        PersistentMemory.copyNonTemporal(to: dst, from: base + Int(engine.layout.blockOffset(old)), count: 4096)
+                    }
                     engine.copyCounters.addShared(CopyCounter.partialBlocks)
+                } else if pw {
+                    memset(dst, 0, 4096)
                 } else {
                     PersistentMemory.zeroNonTemporal(dst, count: 4096)
                 }
@@ -242,7 +254,11 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             } catch {
                 throw PoolError(.source(error), "payload: \(error)")
             }
-            persistence.didStoreNonTemporal(dst, run << 12)
+            if pw {
+                try persistence.pwrite(at: Int(engine.layout.blockOffset(blocks[i])), dst, run << 12)
+            } else {
+                persistence.didStoreNonTemporal(dst, run << 12)
+            }
             i += run
         }
         // The metadata group fences this thread's data before its gate is released, so the
@@ -254,6 +270,14 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                                                      create: true, spares: &spares) else {
                 throw PoolError(.io, "map walk failed")
             }
+            // Page domain: the commit of this group's batch makes these blocks durable first.
+            var r = 0
+            while r < count {
+                var n = 1
+                while r + n < count && blocks[r + n] == blocks[r] + UInt64(n) { n += 1 }
+                engine.noteWritten(blocks[r], count: n)
+                r += n
+            }
             if let observer {
                 // Announced before the map changes (the feed raises its sequence number first).
                 withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count) { old in
@@ -263,14 +287,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                     observer.willRemap(volume: id, first: first, old: UnsafeBufferPointer(old), new: UnsafeBufferPointer(blocks), reason: reason)
                 }
             }
-            for i in 0..<count {
-                let index = Int((first + UInt64(i)) & 511)
-                let off = engine.entryOffset(node: leaf, index: index)
-                let raw = engine.journal.exchange(off, MapEntry.make(blocks[i], index: index, level: 0))
-                let old = engine.decodedOrHole(raw, node: leaf, index: index, level: 0)
-                engine.adjustRefcount(blocks[i], 1, level: -1)
-                if old != 0 { engine.adjustRefcount(old, -1, level: -1) }
-            }
+            engine.remap(leaf: leaf, first: Int(first & 511), to: UnsafeBufferPointer(blocks))
         }
     }
 
