@@ -47,8 +47,11 @@ public final class Journal: @unchecked Sendable {
     private let shards: UnsafeMutablePointer<Shard>
     /// Shards holding pending words, running or committing (zero: read the pool directly).
     private let pending = Atomic<Int>(0)
-    /// Words reserved by operations admitted to the running batch.
+    /// Words reserved by operations storing into the running batch now (their worst case,
+    /// released when they end).
     private let reserved = Atomic<Int>(0)
+    /// Words in the running batch.
+    private let runningCount = Atomic<Int>(0)
     /// Shared by operations while they store; exclusive for the freeze.
     public let gate = ReadWriteLock()
     /// Id of the running batch.
@@ -122,6 +125,7 @@ public final class Journal: @unchecked Sendable {
     fileprivate func put(_ s: UnsafeMutablePointer<Shard>, _ offset: UInt64, _ h: UInt64, _ value: UInt64) -> UInt64? {
         let wasEmpty = s.pointee.isEmpty
         let old = s.pointee.running.insert(offset, h, value)
+        if old == nil { runningCount.add(1, ordering: .relaxed) }
         if wasEmpty { pending.add(1, ordering: .releasing) }
         return old
     }
@@ -197,19 +201,25 @@ public final class Journal: @unchecked Sendable {
         return body(PageWords(journal: self, shard: s))
     }
 
-    /// Reserves room for `words` more records in the running batch; false when the batch would
-    /// outgrow the journal (commit first). The gate must be held (shared).
+    /// Reserves room for `words` more records in the running batch (an operation's worst
+    /// case); false when the batch could outgrow its limit (commit first). Held until
+    /// `release`; the words the operation stores count from then on. The gate must be held
+    /// (shared).
     public func tryReserve(_ words: Int) -> Bool {
         let limit = capacity - 64
         while true {
             let r = reserved.load(ordering: .relaxed)
-            if r + words > limit { return r == 0 && words <= limit }
+            let n = runningCount.load(ordering: .relaxed)
+            if n + r + words > limit { return n == 0 && r == 0 && words <= limit }
             if reserved.compareExchange(expected: r, desired: r + words, ordering: .relaxed).exchanged { return true }
         }
     }
 
-    /// Words reserved in the running batch, against `capacity`.
-    public var runningReservation: Int { reserved.load(ordering: .relaxed) }
+    /// Ends a reservation (the operation's stores are counted as they are).
+    public func release(_ words: Int) { reserved.subtract(words, ordering: .relaxed) }
+
+    /// Words in the running batch and reserved for operations storing into it.
+    public var runningReservation: Int { runningCount.load(ordering: .relaxed) + reserved.load(ordering: .relaxed) }
     public var hasPendingWords: Bool { pending.load(ordering: .relaxed) != 0 }
 
     /// Words in the running batch (approximate while operations run).
@@ -232,7 +242,7 @@ public final class Journal: @unchecked Sendable {
         // The pool counters join the batch as ordinary words.
         for (k, v) in extra where load(k) != v { store(k, v) }
         let batch = runningBatch.add(1, ordering: .acquiringAndReleasing).oldValue
-        reserved.store(0, ordering: .relaxed)
+        runningCount.store(0, ordering: .relaxed)
         var records: [(UInt64, UInt64)] = []
         for i in 0..<Journal.shardCount {
             let s = shards + i

@@ -274,6 +274,7 @@ public final class PoolEngine: @unchecked Sendable {
             journal.gate.readLock()
             if journal.tryReserve(words) {
                 defer {
+                    journal.release(words)
                     // The data blocks and map nodes this thread wrote for the group are durable
                     // before a commit (which needs the gate) can name them.
                     if !faults.contains(.skipWriterFence) { persistence.drain() }
