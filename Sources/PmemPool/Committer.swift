@@ -100,19 +100,35 @@ package final class Committer: @unchecked Sendable {
         }
     }
 
+    /// How often the thread looks for an idle running batch.
+    static let tick = 0.2
+
     private func loop() {
         defer { cond.withLock { running = false; cond.broadcast() } }
+        var lastWords = 0
+        var lastCommit = monotonicSeconds()
         while true {
             cond.lock()
-            if !(requested > durable || stopping) { _ = cond.wait(seconds: Committer.interval) }
+            if !(requested > durable || stopping) { _ = cond.wait(seconds: Committer.tick) }
             let stop = stopping
+            let asked = requested > durable
             cond.unlock()
             guard let engine else { return }
-            if engine.journal.hasPendingWords || requested > durable || stop {
+            // Pending words are committed when asked (FLUSH, FUA, space, a full batch), when no
+            // operation added any for a tick (readers then find the pool's words without the
+            // overlay), and at the latest `interval` after the last commit.
+            let words = engine.journal.runningWordCount
+            let now = monotonicSeconds()
+            let idle = words > 0 && words == lastWords
+            let due = engine.journal.hasPendingWords && now - lastCommit >= Committer.interval
+            if asked || stop || idle || due {
                 commitLock.lock()
                 try? commitNow()
                 commitLock.unlock()
+                lastCommit = now
+                lastWords = 0
             } else {
+                lastWords = words
                 engine.allocator.reclaim()
             }
             if stop || failure != nil { return }

@@ -218,16 +218,13 @@ public final class Journal: @unchecked Sendable {
     /// Ends a reservation (the operation's stores are counted as they are).
     public func release(_ words: Int) { reserved.subtract(words, ordering: .relaxed) }
 
+    /// Words in the running batch.
+    public var runningWordCount: Int { runningCount.load(ordering: .relaxed) }
+
     /// Words in the running batch and reserved for operations storing into it.
     public var runningReservation: Int { runningCount.load(ordering: .relaxed) + reserved.load(ordering: .relaxed) }
     public var hasPendingWords: Bool { pending.load(ordering: .relaxed) != 0 }
 
-    /// Words in the running batch (approximate while operations run).
-    public var runningWords: Int {
-        var n = 0
-        for i in 0..<Journal.shardCount { n += shards[i].running.count }
-        return n
-    }
 
     // MARK: commit
 

@@ -155,6 +155,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         guard !readOnly else { throw PoolError(.readOnly, "\(name) is read-only") }
         guard offset <= size, UInt64(length) <= size - offset else { throw PoolError(.noSpace, "write beyond the end") }
         guard length > 0 else { return }
+        let engine = self.engine
         let first = offset >> 12
         let count = Int(((offset + UInt64(length) - 1) >> 12) - first + 1)
         let leaves = Int(((offset + UInt64(length) - 1) >> 21) - (offset >> 21) + 1)
@@ -195,6 +196,9 @@ public final class Volume: BlockVolume, @unchecked Sendable {
     private func writeChunk(_ start: UInt64, _ end: UInt64, _ source: inout some ByteSource,
                             _ blocks: UnsafeMutableBufferPointer<UInt64>, _ spares: inout NodeSpares,
                             _ observer: (any MappingObserver)?, _ reason: MappingChangeReason) throws(PoolError) {
+        // One strong reference for the whole chunk: every call through `self.engine` would
+        // otherwise retain and release the engine, whose count every connection shares.
+        let engine = self.engine
         let first = start >> 12
         let count = blocks.count
         let headPartial = start & 4095 != 0 || (count == 1 && end & 4095 != 0)
