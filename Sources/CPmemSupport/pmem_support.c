@@ -5,6 +5,8 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <syslog.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdatomic.h>
@@ -391,4 +393,24 @@ int pmem_tcp_nodelay(int fd) {
 
 int pmem_pipe_cloexec(int fds[2]) {
   return pipe2(fds, O_CLOEXEC);
+}
+
+int pmem_spawn_actions_closefrom(posix_spawn_file_actions_t *actions, int from) {
+  return posix_spawn_file_actions_addclosefrom_np(actions, from);
+}
+
+int pmem_pidfd_open(pid_t pid) {
+  return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int pmem_pidfd_send_signal(int pidfd, int sig) {
+  return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
+}
+
+int pmem_set_parent_death_signal(int sig) {
+  return prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0, 0, 0);
+}
+
+void pmem_syslog(int priority, const char *message) {
+  syslog(priority, "%s", message);
 }

@@ -2,7 +2,9 @@
 // Unix socket. Pure: no I/O, shared by the server (PmemFeed) and the client (PmemDAX).
 
 public enum FeedProtocol {
-    public static let version: UInt32 = 1
+    /// 2: VOLUMES and VOLUME-LIST carry a request id (and the list its sequence); the server
+    /// confirms RELEASE and RETURN with RELEASED. Version 1 clients are refused.
+    public static let version: UInt32 = 2
     /// Bytes of a frame header: payload length (u32), type (u16), flags (u16).
     public static let headerSize = 8
     /// Largest payload accepted (an EVENTS batch, or a map reply of 256k blocks).
@@ -41,6 +43,9 @@ public enum FeedMessage: UInt16, Sendable {
     case resync = 108
     case error = 109
     case volumes = 110
+    /// The server processed a RELEASE or RETURN of a lease that was still valid: stores made
+    /// through it before are in the volume. (A lease that was fenced first gets FENCED instead.)
+    case released = 111
 }
 
 /// What happened to a mapping or a volume.

@@ -10,7 +10,8 @@ extension Connection {
         var negotiator = Negotiator(catalog: server.exports, tls: server.tlsCredentials == nil ? .off : server.tlsMode)
         try sendHandshake(Negotiator.greeting)
         guard let flagBytes = try receive.take(4) else { return nil }
-        let clientFlags = loadBigEndian(UInt32.self, from: flagBytes.withUnsafeBytes { $0.baseAddress! })
+        // Decoded inside the closure: the pointer is only valid there.
+        let clientFlags = flagBytes.withUnsafeBytes { loadBigEndian(UInt32.self, from: $0.baseAddress!) }
         if let refusal = negotiator.checkClientFlags(clientFlags) {
             Log.info("connection \(id): \(refusal); dropping")
             return nil

@@ -31,7 +31,9 @@ final class Listener: @unchecked Sendable {
             try epoll.add(s, token: UInt64(i))
         }
         while true {
-            let ready = try epoll.wait()
+            // Woken at least twice a second to disconnect handshakes past their deadline.
+            let ready = try epoll.wait(timeoutMilliseconds: 500)
+            server.expireHandshakes()
             for token in ready {
                 if token == UInt64.max { return }
                 let s = sockets[Int(token)]

@@ -2,6 +2,7 @@ import Glibc
 import NBDTLS
 import NBDWire
 import PmemSystem
+import Synchronization
 
 /// Gathers a batch of replies as an iovec list — headers in a small arena, read data as
 /// pointers straight into pool memory — and sends it with one `writev(2)`.
@@ -21,10 +22,13 @@ final class ReplyWriter: @unchecked Sendable {
     private let arena: UnsafeMutableRawPointer
     private let arenaCapacity = 64 * 1024
     private var arenaUsed = 0
-    private var mutex = pthread_mutex_t()
+    /// Serialises the byte stream (see above).
+    private let mutex = PosixMutex()
     private var holding = false
-    /// Set once a send fails: the peer is gone, later sends are dropped.
-    private(set) var failed = false
+    /// Set once a send fails: the peer is gone, later sends are dropped. Written under the
+    /// stream's lock (by the reader thread or a worker), read without it by the reader thread.
+    private let sendFailed = Atomic<Bool>(false)
+    var failed: Bool { sendFailed.load(ordering: .acquiring) }
 
     /// IOV_MAX on Linux.
     static let iovMax = 1024
@@ -36,20 +40,18 @@ final class ReplyWriter: @unchecked Sendable {
         self.fd = fd
         iov = .allocate(capacity: ReplyWriter.iovMax)
         arena = .allocate(byteCount: arenaCapacity, alignment: 64)
-        pthread_mutex_init(&mutex, nil)
     }
 
     deinit {
         iov.deallocate()
         arena.deallocate()
-        pthread_mutex_destroy(&mutex)
     }
 
     var hasPending: Bool { iovCount > 0 }
 
     @inline(__always) private func acquireForBatch() {
         if !holding {
-            pthread_mutex_lock(&mutex)
+            mutex.lock()
             holding = true
         }
     }
@@ -110,24 +112,24 @@ final class ReplyWriter: @unchecked Sendable {
 
     private func send(keepLock: Bool) {
         if iovCount > 0 && !failed {
-            if !sendAll(iov, iovCount) { failed = true }
+            if !sendAll(iov, iovCount) { sendFailed.store(true, ordering: .releasing) }
         }
         iovCount = 0
         arenaUsed = 0
         if !keepLock {
             holding = false
-            pthread_mutex_unlock(&mutex)
+            mutex.unlock()
         }
     }
 
     /// Sends a complete reply from another thread (offloaded commands).
     func sendNow(_ bytes: [UInt8]) {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
+        mutex.lock()
+        defer { mutex.unlock() }
         guard !failed else { return }
         bytes.withUnsafeBytes { b in
             var v = iovec(iov_base: UnsafeMutableRawPointer(mutating: b.baseAddress!), iov_len: b.count)
-            if !sendAll(&v, 1) { failed = true }
+            if !sendAll(&v, 1) { sendFailed.store(true, ordering: .releasing) }
         }
     }
 

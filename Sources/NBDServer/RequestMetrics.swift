@@ -71,7 +71,9 @@ enum MetricSlot {
     static let latencyBuckets = bytesRead + 4
     static let latencySum = latencyBuckets + RequestMetrics.latencyBoundsNanoseconds.count + 1
     static let latencyCount = latencySum + 1
-    static let count = latencyCount + 1
+    /// Requests whose reply was queued (started minus this: requests in flight).
+    static let completed = latencyCount + 1
+    static let count = completed + 1
 }
 
 /// One connection's counters. `own` is written only by the connection's thread; `offloaded`
@@ -93,12 +95,15 @@ final class ConnectionMetrics: @unchecked Sendable {
 
     /// Records a request's latency, unless a worker will (`handedOff`).
     @inline(__always) func finished(started: UInt64, handedOff: Bool) {
-        if started != 0 && !handedOff { Self.record(latencySince: started, in: own, shared: false) }
+        guard !handedOff else { return }
+        own.add(MetricSlot.completed)
+        if started != 0 { Self.record(latencySince: started, in: own, shared: false) }
     }
 
     /// Records the latency of a request a worker finished.
     func finishedOffloaded(started: UInt64, failedCode: UInt16?) {
         if let failedCode { offloaded.addShared(MetricSlot.errors(failedCode)) }
+        offloaded.addShared(MetricSlot.completed)
         if started != 0 { Self.record(latencySince: started, in: offloaded, shared: true) }
     }
 
@@ -131,5 +136,30 @@ extension RequestMetrics {
         for i in 0..<latencyBuckets.count { latencyBuckets[i] += block.load(MetricSlot.latencyBuckets + i) }
         latencySumNanoseconds += block.load(MetricSlot.latencySum)
         latencyCount += block.load(MetricSlot.latencyCount)
+    }
+}
+
+/// One connection as `pmem-nbd connections` shows it.
+public struct ConnectionInfo: Sendable {
+    public var id: UInt64
+    public var peer: String
+    /// The export it uses (nil while it negotiates).
+    public var export: String?
+    /// When it was accepted, in seconds since the Unix epoch.
+    public var since: Double
+    /// Payload bytes it wrote (in) and read (out).
+    public var bytesIn: UInt64
+    public var bytesOut: UInt64
+    public var requests: UInt64
+    /// Requests received whose reply is not queued yet.
+    public var inFlight: UInt64
+}
+
+extension ConnectionMetrics {
+    /// Requests started, and those whose reply was queued, over both blocks.
+    var requestsAndCompleted: (UInt64, UInt64) {
+        var started: UInt64 = 0
+        for s in 0..<RequestMetrics.commandSlots { started += own.load(s) }
+        return (started, own.load(MetricSlot.completed) + offloaded.load(MetricSlot.completed))
     }
 }

@@ -1,4 +1,3 @@
-import Dispatch
 import Glibc
 import NBDWire
 import PmemPool
@@ -53,7 +52,6 @@ struct TransmissionState {
 extension Connection {
     /// Serves requests until DISC, end of stream, a bad magic or a failed send.
     func transmit(session: NegotiatedSession, volume: any BlockVolume) throws(Errno) {
-        server.clearHandshakeTimeout(input)
         var state = TransmissionState(session: session, volume: volume)
         let readGuard = state.readGuard
         defer { readGuard.exit() }
@@ -195,7 +193,13 @@ extension Connection {
     private func replyError(_ r: Request, _ state: TransmissionState, _ error: PoolError) {
         let code: NBDErrno
         switch error.kind {
-        case .noSpace: code = .noSpace
+        case .noSpace:
+            code = .noSpace
+            // Not a request past the end (also ENOSPC): the pool ran out of free blocks.
+            if r.offset <= state.volume.size && UInt64(r.length) <= state.volume.size - r.offset {
+                server.warnNoSpace(export: state.session.export.name, command: r.type?.name ?? "request",
+                                   offset: r.offset, length: UInt64(r.length))
+            }
         case .readOnly: code = .permission
         case .invalid: code = error.isNotFast ? .notSupported : .invalid
         case .notFound, .exists: code = .invalid
@@ -227,7 +231,7 @@ extension Connection {
         let code = r.typeCode
         state.handedOff = true
         offloaded.enter()
-        DispatchQueue.global().async { [offloaded] in
+        Workers.shared.run { [offloaded] in
             defer { offloaded.leave() }
             let bytes: [UInt8]
             var failed = false

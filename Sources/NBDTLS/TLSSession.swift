@@ -51,12 +51,13 @@ public final class TLSSession: @unchecked Sendable {
     }
 
     /// Runs the server side of the TLS handshake (`gnutls_handshake`) on descriptors that have
-    /// just sent the ACK to STARTTLS. Fails after `timeoutSeconds` without progress, or when
-    /// the client is not authenticated (wrong key, no or untrusted certificate).
+    /// just sent the ACK to STARTTLS. Fails after `timeoutSeconds` (0: no limit), or when the
+    /// client is not authenticated (wrong key, no or untrusted certificate).
     public static func handshake(credentials: TLSCredentials, input: FileDescriptor, output: FileDescriptor,
                                  timeoutSeconds: Int) throws(TLSError) -> TLSSession {
         let t = try TLSSession(credentials: credentials, input: input, output: output)
-        gnutls_handshake_set_timeout(t.session, UInt32(max(1, timeoutSeconds) * 1000))
+        // 0 disables GnuTLS's timeout (as `--handshake-timeout 0` asks).
+        gnutls_handshake_set_timeout(t.session, UInt32(max(0, timeoutSeconds) * 1000))
         while true {
             let r = gnutls_handshake(t.session)
             if r == GNUTLS_E_SUCCESS { break }

@@ -211,6 +211,11 @@ public enum NBDLimits {
     public static let maxOptionsPerHandshake = 4096
     /// Maximum payload advertised in NBD_INFO_BLOCK_SIZE (2^25, the spec's portable maximum).
     public static let maxPayload: UInt32 = 32 * 1024 * 1024
+    /// The largest READ or WRITE accepted from a client that did not ask for the block sizes
+    /// (and so did not promise to keep to the advertised maximum): 64 MiB, nbdkit's limit
+    /// (nbd-server's `integrityhuge` test sends 42 MB requests). Reads are zero-copy and writes
+    /// land in the pool, so this costs no buffer.
+    public static let maxUnnegotiatedPayload: UInt32 = 64 * 1024 * 1024
     /// Meta contexts one SET_META_CONTEXT may select.
     public static let maxMetaContexts = 64
     /// Extents in one BLOCK_STATUS chunk.

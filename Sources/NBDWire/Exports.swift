@@ -69,4 +69,12 @@ public struct NegotiatedSession: Sendable, Equatable {
         self.clientHonoursBlockSize = clientHonoursBlockSize
         self.viaExportName = viaExportName
     }
+
+    /// The largest payload a READ or WRITE may carry on this connection: the advertised maximum
+    /// for a client that asked for the block sizes (it promised to keep to them), else at least
+    /// `NBDLimits.maxUnnegotiatedPayload` (the spec's default constraints are only a floor:
+    /// "at least 2^25").
+    public var maximumRequestPayload: UInt32 {
+        clientHonoursBlockSize ? export.maximumPayload : max(export.maximumPayload, NBDLimits.maxUnnegotiatedPayload)
+    }
 }

@@ -37,11 +37,11 @@ public enum RequestCheck {
     }
 
     /// Whether the server hangs up instead of skipping the payload: with extended headers a
-    /// PAYLOAD_LEN beyond the advertised maximum payload (spec: the server SHOULD initiate a
-    /// hard disconnect). Compact WRITE payloads (at most 4 GiB) are always skipped. Every
-    /// request this is true for is also rejected by `check`.
+    /// PAYLOAD_LEN beyond the maximum payload of the connection (`maximumRequestPayload`; spec:
+    /// the server SHOULD initiate a hard disconnect). Compact WRITE payloads (at most 4 GiB)
+    /// are always skipped. Every request this is true for is also rejected by `check`.
     public static func payloadForcesDisconnect(_ r: Request, session: NegotiatedSession) -> Bool {
-        session.extendedHeaders && r.flags.contains(.payloadLength) && r.length > UInt64(session.export.maximumPayload)
+        session.extendedHeaders && r.flags.contains(.payloadLength) && r.length > UInt64(session.maximumRequestPayload)
     }
 
     /// The verdict on a request. With extended headers a WRITE must carry PAYLOAD_LEN, which
@@ -97,12 +97,13 @@ public enum RequestCheck {
             }
             return .reject(.invalid, "request beyond the export size \(export.size)")
         }
-        if type == .write && r.length > UInt64(export.maximumPayload) {
-            return .reject(.invalid, "write of \(r.length) bytes exceeds the maximum payload \(export.maximumPayload)")
+        let maximum = session.maximumRequestPayload
+        if type == .write && r.length > UInt64(maximum) {
+            return .reject(.invalid, "write of \(r.length) bytes exceeds the maximum payload \(maximum)")
         }
-        if type == .read && r.length > UInt64(export.maximumPayload) {
+        if type == .read && r.length > UInt64(maximum) {
             return .reject(session.structuredReplies ? .overflow : .invalid,
-                           "read of \(r.length) bytes exceeds the maximum payload \(export.maximumPayload)")
+                           "read of \(r.length) bytes exceeds the maximum payload \(maximum)")
         }
         if session.clientHonoursBlockSize && export.minimumBlock > 1 && type != .blockStatus {
             let m = UInt64(export.minimumBlock)

@@ -17,8 +17,12 @@ public struct DAXError: Error, CustomStringConvertible {
 /// meanwhile, the read is checked against the events and retried if its block moved. Leased
 /// blocks are never reused before this client acknowledges their move, so a copy can be stale
 /// but never someone else's data. Ranges it cannot map are read through NBD (libnbd).
+///
+/// Thread-safe: any number of threads may read, lend blocks, take write leases and list
+/// volumes at once over the one feed connection (replies are matched by request id).
+/// Docs/FEED.md states what it guarantees (G1–G9).
 public final class DAXPool: @unchecked Sendable {
-    let connection: FeedConnection
+    package let connection: FeedConnection
     let base: UnsafeMutableRawPointer
     let length: Int
     let status: UnsafeMutablePointer<UInt64>
@@ -30,25 +34,67 @@ public final class DAXPool: @unchecked Sendable {
     /// Everything below is guarded by `cond`.
     var processed: UInt64
     var regions: [RegionKey: Region] = [:]
-    private var replies: [UInt64: (UInt16, [UInt8])] = [:]
+    private var replies: [UInt64: Reply] = [:]
     private var nextRequest: UInt64 = 1
+    /// Requests in flight: what their reply is for. The feed thread acts on a grant before it
+    /// reads the next frame (a read lease's region goes into the map, a write lease is
+    /// registered), so the events and recalls that follow it always find it.
+    private var pending: [UInt64: Pending] = [:]
+    /// Requests whose caller gave up waiting: a lease granted to one is given back.
+    private var abandoned: Set<UInt64> = []
     var volumes: [FeedVolume] = []
+    /// A volume or snapshot was created or deleted since `volumes` was fetched.
+    private var volumesStale = false
+    /// Every id a volume list named: ids are never reused, so one missing from a later list
+    /// was deleted.
+    private var known: Set<UInt64> = []
+    /// Ids of deleted volumes and snapshots (from events, and from lists after a resync).
+    var gone: Set<UInt64> = []
+    /// RESYNCs seen, and how many of them a volume list fetched afterwards has covered (events
+    /// lost in a resync may have been deletions).
+    private var resyncs = 0
+    private var verifiedResyncs = 0
     var writeLeases: [UInt64: DAXWriteLease] = [:]
     /// Blocks lent out by `withMappedBlock`, by the sequence number processed when lent (count).
     var borrows: [UInt64: Int] = [:]
     private var acknowledged: UInt64 = 0
-    /// Read-lease requests in flight: request id → the region they are for.
-    var pendingRegions: [UInt64: RegionKey] = [:]
     private var closed = false
+    /// Set once the server fenced this connection: it grants no more leases on it.
+    public private(set) var isFenced = false
     private var nbd: [String: OpaquePointer] = [:]
+    /// libnbd handles replaced after their connection dropped; another thread may still be in
+    /// a call on one, so they are closed only when the pool goes.
+    private var retiredNBD: [OpaquePointer] = []
 
-    /// Statistics.
-    public private(set) var daxReads = 0
-    public private(set) var retries = 0
-    public private(set) var fallbacks = 0
+    /// Statistics (read under the pool's lock: other threads update them).
+    public var daxReads: Int { cond.withLock { reads } }
+    public var retries: Int { cond.withLock { retried } }
+    public var fallbacks: Int { cond.withLock { nbdReads } }
+    private var reads = 0, retried = 0, nbdReads = 0
 
     /// Read leases last this long and are renewed when less than a third is left.
     public var leaseDuration: Double = 60
+    /// Seconds a request waits for its reply before failing (a lease granted later is given
+    /// back at once).
+    public var requestTimeout: Double {
+        get { cond.withLock { timeout } }
+        set { cond.withLock { timeout = newValue } }
+    }
+    private var timeout: Double = 30
+    /// Test hooks (package access only).
+    package let testHooks = Locked(DAXTestHooks())
+
+    enum Pending {
+        case plain
+        case region(RegionKey)
+        case write(volume: UInt64, first: UInt64, onRecall: @Sendable () -> Void)
+    }
+
+    struct Reply {
+        var type: UInt16
+        var payload: [UInt8]
+        var lease: DAXWriteLease?
+    }
 
     public init(feed: String, nbd: String? = nil, writable: Bool = false, name: String = "pmem-dax") throws {
         connection = try FeedConnection(path: feed, name: name)
@@ -80,11 +126,22 @@ public final class DAXPool: @unchecked Sendable {
         munmap(base, length)
         munmap(UnsafeMutableRawPointer(status) - FeedProtocol.statusSequenceOffset, 4096)
         for (_, h) in nbd { nbd_close(h) }
+        for h in retiredNBD { nbd_close(h) }
     }
 
-    /// Disconnects from the feed (leases end with it).
+    /// Disconnects from the feed. Write leases still held are given back first: each holder's
+    /// `onRecall` runs, running store sections end, the blocks are flushed and the lease
+    /// returned (waiting up to two seconds for the server to confirm); read leases end with
+    /// the connection.
     public func close() {
-        cond.withLock { closed = true; cond.broadcast() }
+        let held = cond.withLock { writeLeases.values.filter { $0._state == .held } }
+        for lease in held { lease.recall() }
+        cond.withLock {
+            let deadline = monotonic() + 2
+            while !writeLeases.isEmpty && !closed && monotonic() < deadline { _ = cond.wait(seconds: 0.1) }
+            closed = true
+            cond.broadcast()
+        }
         connection.close()
     }
 
@@ -93,57 +150,87 @@ public final class DAXPool: @unchecked Sendable {
 
     // MARK: volumes
 
+    /// Fetches the list of volumes and snapshots.
     public func refreshVolumes() throws {
-        let payload = try request { _ in try connection.listVolumes() } match: { $0 == FeedMessage.volumes.rawValue }
-        let list = try FeedConnection.decodeVolumes(payload)
-        cond.withLock { volumes = list }
+        let resyncsBefore = cond.withLock { resyncs }
+        let reply = try request { id in try connection.listVolumes(id) }
+        let list = try FeedConnection.decodeVolumeList(reply.payload).volumes
+        cond.withLock {
+            let ids = Set(list.map(\.id))
+            gone.formUnion(known.subtracting(ids))
+            known.formUnion(ids)
+            volumes = list.filter { !gone.contains($0.id) }
+            volumesStale = false
+            verifiedResyncs = max(verifiedResyncs, resyncsBefore)
+        }
     }
 
-    /// A volume or snapshot by export name (`vol`, `vol@snap`).
+    /// The volume or snapshot that has this export name (`vol`, `vol@snap`) now: every event
+    /// published before the call is taken into account, so a name deleted and created again
+    /// gives the new one. The handle reads that record, by its id, for its whole life.
     public func volume(named name: String) throws -> DAXVolume {
-        if let v = cond.withLock({ volumes.first { $0.name == name } }) { return DAXVolume(pool: self, info: v) }
+        try waitProcessed(publishedSequence)
+        let cached = cond.withLock { () -> FeedVolume? in
+            volumesStale ? nil : volumes.first { $0.name == name && !gone.contains($0.id) }
+        }
+        if let cached { return DAXVolume(pool: self, info: cached) }
         try refreshVolumes()
-        guard let v = cond.withLock({ volumes.first { $0.name == name } }) else { throw DAXError("no volume named '\(name)'") }
+        guard let v = cond.withLock({ volumes.first { $0.name == name && !gone.contains($0.id) } }) else {
+            throw DAXError("no volume named '\(name)'")
+        }
         return DAXVolume(pool: self, info: v)
+    }
+
+    /// Throws unless the volume or snapshot `id` is known to exist as of the events processed
+    /// so far (after a resync, the volume list is fetched again to find out).
+    func checkAlive(_ id: UInt64, _ name: String) throws {
+        if cond.withLock({ resyncs != verifiedResyncs }) { try refreshVolumes() }
+        if cond.withLock({ gone.contains(id) }) { throw DAXError("\(name) (id \(id)) was deleted") }
     }
 
     // MARK: requests
 
-    /// Sends a request and waits for its reply (matched by request id where the reply has one,
-    /// else by type).
-    func request(region: RegionKey? = nil, _ send: (UInt64) throws -> Void, match: @escaping (UInt16) -> Bool = { _ in true }) throws -> [UInt8] {
+    /// Sends a request and waits for the reply with its id (a DENIED becomes an error).
+    func request(_ kind: Pending = .plain, _ send: (UInt64) throws -> Void) throws -> Reply {
         let id = cond.withLock { () -> UInt64 in
             defer { nextRequest += 1 }
-            if let region { pendingRegions[nextRequest] = region }
+            pending[nextRequest] = kind
             return nextRequest
         }
-        try send(id)
+        do { try send(id) } catch {
+            cond.withLock { _ = pending.removeValue(forKey: id) }
+            throw error
+        }
         cond.lock()
         defer { cond.unlock() }
-        let deadline = monotonic() + 30
+        let deadline = monotonic() + timeout
         while true {
             if let r = replies.removeValue(forKey: id) {
-                if r.0 == FeedMessage.leaseDenied.rawValue {
-                    var reader = FeedReader(r.1)
+                if r.type == FeedMessage.leaseDenied.rawValue {
+                    var reader = FeedReader(r.payload)
                     _ = try? reader.u64()
                     throw DAXError("refused: \((try? reader.string()) ?? "?")")
                 }
-                return r.1
+                return r
             }
-            if let (key, r) = replies.first(where: { $0.key >= 1 << 62 && match($0.value.0) }) {
-                replies[key] = nil
-                return r.1
+            if closed {
+                pending[id] = nil
+                throw DAXError("the feed connection closed")
             }
-            if closed { throw DAXError("the feed connection closed") }
-            if monotonic() > deadline { throw DAXError("the feed did not answer") }
-            _ = cond.wait(seconds: 1)
+            let left = deadline - monotonic()
+            if left <= 0 {
+                // The reply may still come: the feed thread drops it then (and gives a
+                // granted write lease back).
+                abandoned.insert(id)
+                throw DAXError("the feed did not answer within \(Int(timeout)) s")
+            }
+            _ = cond.wait(seconds: min(1, left))
         }
     }
 
     // MARK: the feed
 
     private func receiveLoop() {
-        var unmatched: UInt64 = 1 << 62
         while true {
             guard let (type, payload) = try? connection.receive() else { break }
             switch FeedMessage(rawValue: type) {
@@ -160,41 +247,85 @@ public final class DAXPool: @unchecked Sendable {
                     return acknowledgeable(minimum: 4096)
                 }
                 if let ack { try? connection.ack(ack) }
-            case .mapReply, .leaseGranted, .leaseDenied, .reverseReply:
+            case .mapReply, .leaseGranted, .leaseDenied, .reverseReply, .volumes:
+                var r = FeedReader(payload)
+                let id = (try? r.u64()) ?? 0
+                let giveBack = cond.withLock { () -> UInt64? in
+                    guard let kind = pending.removeValue(forKey: id) else { return nil }
+                    let gaveUp = abandoned.remove(id) != nil
+                    var reply = Reply(type: type, payload: payload, lease: nil)
+                    var giveBack: UInt64?
+                    if type == FeedMessage.leaseGranted.rawValue, let grant = Grant(payload) {
+                        switch kind {
+                        case .region(let key):
+                            // Into the map before the next frame is read: the events after
+                            // the grant apply to it. (Kept even if the caller gave up: it is
+                            // renewed or released like any region.)
+                            installRegion(key, grant)
+                        case .write(let volume, let first, let onRecall):
+                            let lease = DAXWriteLease(pool: self, id: grant.lease, volume: volume, first: first, blocks: grant.blocks,
+                                                      onRecall: onRecall)
+                            if gaveUp {
+                                lease._state = .releasing
+                                lease.notified = true
+                                giveBack = grant.lease
+                            }
+                            // Registered before the next frame: a RECALL right behind the
+                            // grant reaches the holder.
+                            writeLeases[grant.lease] = lease
+                            reply.lease = lease
+                        case .plain:
+                            break
+                        }
+                    }
+                    if !gaveUp { replies[id] = reply }
+                    cond.broadcast()
+                    return giveBack
+                }
+                if let giveBack { try? connection.release(giveBack) }
+            case .recall:
+                var r = FeedReader(payload)
+                let id = (try? r.u64()) ?? 0
+                if let lease = cond.withLock({ writeLeases[id] }) {
+                    // On its own thread: `onRecall` may block, or use this pool (which needs
+                    // this thread to read replies).
+                    OSThread.spawn(name: "pmem-dax-recall") { lease.recall() }
+                } else {
+                    // Given back already (a RELEASE crossed the RECALL): answering is harmless.
+                    try? connection.returnLease(id)
+                }
+            case .released:
                 var r = FeedReader(payload)
                 let id = (try? r.u64()) ?? 0
                 cond.withLock {
-                    // A read lease's region goes into the map before the next frame is read:
-                    // the events after the grant apply to it.
-                    if let key = pendingRegions.removeValue(forKey: id), type == FeedMessage.leaseGranted.rawValue {
-                        installRegion(key, grant: payload)
-                    }
-                    replies[id] = (type, payload)
+                    if let lease = writeLeases.removeValue(forKey: id) { lease._state = .returned }
                     cond.broadcast()
                 }
-            case .volumes:
-                cond.withLock { replies[unmatched] = (type, payload); unmatched += 1; cond.broadcast() }
-            case .recall:
-                var r = FeedReader(payload)
-                let lease = (try? r.u64()) ?? 0
-                let handle = cond.withLock { writeLeases[lease] }
-                // The holder stops storing and flushes; then the lease goes back.
-                handle?.recalled()
-                try? connection.returnLease(lease)
-                cond.withLock { writeLeases[lease] = nil }
             case .fenced:
                 var r = FeedReader(payload)
-                let lease = (try? r.u64()) ?? 0
-                cond.withLock {
-                    writeLeases.removeValue(forKey: lease)?.fenced = true
-                    for (k, reg) in regions where reg.lease == lease { regions[k] = nil }
+                let id = (try? r.u64()) ?? 0
+                let lease = cond.withLock { () -> DAXWriteLease? in
+                    isFenced = true
+                    for (k, reg) in regions where reg.lease == id {
+                        reg.valid = false
+                        regions[k] = nil
+                    }
+                    let lease = writeLeases.removeValue(forKey: id)
+                    lease?._state = .fenced
+                    cond.broadcast()
+                    return lease
                 }
+                // The holder is told (if a recall has not told it already).
+                if let lease { OSThread.spawn(name: "pmem-dax-fenced") { lease.notify() } }
             case .resync:
                 // Events were lost: every region is rebuilt from fresh leases; the skipped
-                // events are acknowledged (nothing maps through them any more).
+                // events are acknowledged (nothing maps through them any more). They may have
+                // deleted volumes: the next use of a handle fetches the list again.
                 let ack = cond.withLock { () -> UInt64? in
                     for (_, reg) in regions { reg.valid = false }
                     regions.removeAll()
+                    resyncs += 1
+                    volumesStale = true
                     var r = FeedReader(payload)
                     processed = max(processed, (try? r.u64()) ?? processed)
                     cond.broadcast()
@@ -204,29 +335,54 @@ public final class DAXPool: @unchecked Sendable {
             default:
                 break
             }
-            // Nothing more waiting: acknowledge what has been applied.
+            // Nothing more waiting on the socket: everything that arrived has been applied.
             if !connection.hasPendingInput, let ack = cond.withLock({ acknowledgeable() }) { try? connection.ack(ack) }
         }
-        cond.withLock { closed = true; cond.broadcast() }
+        // The connection is gone, and with it every lease: holders are told.
+        let lost = cond.withLock { () -> [DAXWriteLease] in
+            closed = true
+            let lost = Array(writeLeases.values)
+            for lease in lost { lease._state = .lost }
+            writeLeases.removeAll()
+            cond.broadcast()
+            return lost
+        }
+        for lease in lost { lease.notify() }
+    }
+
+    /// A GRANTED frame's fields.
+    struct Grant {
+        var lease: UInt64
+        var durationMs: UInt32
+        var sequence: UInt64
+        var blocks: [UInt64]
+
+        init?(_ payload: [UInt8]) {
+            var r = FeedReader(payload)
+            guard let _ = try? r.u64(), let lease = try? r.u64(), let _ = try? r.u8(), let _ = try? r.u8(), let _ = try? r.u16(),
+                  let ms = try? r.u32(), let seq = try? r.u64(), let _ = try? r.u64(), let _ = try? r.u64(),
+                  let n = try? r.u32(), let _ = try? r.u32(), Int(n) <= r.remaining / 8 else { return nil }
+            var blocks: [UInt64] = []
+            blocks.reserveCapacity(Int(n))
+            for _ in 0..<n {
+                guard let b = try? r.u64() else { return nil }
+                blocks.append(b)
+            }
+            self.lease = lease
+            durationMs = ms
+            sequence = seq
+            self.blocks = blocks
+        }
     }
 
     /// Installs a granted read lease's region (lock held), ending the lease it replaces.
-    private func installRegion(_ key: RegionKey, grant payload: [UInt8]) {
-        var r = FeedReader(payload)
-        guard let _ = try? r.u64(), let lease = try? r.u64(), let _ = try? r.u8(), let _ = try? r.u8(), let _ = try? r.u16(),
-              let ms = try? r.u32(), let seq = try? r.u64(), let _ = try? r.u64(), let _ = try? r.u64(),
-              let n = try? r.u32(), let _ = try? r.u32() else { return }
-        var blocks: [UInt64] = []
-        blocks.reserveCapacity(Int(n))
-        for _ in 0..<n {
-            guard let b = try? r.u64() else { return }
-            blocks.append(b)
-        }
+    private func installRegion(_ key: RegionKey, _ grant: Grant) {
         if let old = regions[key] {
             old.valid = false
             try? connection.release(old.lease)
         }
-        regions[key] = Region(lease: lease, since: seq, expires: monotonic() + Double(ms) / 1000, blocks: blocks)
+        regions[key] = Region(lease: grant.lease, since: grant.sequence, expires: monotonic() + Double(grant.durationMs) / 1000,
+                              blocks: grant.blocks)
     }
 
     /// Applies an event to the local maps (lock held).
@@ -240,10 +396,18 @@ public final class DAXPool: @unchecked Sendable {
                 region.changed[Int(vb & 511)] = e.sequence
             }
         case .rollback, .volumeDeleted, .resized, .snapshotDeleted:
-            for (k, r) in regions where k.volume == e.volume || (e.kind == .snapshotDeleted && k.volume == e.aux) {
+            // The map replaced or gone: the volume's, or for a snapshot deletion the snapshot's.
+            let doomed = e.kind == .snapshotDeleted ? e.aux : e.volume
+            for (k, r) in regions where k.volume == doomed {
                 r.valid = false
                 regions[k] = nil
             }
+            if e.kind == .volumeDeleted || e.kind == .snapshotDeleted {
+                gone.insert(doomed)
+                volumesStale = true
+            }
+        case .volumeCreated, .snapshotCreated:
+            volumesStale = true
         default:
             break
         }
@@ -287,13 +451,17 @@ public final class DAXPool: @unchecked Sendable {
         for attempt in 0..<2 {
             let h = try nbdHandle(export, socket: socket)
             if nbd_pread(h, p, count, offset, 0) == 0 {
-                cond.withLock { fallbacks += 1 }
+                cond.withLock { nbdReads += 1 }
                 return
             }
             let message = String(cString: nbd_get_error())
             if attempt == 1 || nbd_aio_is_dead(h) == 0 && nbd_aio_is_closed(h) == 0 { throw DAXError("libnbd: \(message)") }
-            cond.withLock { nbd[export] = nil }
-            nbd_close(h)
+            cond.withLock {
+                if nbd[export] == h {
+                    nbd[export] = nil
+                    retiredNBD.append(h)
+                }
+            }
         }
     }
 
@@ -314,10 +482,17 @@ public final class DAXPool: @unchecked Sendable {
 
     func countRead(retried: Int) {
         cond.withLock {
-            daxReads += 1
-            retries += retried
+            reads += 1
+            self.retried += retried
         }
     }
+}
+
+/// Callbacks tests install to force interleavings; nil in production.
+package struct DAXTestHooks: Sendable {
+    /// In `writeLease`, after the grant arrived, before the call returns the handle.
+    package var beforeRegisteringWriteLease: (@Sendable () -> Void)?
+    package init() {}
 }
 
 struct RegionKey: Hashable {

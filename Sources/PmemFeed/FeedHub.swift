@@ -32,11 +32,21 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     private var nextLeaseID: UInt64 = 1
     private var writeLeaseCount = 0
     private var moves: [UInt64: (volume: UInt64, first: UInt64, count: UInt64)] = [:]
+    /// The moves of `moves` that are relocations in progress — the copy-on-write before a
+    /// write lease, or moving a fenced lease's blocks away. A relocation reads its range and
+    /// writes it back elsewhere, so it holds the range alone: it begins when no other move of
+    /// the range is under way (for a fence: none has changed anything yet, they all wait for
+    /// the lease), and no move of the range begins until it ends — else a write acknowledged
+    /// between its read and its write-back would be undone, or a snapshot would share blocks
+    /// a fenced holder still stores into.
+    private var relocations: Set<UInt64> = []
     private var nextMoveID: UInt64 = 1
     private var stopping = false
 
     /// Events kept for subscribers that fall behind or reconnect.
     public let ringCapacity: Int
+    /// Test hooks (package access only).
+    package let testHooks = Locked(FeedTestHooks())
 
     public init(pool: Pool, recallDeadline: Double = 2, ackDeadline: Double = 10, ringCapacity: Int = 65_536) throws {
         self.pool = pool
@@ -122,10 +132,15 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         let kind = FeedEventKind(rawValue: change.rawValue) ?? .resized
         let seq = append { FeedEvent(sequence: $0, kind: kind, volume: volume, aux: aux) }
         if change == .rollback || change == .volumeDeleted || change == .snapshotDeleted {
-            // Every block of the old map is about to be released: holders of read leases on
-            // the volume keep all frees back (through their read epoch) until they acknowledge.
-            for s in sessions.values where !s.fenced && s.hasReadLease(on: volume) { s.holdFrees(until: seq) }
-            for lease in leases.values where lease.volume == volume { lease.expires = 0 }
+            // The map whose blocks are about to be released: the volume's (rolled back or
+            // deleted), or the snapshot's — not its volume's. Pool operations publish this
+            // before the deleter may touch that map (Pool's deleter holds), so every session
+            // with a read lease on it keeps all frees back (through its read epoch) until it
+            // acknowledges this event; its leases on that map end.
+            let doomed = change == .snapshotDeleted ? aux : volume
+            let t = now
+            for s in sessions.values where !s.fenced && s.hasReadLease(on: doomed) { s.holdFrees(until: seq, at: t) }
+            for lease in leases.values where lease.volume == doomed { lease.expires = 0 }
         }
     }
 
@@ -137,11 +152,9 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     // MARK: moves and write leases
 
     public func beginMove(volume: UInt64, first: UInt64, count: UInt64) {
-        var fenced: [Lease] = []
+        var fenced: [FencedWrite] = []
         cond.lock()
-        let id = nextMoveID
-        nextMoveID += 1
-        moves[id] = (volume, first, count)
+        _ = addMove(volume: volume, first: first, count: count)
         while writeLeaseCount > 0 && !stopping {
             let conflicting = leases.values.filter { $0.mode == .write && !$0.returned && $0.overlaps(volume: volume, first: first, count: count) }
             if conflicting.isEmpty { break }
@@ -163,47 +176,106 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         }
         cond.unlock()
         // Blocks a fenced holder may still store into are moved away from the volume (outside
-        // the lock: this writes through the volume, which reports back here).
-        for lease in fenced { relocate(lease) }
+        // the lock: this writes through the volume, which reports back here), then it is told.
+        finishFence(fenced)
+        // A relocation of this range may be under way (a copy-on-write for a lease being
+        // granted, or another thread moving the blocks of a lease it fenced for a recall both
+        // were waiting for): nothing may move the range before it is done.
+        cond.withLock {
+            while !stopping && relocations.contains(where: { moves[$0].map { $0.volume == volume && $0.first < first + count && first < $0.first + $0.count } ?? false }) {
+                _ = cond.wait(seconds: 0.05)
+            }
+        }
     }
 
     public func endMove(volume: UInt64, first: UInt64, count: UInt64) {
         cond.withLock {
-            if let id = moves.first(where: { $0.value == (volume, first, count) })?.key { moves[id] = nil }
+            if let id = moves.first(where: { $0.value == (volume, first, count) && !relocations.contains($0.key) })?.key { moves[id] = nil }
             cond.broadcast()
         }
     }
 
-    /// Voids every lease of a session that missed a recall deadline (lock held); returns its
-    /// write leases, whose blocks must be moved away.
-    func fence(_ s: FeedSession, because reason: String = "missed a recall deadline") -> [Lease] {
+    /// A fenced write lease whose blocks are being moved away from its volume; FENCED is sent
+    /// once they are.
+    struct FencedWrite: @unchecked Sendable {
+        let lease: Lease
+        /// Kept alive until told (it may disconnect during the relocation).
+        let session: FeedSession
+        /// The move that keeps new write leases off the range meanwhile.
+        let move: UInt64
+    }
+
+    /// Voids every lease of a session that missed a recall or acknowledgement deadline (lock
+    /// held): read leases are told at once; write leases are returned, and told by
+    /// `finishFence` (outside the lock) once their blocks are moved away.
+    func fence(_ s: FeedSession, because reason: String = "missed a recall deadline") -> [FencedWrite] {
         guard !s.fenced else { return [] }
         s.fenced = true
         Log.warning("feed: client \(s.id) (\(s.name)) \(reason); fencing it")
-        var writes: [Lease] = []
+        var writes: [FencedWrite] = []
         for lease in leases.values where lease.session === s {
             if lease.mode == .write {
-                writes.append(lease)
-                // The blocks it may still write into are never reused while it is connected.
+                // The blocks it may still write into are never reused while it is connected,
+                // and no other write lease is granted over them before they leave the volume.
                 for b in lease.blocks { engine.allocator.pin(b); s.fencedPins.append(b) }
+                let move = addMove(volume: lease.volume, first: lease.first, count: lease.count)
+                relocations.insert(move)
+                writes.append(FencedWrite(lease: lease, session: s, move: move))
+            } else {
+                s.send(FeedMessages.fenced(lease: lease.id))
             }
-            s.send(FeedMessages.fenced(lease: lease.id))
             dropLease(lease)
         }
+        // A fenced session's reads are no longer protected: its pins and its hold on frees go.
         s.releasePins(through: .max)
+        s.endFreeHold()
         cond.broadcast()
         return writes
     }
 
+    /// Moves each fenced write lease's blocks away from its volume (lock not held), then sends
+    /// FENCED: from then on nothing the holder stores reaches any volume or snapshot. While the
+    /// pool is too full for the copy, it tries again every 50 ms — moves of the range wait
+    /// meanwhile, and FENCED is not sent: the blocks are still the volume's.
+    func finishFence(_ writes: [FencedWrite]) {
+        for w in writes {
+            var waited = false
+            while !relocate(w.lease) && !cond.withLock({ stopping }) {
+                if !waited {
+                    Log.error("feed: the pool is too full to move a fenced lease's blocks (\(w.lease.count) needed); operations on that range wait until space is freed")
+                    waited = true
+                }
+                usleep(50_000)
+            }
+            cond.withLock {
+                moves[w.move] = nil
+                relocations.remove(w.move)
+                w.session.send(FeedMessages.fenced(lease: w.lease.id))
+                cond.broadcast()
+            }
+        }
+    }
+
     /// Copies a fenced write lease's blocks to new ones, so the volume no longer uses blocks
-    /// the fenced holder can still store into.
-    func relocate(_ lease: Lease) {
-        guard let volume = pool.volume(id: lease.volume) else { return }
+    /// the fenced holder can still store into; false when the pool is full (try again).
+    func relocate(_ lease: Lease) -> Bool {
+        guard let volume = pool.volume(id: lease.volume) else { return true }
         do {
             try volume.relocate(first: lease.first, count: lease.count, reason: .fence)
         } catch {
+            if error.kind == .noSpace { return false }
             Log.error("feed: relocating blocks of a fenced lease failed: \(error.message)")
         }
+        return true
+    }
+
+    /// Registers a move of a range (lock held): no write lease is granted over it until
+    /// `moves[id]` is removed.
+    private func addMove(volume: UInt64, first: UInt64, count: UInt64) -> UInt64 {
+        let id = nextMoveID
+        nextMoveID += 1
+        moves[id] = (volume, first, count)
+        return id
     }
 
     /// Removes a lease (lock held) and releases what it held.
@@ -229,23 +301,46 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         for attempt in 0..<4 {
             if mode == .write {
                 // No other write lease, no move in progress over the range.
-                let busy = cond.withLock { () -> String? in
-                    if s.fenced { return "this client is fenced" }
+                let busy = cond.withLock { () -> Result<UInt64, FeedDenial> in
+                    if s.fenced { return .failure(FeedDenial("this client is fenced")) }
+                    if s.closed { return .failure(FeedDenial("the session is closed")) }
                     if leases.values.contains(where: { $0.mode == .write && $0.overlaps(volume: volumeID, first: first, count: count) }) {
-                        return "another write lease covers part of the range"
+                        return .failure(FeedDenial("another write lease covers part of the range"))
                     }
                     while moves.values.contains(where: { $0.volume == volumeID && $0.first < first + count && first < $0.first + $0.count }) && !stopping {
                         _ = cond.wait(seconds: 0.05)
                     }
-                    return nil
+                    // The copy-on-write below holds the range alone.
+                    let move = addMove(volume: volumeID, first: first, count: count)
+                    relocations.insert(move)
+                    return .success(move)
                 }
-                if let busy { return .failure(FeedDenial(busy)) }
-                // Blocks shared with snapshots or clones (or holes) get blocks of their own first.
-                do { try volume.makeExclusive(first: first, count: count) } catch { return .failure(FeedDenial(error.message)) }
+                guard case .success(let relocation) = busy else {
+                    if case .failure(let why) = busy { return .failure(why) }
+                    continue
+                }
+                // Blocks shared with snapshots or clones (or holes) get blocks of their own first
+                // (through the volume as it is now: the wait may have spanned a rollback).
+                let copied = Result { () throws(PoolError) in
+                    guard let current = pool.volume(id: volumeID) else { throw PoolError(.notFound, "no volume with id \(volumeID)") }
+                    try current.makeExclusive(first: first, count: count)
+                }
+                cond.withLock {
+                    moves[relocation] = nil
+                    relocations.remove(relocation)
+                    cond.broadcast()
+                }
+                if case .failure(let error) = copied { return .failure(FeedDenial(error.message)) }
             }
+            // The volume as it is now (a rollback while this waited replaced its record's map
+            // and perhaps its size; its old object may be stale).
+            guard let volume = pool.volume(id: volumeID) else { return .failure(FeedDenial("no volume with id \(volumeID)")) }
             let result: (Lease, UInt64, [UInt64])? = volume.withMapLocked {
                 cond.withLock {
-                    if s.fenced { return nil }
+                    if s.fenced || s.closed { return nil }
+                    // Deleted since it was looked up: its deletion event may already have gone
+                    // out, so a lease now would protect nothing.
+                    if !volume.isLive { return nil }
                     if mode == .write && moves.values.contains(where: { $0.volume == volumeID && $0.first < first + count && first < $0.first + $0.count }) {
                         return nil
                     }
@@ -267,6 +362,8 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             }
             if let result { return .success(result) }
             if s.fenced { return .failure(FeedDenial("this client is fenced")) }
+            if s.closed { return .failure(FeedDenial("the session is closed")) }
+            if !volume.isLive { return .failure(FeedDenial("no volume with id \(volumeID)")) }
             _ = attempt
         }
         return .failure(FeedDenial("the range kept changing; try again"))
@@ -282,10 +379,11 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         return volume.withMapLocked {
             do throws(PoolError) {
                 let blocks = try volume.currentBlocks(first: first, count: count)
-                return .success(cond.withLock {
+                return try cond.withLock { () throws(PoolError) in
+                    guard volume.isLive else { throw PoolError(.notFound, "no volume with id \(volumeID)") }
                     reply(sequence, blocks)
-                    return (sequence, blocks)
-                })
+                    return .success((sequence, blocks))
+                }
             } catch { return .failure(FeedDenial(error.message)) }
         }
     }
@@ -304,6 +402,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
 
     func unregister(_ s: FeedSession) {
         cond.withLock {
+            s.closed = true
             sessions[s.id] = nil
             for lease in leases.values where lease.session === s { dropLease(lease) }
             s.releasePins(through: .max)
@@ -314,6 +413,13 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             // reconnects can resume from its sequence number.
             cond.broadcast()
         }
+    }
+
+    /// `finishFence` on a thread of its own: the reaper must go on fencing (a full pool may be
+    /// waiting for it to release another session's pins).
+    private func finishFenceElsewhere(_ writes: [FencedWrite]) {
+        guard !writes.isEmpty else { return }
+        OSThread.spawn(name: "pmem-feed-fence") { [self] in finishFence(writes) }
     }
 
     /// Expires leases and releases what they held.
@@ -332,10 +438,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                 }
                 if lease.mode == .write, let d = lease.recallDeadline, d > t, !lease.returned { continue }
                 if lease.mode == .write && !lease.returned {
-                    let writes = fence(lease.session)
-                    cond.unlock()
-                    for w in writes { relocate(w) }
-                    cond.lock()
+                    finishFenceElsewhere(fence(lease.session))
                     continue
                 }
                 dropLease(lease)
@@ -343,11 +446,11 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             // A holder that sits on pinned blocks (never acknowledges) would keep them from
             // reuse forever: past the deadline it is fenced and its pins go.
             for session in sessions.values where !session.fenced {
-                if let oldest = session.pins.oldest, t - oldest.since > ackDeadline {
-                    let writes = fence(session, because: "left an event unacknowledged for \(Int(t - oldest.since)) s")
-                    cond.unlock()
-                    for w in writes { relocate(w) }
-                    cond.lock()
+                // The oldest event it owes an acknowledgement for: one that pinned a block, or
+                // one that holds every free back.
+                let since = min(session.pins.oldest?.since ?? .infinity, session.holdSince ?? .infinity)
+                if t - since > ackDeadline {
+                    finishFenceElsewhere(fence(session, because: "left an event unacknowledged for \(Int(t - since)) s"))
                 }
             }
             cond.unlock()
@@ -383,6 +486,14 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             return c
         }
     }
+}
+
+/// Callbacks tests install to force interleavings; nil in production.
+package struct FeedTestHooks: Sendable {
+    /// After a lease is granted and its reply queued, before the session reads its next
+    /// request: (lease id, mode).
+    package var afterGrant: (@Sendable (UInt64, LeaseMode) -> Void)?
+    package init() {}
 }
 
 /// Why a request was refused.

@@ -102,9 +102,17 @@ enum FeedMessages {
         return FeedWriter.frame(.error, w.bytes)
     }
 
-    /// Volumes: count, then per volume: id, parent, size, kind, name.
-    static func volumes(_ list: [(id: UInt64, parent: UInt64, size: UInt64, kind: UInt8, name: String)]) -> [UInt8] {
+    static func released(lease: UInt64) -> [UInt8] {
         var w = FeedWriter()
+        w.u64(lease)
+        return FeedWriter.frame(.released, w.bytes)
+    }
+
+    /// Volumes: request, sequence, count, then per volume: id, parent, size, kind, name.
+    static func volumes(request: UInt64, sequence: UInt64, _ list: [(id: UInt64, parent: UInt64, size: UInt64, kind: UInt8, name: String)]) -> [UInt8] {
+        var w = FeedWriter()
+        w.u64(request)
+        w.u64(sequence)
         w.u32(UInt32(list.count))
         for v in list {
             w.u64(v.id)

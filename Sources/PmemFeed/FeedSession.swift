@@ -5,8 +5,10 @@ import PmemPool
 import PmemSystem
 import PmemVolumes
 
-/// One subscriber: a reader thread handles its requests, a writer thread sends its replies and
-/// the events it subscribed to, batched.
+/// One subscriber: a reader thread reads its requests and handles those that never wait
+/// (ACK, RELEASE, RETURN, SUBSCRIBE) at once; a worker thread answers the others (LEASE, MAP,
+/// REVERSE, VOLUMES) in order — a LEASE may wait for a snapshot that waits for a RETURN on
+/// this very connection; a writer thread sends replies and the subscribed events, batched.
 final class FeedSession: @unchecked Sendable {
     unowned let hub: FeedHub
     let fd: FileDescriptor
@@ -14,6 +16,9 @@ final class FeedSession: @unchecked Sendable {
     var name = "?"
     /// All state below is guarded by the hub's lock.
     var fenced = false
+    /// Set when the session is unregistered: nothing may be granted to it any more (its
+    /// worker may still be answering a LEASE when its reader sees the client go).
+    var closed = false
     var pins = PinQueue()
     var fencedPins: [UInt64] = []
     /// Volume subscribed to (0 = all), and the next event to send; nil before SUBSCRIBE.
@@ -25,6 +30,14 @@ final class FeedSession: @unchecked Sendable {
     /// Holds back every free in the pool while the client has not acknowledged a volume-wide change.
     private let freeHold: ReadGuard
     private var holdUntil: UInt64 = 0
+    /// When the free hold began (monotonic seconds); nil when there is none.
+    private(set) var holdSince: Double?
+    /// Requests for the worker thread, in order (guarded by `work`).
+    private let work = PosixCondition()
+    private var queue: [(FeedMessage, [UInt8])] = []
+    private var workerStopping = false
+    /// Requests a client may have waiting before the reader stops reading more.
+    static let maxQueuedRequests = 4096
 
     init(hub: FeedHub, fd: FileDescriptor) {
         self.hub = hub
@@ -35,6 +48,7 @@ final class FeedSession: @unchecked Sendable {
     func start() {
         id = hub.register(self)
         OSThread.spawn(name: "pmem-feed-w\(id)") { [self] in writer() }
+        OSThread.spawn(name: "pmem-feed-q\(id)") { [self] in worker() }
         OSThread.spawn(name: "pmem-feed-r\(id)") { [self] in reader() }
     }
 
@@ -54,13 +68,15 @@ final class FeedSession: @unchecked Sendable {
         pins.removeThrough(seq) { released in allocator.unpin(released.lazy.map(\.block)) }
     }
 
-    func holdFrees(until seq: UInt64) {
+    func holdFrees(until seq: UInt64, at time: Double) {
         holdUntil = max(holdUntil, seq)
+        if holdSince == nil { holdSince = time }
         freeHold.enter()
     }
 
     func endFreeHold() {
         holdUntil = 0
+        holdSince = nil
         freeHold.exit()
     }
 
@@ -115,10 +131,43 @@ final class FeedSession: @unchecked Sendable {
                     hub.cond.withLock { send(FeedMessages.error("unknown message type \(h.type)")) }
                     continue
                 }
-                try handle(type, FeedReader(payload))
+                switch type {
+                case .mapQuery, .reverseQuery, .lease, .listVolumes:
+                    // May wait (for the map lock, a move, a recall): the worker answers, in order.
+                    let accepted = work.withLock { () -> Bool in
+                        while queue.count >= FeedSession.maxQueuedRequests && !workerStopping { _ = work.wait(seconds: 1) }
+                        if workerStopping { return false }
+                        queue.append((type, payload))
+                        work.broadcast()
+                        return true
+                    }
+                    if !accepted { return }
+                default:
+                    try handle(type, FeedReader(payload))
+                }
             }
         } catch {
             hub.cond.withLock { send(FeedMessages.error("malformed request: \(error)")) }
+        }
+    }
+
+    /// Answers queued requests in order until the session closes.
+    private func worker() {
+        while true {
+            let next = work.withLock { () -> (FeedMessage, [UInt8])? in
+                while queue.isEmpty && !workerStopping { _ = work.wait(seconds: 1) }
+                if workerStopping { return nil }
+                work.broadcast()
+                return queue.removeFirst()
+            }
+            guard let (type, payload) = next else { return }
+            do {
+                try handle(type, FeedReader(payload))
+            } catch {
+                hub.cond.withLock { send(FeedMessages.error("malformed request: \(error)")) }
+                close()
+                return
+            }
         }
     }
 
@@ -130,6 +179,11 @@ final class FeedSession: @unchecked Sendable {
             if closing { return }
             closing = true
             hub.cond.broadcast()
+        }
+        work.withLock {
+            workerStopping = true
+            queue = []
+            work.broadcast()
         }
         Socket.shutdown(fd)
         hub.unregister(self)
@@ -150,11 +204,15 @@ final class FeedSession: @unchecked Sendable {
             }
             sendWelcome()
         case .listVolumes:
+            let request = try r.u64()
+            // The sequence first: the list then reflects every event up to it (and perhaps
+            // some later ones, which the client applies again harmlessly).
+            let seq = hub.cond.withLock { hub.sequence }
             let all = hub.pool.records()
             let list = all.filter { $0.kind == .volume || $0.kind == .snapshot }.map {
                 (id: $0.id, parent: $0.parent, size: $0.size, kind: UInt8($0.kind.rawValue), name: Pool.exportName($0, in: all) ?? $0.name)
             }
-            hub.cond.withLock { send(FeedMessages.volumes(list)) }
+            hub.cond.withLock { send(FeedMessages.volumes(request: request, sequence: seq, list)) }
         case .subscribe:
             let volume = try r.u64(), from = try r.u64()
             hub.cond.withLock {
@@ -190,13 +248,18 @@ final class FeedSession: @unchecked Sendable {
                 send(FeedMessages.granted(request: request, lease: lease.id, mode: mode, sequence: seq, durationMs: durationMs,
                                           volume: volume, first: first, blocks: blocks))
             }
-            if case .failure(let why) = result { hub.cond.withLock { send(FeedMessages.denied(request: request, reason: why.reason)) } }
+            switch result {
+            case .failure(let why): hub.cond.withLock { send(FeedMessages.denied(request: request, reason: why.reason)) }
+            case .success(let (lease, _, _)): hub.testHooks.withLock { $0.afterGrant }?(lease.id, mode)
+            }
         case .release, .returnLease:
             let leaseID = try r.u64()
             hub.cond.withLock {
+                // A lease already fenced (or unknown) gets no answer: FENCED went or goes out.
                 guard let lease = hub.leases[leaseID], lease.session === self else { return }
                 lease.returned = true
                 hub.dropLease(lease)
+                send(FeedMessages.released(lease: leaseID))
             }
         case .ack:
             let seq = try r.u64()

@@ -108,7 +108,12 @@ public final class FeedConnection: @unchecked Sendable {
 
     // MARK: requests
 
-    public func listVolumes() throws { try send(.listVolumes, []) }
+    /// VOLUMES; the VOLUME-LIST answer echoes `request`.
+    public func listVolumes(_ request: UInt64 = 0) throws {
+        var w = FeedWriter()
+        w.u64(request)
+        try send(.listVolumes, w.bytes)
+    }
 
     public func subscribe(volume: UInt64, from: UInt64) throws {
         var w = FeedWriter()
@@ -166,12 +171,17 @@ public final class FeedConnection: @unchecked Sendable {
 
     // MARK: decoding replies
 
-    public static func decodeVolumes(_ payload: [UInt8]) throws -> [FeedVolume] {
+    public static func decodeVolumes(_ payload: [UInt8]) throws -> [FeedVolume] { try decodeVolumeList(payload).volumes }
+
+    /// A VOLUME-LIST: the request it answers, the sequence it reflects, the volumes.
+    public static func decodeVolumeList(_ payload: [UInt8]) throws -> (request: UInt64, sequence: UInt64, volumes: [FeedVolume]) {
         var r = FeedReader(payload)
+        let request = try r.u64(), sequence = try r.u64()
         let n = Int(try r.u32())
+        guard n <= r.remaining / 29 else { throw FeedWireError.malformed("volume count") }
         var out: [FeedVolume] = []
         for _ in 0..<n { out.append(FeedVolume(id: try r.u64(), parent: try r.u64(), size: try r.u64(), kind: try r.u8(), name: try r.string())) }
-        return out
+        return (request, sequence, out)
     }
 
     public static func decodeEvents(_ payload: [UInt8]) throws -> [FeedEvent] {

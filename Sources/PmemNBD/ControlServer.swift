@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import CPmemSupport
+import NBDServer
 import PmemPool
 import PmemSystem
 import PmemVolumes
@@ -13,10 +14,13 @@ public final class ControlServer: @unchecked Sendable {
     let pool: Pool
     let listener: FileDescriptor
     private let wake: EventFD
+    /// The server's side of requests (connections, busy volumes, URIs).
+    let context: VolumeRequests.ServerContext?
 
-    public init(path: String, pool: Pool) throws {
+    public init(path: String, pool: Pool, context: VolumeRequests.ServerContext? = nil) throws {
         self.path = path
         self.pool = pool
+        self.context = context
         do { listener = try Socket.listenUnix(path: path, backlog: 16) } catch {
             throw ServeError("cannot listen on the control socket \(path): \(error == .exists ? "another server answers there" : error.description)")
         }
@@ -66,7 +70,7 @@ public final class ControlServer: @unchecked Sendable {
                 let response: [String: Any]
                 if let request = VolumeRequests.decode(line) {
                     Log.info("control: \(request["op"] as? String ?? "?") \(request["name"] as? String ?? "")")
-                    response = VolumeRequests.perform(request, on: pool)
+                    response = VolumeRequests.perform(request, on: pool, server: context)
                 } else {
                     response = ["ok": false, "error": "request is not a JSON object"]
                 }
@@ -119,19 +123,35 @@ public struct ControlClient {
 /// Runs a volume request on a pool: through its server's control socket when the pool is
 /// being served (or `control` is given), else directly on the pool file.
 public enum VolumeCommand {
-    public static func run(_ request: [String: Any], pool path: String, control: String?,
+    /// With `requireServer`, a pool that is not being served is an error (`connections`).
+    public static func run(_ request: [String: Any], pool path: String, control: String?, requireServer: Bool = false,
                            progress: (UInt64, UInt64) -> Void = { _, _ in }) throws -> [String: Any] {
         if let control { return try online(request, control) }
         // A served pool answers on its control socket: ask there first. (Trying the pool's lock
         // first would wait up to a second for it on every command against a served pool.)
         if let answer = try? online(request, ControlClient.defaultPath(forPool: path)) { return answer }
+        if requireServer {
+            if heldShared(path) { throw ServeError("\(path) is served read-only (serve -r), which has no control socket") }
+            throw ServeError("\(path) is not being served (or its server has no control socket at \(ControlClient.defaultPath(forPool: path)); pass --control PATH)")
+        }
         let opened = Result { () throws(PoolError) -> Pool in try Pool.open(path: path, commitMode: .inline) }
         if case .failure(let e) = opened {
             guard e.kind == .exists else { throw e }
             // In use: ask the server that has it.
             let socket = ControlClient.defaultPath(forPool: path)
             guard let answer = try? online(request, socket) else {
-                throw ServeError("\(e.message), and its control socket \(socket) does not answer (pass --control PATH)")
+                if heldShared(path), let op = request["op"] as? String, readOnlyOps.contains(op) {
+                    // A read-only server shares the lock: read the pool the same way.
+                    let pool = try Pool.open(path: path, readOnly: true)
+                    defer { try? pool.close() }
+                    return VolumeRequests.perform(request, on: pool, progress: progress)
+                }
+                if heldShared(path) {
+                    throw ServeError("\(path) is served read-only (serve -r), which has no control socket: stop that server to change "
+                                     + "the pool, or serve it read-write and the command goes through its control socket")
+                }
+                throw ServeError("\(e.message), and its control socket \(socket) does not answer (pass --control PATH if the server "
+                                 + "was given one; a server started with --control none takes no volume commands)")
             }
             return answer
         }
@@ -147,9 +167,83 @@ public enum VolumeCommand {
         return response
     }
 
-    static func online(_ request: [String: Any], _ socket: String) throws -> [String: Any] {
+    /// Requests that only read the pool (they work beside a read-only server).
+    static let readOnlyOps: Set<String> = ["hello", "list", "export-diff"]
+
+    /// Whether the pool is locked by readers only (a read-only server holds a shared lock).
+    static func heldShared(_ path: String) -> Bool {
+        guard let fd = try? FileDescriptor.open(path, O_RDONLY) else { return false }
+        defer { fd.close() }
+        return (try? fd.lockShared(patience: 0)) != nil
+    }
+
+    /// Runs a request through a server's control socket.
+    public static func online(_ request: [String: Any], _ socket: String) throws -> [String: Any] {
         let client = try ControlClient(path: socket)
         defer { client.close() }
         return try client.request(request)
     }
+}
+
+/// An NBD URI through which a command reads or writes a volume of a pool: the running
+/// server's (found through its control socket), or, when the pool is not served, that of a
+/// private server this process runs on a Unix socket in a temporary directory until `close`.
+/// `volume create --from` and `volume export` hand it to qemu-img.
+public final class VolumeAccess {
+    public let uri: String
+    private var server: Server?
+    private var pool: Pool?
+    private var directory: TemporaryDirectory?
+
+    private init(uri: String, server: Server? = nil, pool: Pool? = nil, directory: TemporaryDirectory? = nil) {
+        self.uri = uri
+        self.server = server
+        self.pool = pool
+        self.directory = directory
+    }
+
+    public static func open(pool path: String, control: String?, export: String, readOnly: Bool) throws -> VolumeAccess {
+        let socket = control ?? ControlClient.defaultPath(forPool: path)
+        if let hello = try? VolumeCommand.online(["op": "hello"], socket), hello["ok"] as? Bool == true {
+            if hello["tls_required"] as? Bool == true {
+                throw ServeError("the server of \(path) requires TLS; use qemu-img or nbdcopy with its nbds:// URI and your certificates")
+            }
+            let listeners = hello["listeners"] as? [[String: Any]] ?? []
+            // A Unix socket if there is one, else TCP.
+            let unix = listeners.compactMap { $0["unix"] as? String }.map { Socket.LocalAddress.unix($0) }
+            let tcp = listeners.compactMap { l -> Socket.LocalAddress? in
+                guard let h = l["host"] as? String, let port = (l["port"] as? NSNumber)?.uint16Value else { return nil }
+                return .inet(host: h, port: port)
+            }
+            let addresses = unix + tcp
+            guard let first = addresses.first, let uri = NBDURI.uri(for: first, exportName: export) else {
+                throw ServeError("the server of \(path) answers on \(socket) but lists no NBD socket")
+            }
+            return VolumeAccess(uri: uri)
+        }
+        let pool = try Pool.open(path: path, readOnly: readOnly)
+        do {
+            let directory = try TemporaryDirectory(prefix: "pmem-nbd")
+            let server = Server(exports: PoolExports(pool: pool, readOnly: readOnly))
+            let path = directory.file("nbd")
+            let fd = try Socket.listenUnix(path: path)
+            try server.listen(on: [fd])
+            return VolumeAccess(uri: NBDURI.uri(for: .unix(path), exportName: export)!, server: server, pool: pool, directory: directory)
+        } catch {
+            try? pool.close()
+            throw error
+        }
+    }
+
+    /// Stops the private server (if any), persisting the pool.
+    public func close() throws {
+        server?.shutdown(timeoutSeconds: 30)
+        server = nil
+        try pool?.close()
+        pool = nil
+        directory?.remove()
+        directory = nil
+    }
+
+    deinit { try? close() }
 }

@@ -5,7 +5,9 @@ import PmemVolumes
 
 /// The exports of a pool, looked up afresh each time (snapshots come and go while serving):
 /// each volume as `vol`, each snapshot as `vol@snap` (read-only). The empty name is the default
-/// volume (the first), which `--export-name` can advertise under another name.
+/// export: the first volume. `--export-name NAME` changes it: when NAME is a volume or
+/// snapshot of the pool, that one is the default; otherwise the first volume is advertised as
+/// NAME (and a volume created later under that name takes the name back).
 public final class PoolExports: ExportSource, @unchecked Sendable {
     public let pool: Pool
     public let readOnly: Bool
@@ -19,7 +21,8 @@ public final class PoolExports: ExportSource, @unchecked Sendable {
 
     private func entries() -> [(name: String, volume: Volume)] {
         var list = pool.exportable()
-        if let defaultName, let first = list.firstIndex(where: { $0.volume.kind == .volume }) {
+        if let defaultName, !list.contains(where: { $0.name == defaultName }),
+           let first = list.firstIndex(where: { $0.volume.kind == .volume }) {
             list[first].name = defaultName
         }
         return list
@@ -32,7 +35,9 @@ public final class PoolExports: ExportSource, @unchecked Sendable {
 
     public func lookup(_ name: String) -> ExportDescriptor? {
         let list = entries()
-        let found = name.isEmpty ? list.first(where: { $0.volume.kind == .volume }) : list.first(where: { $0.name == name })
+        let found = name.isEmpty
+            ? (defaultName.flatMap { d in list.first { $0.name == d } } ?? list.first(where: { $0.volume.kind == .volume }))
+            : list.first(where: { $0.name == name })
         return found.map { descriptor($0.name, $0.volume) }
     }
 

@@ -60,25 +60,60 @@ public func formatBytes(_ n: UInt64) -> String {
     return i == 0 ? "\(n) B" : (v == v.rounded() ? "\(Int(v)) \(units[i])" : String(format1: v) + " \(units[i])")
 }
 
-/// Parses sizes such as 4G, 512M, 1T, 4096 (binary units).
+/// Parses a size the way qemu-img does: a number of bytes — decimal, with an optional fraction
+/// (`1.5G`), or `0x` hexadecimal — with an optional suffix `B`, `K`, `M`, `G`, `T`, `P` or `E`
+/// in either case, each a power of 1024; the IEC forms `KiB` … `EiB` are accepted too. A
+/// fraction is truncated to whole bytes (`1.3K` is 1331). nil for anything else (`4GB`, `1e3`,
+/// negative numbers, overflow).
 public func parseSize(_ text: String) -> UInt64? {
-    let t = text.trimmingCharacters(in: " ")
-    guard let last = t.last else { return nil }
-    let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50]
-    var body = t
+    var t = Substring(text.trimmingCharacters(in: " \t"))
+    guard !t.isEmpty else { return nil }
+    let units: [Character: UInt64] = ["B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60]
     var mult: UInt64 = 1
-    if let m = units[Character(last.uppercased())] {
+    if t.count >= 3, t.suffix(2).lowercased() == "ib", let m = units[Character(t.dropLast(2).last!.uppercased())], m > 1 {
         mult = m
-        body.removeLast()
-    } else if last.uppercased() == "B" {
-        body.removeLast()
-        if let l2 = body.last, let m = units[Character(l2.uppercased())] { mult = m; body.removeLast() }
+        t = t.dropLast(3)
+    } else if let last = t.last, let m = units[Character(last.uppercased())] {
+        mult = m
+        t = t.dropLast()
     }
-    if body.hasSuffix("i") || body.hasSuffix("I") { body.removeLast() }
-    guard let v = UInt64(body) else { return nil }
-    let (r, o) = v.multipliedReportingOverflow(by: mult)
-    return o ? nil : r
+    if t.lowercased().hasPrefix("0x") {
+        guard mult == 1, let v = UInt64(t.dropFirst(2), radix: 16) else { return nil }
+        return v
+    }
+    let parts = t.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false)
+    guard let whole = parts.first, !whole.isEmpty || parts.count == 2, whole.allSatisfy({ $0.isASCII && $0.isNumber }) else { return nil }
+    let intPart = whole.isEmpty ? 0 : UInt64(whole)
+    guard let intPart else { return nil }
+    var (r, o) = intPart.multipliedReportingOverflow(by: mult)
+    if o { return nil }
+    if parts.count == 2 {
+        let frac = parts[1]
+        guard !frac.isEmpty || !whole.isEmpty, frac.allSatisfy({ $0.isASCII && $0.isNumber }) else { return nil }
+        // As qemu does: the fraction times the multiplier, truncated to whole bytes.
+        let value = (Double("0." + frac) ?? 0) * Double(mult)
+        let extra = UInt64(value.rounded(.down))
+        (r, o) = r.addingReportingOverflow(extra)
+        if o { return nil }
+    }
+    return r
 }
+
+/// What sizes look like, for error messages.
+public let sizeSyntax = "a number of bytes with an optional suffix K, M, G, T, P or E (powers of 1024; KiB, MiB… too), e.g. 4G, 1.5G, 4096M"
+
+/// Why a size did not parse: the general rule, and a hint for decimal units (`4GB`).
+public func sizeError(_ text: String) -> String {
+    let t = text.trimmingCharacters(in: " ")
+    if t.count >= 2, t.uppercased().hasSuffix("B"), "KMGTPE".contains(t.uppercased().dropLast().last ?? " ") {
+        let unit = t.uppercased().dropLast().last!
+        return "cannot parse size '\(text)': sizes are powers of 1024, write \(t.dropLast(2))\(unit) or \(t.dropLast(2))\(unit)iB"
+    }
+    return "cannot parse size '\(text)' (\(sizeSyntax))"
+}
+
+/// A block count's worth of bytes: `n` rounded up to the 4 KiB block size.
+public func roundUpToBlock(_ n: UInt64) -> UInt64 { n > UInt64.max - 4095 ? n & ~UInt64(4095) : (n + 4095) & ~UInt64(4095) }
 
 extension String {
     init(format1 v: Double) {

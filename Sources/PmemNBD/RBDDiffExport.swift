@@ -52,16 +52,23 @@ public struct RBDDiffExport {
         toName = t.kind == .snapshot ? t.name : nil
     }
 
-    /// Writes the stream to `path` (replacing it); `progress(done, total)` is called in blocks.
-    public func write(to path: String, progress: (UInt64, UInt64) -> Void = { _, _ in }) throws(PoolError) -> Summary {
+    /// Writes the stream to `path`, which must not exist unless `replacing` (then a regular file
+    /// is replaced; a pipe or FIFO is written as it is); `progress(done, total)` is called in
+    /// blocks. A failed export removes the file it created.
+    public func write(to path: String, replacing: Bool = true, progress: (UInt64, UInt64) -> Void = { _, _ in }) throws(PoolError) -> Summary {
         let fd: FileDescriptor
-        do { fd = try FileDescriptor.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode: 0o644) } catch {
+        var st = stat()
+        let special = stat(path, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG
+        do {
+            fd = try FileDescriptor.open(path, O_WRONLY | O_CLOEXEC | (special ? 0 : O_CREAT | (replacing ? O_TRUNC : O_EXCL)), mode: 0o644)
+        } catch {
+            if error == .exists { throw PoolError(.exists, "\(path) exists; add --force to replace it") }
             throw PoolError(.system(error), "cannot create \(path): \(error)")
         }
         var ok = false
         defer {
             fd.close()
-            if !ok { unlink(path) }
+            if !ok && !special { unlink(path) }
         }
         var out = OutputBuffer(fd: fd, path: path)
         var summary = Summary()
@@ -113,7 +120,8 @@ public struct RBDDiffExport {
         }
         out.byte(UInt8(ascii: "e"))
         try out.drain()
-        do { try fd.sync() } catch { throw PoolError(.system(error), "cannot write \(path): \(error)") }
+        // A file is made durable; a pipe or FIFO (standard output) cannot be, and need not.
+        if !special { do { try fd.sync() } catch { throw PoolError(.system(error), "cannot write \(path): \(error)") } }
         summary.fileBytes = out.written
         ok = true
         return summary

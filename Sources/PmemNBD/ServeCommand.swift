@@ -2,33 +2,51 @@ import Dispatch
 import Glibc
 import NBDServer
 import NBDTLS
+import NBDWire
 import PmemPool
 import PmemVolumes
 import PmemFeed
 import PmemSystem
 
-/// `pmem-nbd serve`: opens (or creates) the pool, listens, serves until SIGTERM/SIGINT,
-/// then stops accepting, finishes in-flight requests, persists and unmaps.
+/// `pmem-nbd serve`: opens (or creates) the pool, listens, serves until SIGTERM, SIGINT or
+/// SIGHUP (or until the `--run` command exits), then stops accepting, finishes in-flight
+/// requests, persists and unmaps.
 public enum ServeCommand {
     public static func run(_ o: ServeOptions) throws -> Int32 {
         if o.fork && o.stdio { throw ServeError("--fork and --stdio cannot be used together") }
+        if o.runCommand != nil && o.fork { throw ServeError("--run and --fork cannot be used together (--run waits for its command)") }
+        if o.runCommand != nil && o.stdio { throw ServeError("--run and --stdio cannot be used together") }
+        if o.exitWithParent && o.fork { throw ServeError("--exit-with-parent and --fork cannot be used together") }
+        if o.unixPath == ServeOptions.privateSocket && o.stdio { throw ServeError("-U - and --stdio cannot be used together") }
         try checkTLSOptions(o)
+        let parent = getppid()
         // First, before anything can start a thread: fork() is only safe in a single-threaded process.
         let daemon = o.fork ? try Daemon.forkIntoBackground() : nil
+        // SIGTERM, SIGINT and SIGHUP are blocked before any thread exists (every thread inherits
+        // the mask) and taken by a sigwait thread once listening is set up, so one that arrives
+        // at any moment — even before the handler runs — stops the server cleanly. (With
+        // --stdio they keep their default action: the one connection just ends.)
+        let stopSignals = [SIGTERM, SIGINT, SIGHUP]
+        if !o.stdio { SignalMask.block(stopSignals) }
         signal(SIGPIPE, SIG_IGN)
         let tls = try loadTLSCredentials(o)
         var st = stat()
-        if stat(o.poolPath, &st) != 0, let size = o.createSize {
-            let sb = try PoolEngine.create(path: o.poolPath, size: size)
-            Log.info("created pool \(o.poolPath) (\(sb.layout.poolSize) bytes, \(sb.uuidString))")
+        if stat(o.poolPath, &st) != 0, o.createSize != nil || o.createVolumeSize != nil {
+            try createPool(o)
         }
         let pool = try Pool.open(path: o.poolPath, readOnly: o.readOnly, persistence: o.persistence)
+        // From here on, a failure undoes what was set up: no socket or pid file is left behind.
+        var undo: [() -> Void] = [{ try? pool.close() }]
+        var started = false
+        defer { if !started { for u in undo.reversed() { u() } } }
         let engine = pool.engine
         if o.prefault && !o.readOnly { engine.prefaultInBackground() }
         if engine.recoveredWords > 0 { Log.info("recovered: replayed \(engine.recoveredWords) journal words") }
         let exports = PoolExports(pool: pool, readOnly: o.readOnly, defaultName: o.exportName)
         let server = Server(exports: exports)
         server.measuresLatency = o.metrics != nil
+        server.maxConnections = o.maxConnections
+        server.handshakeTimeoutSeconds = o.handshakeTimeout
         server.tlsMode = o.tlsMode
         server.tlsCredentials = tls
         pool.onVolumeChange { [weak server] id in
@@ -42,6 +60,7 @@ public enum ServeCommand {
         if o.stdio {
             // One connection: on stdin/stdout, or (as `nbdinfo -- [ pmem-nbd serve -s ]` does
             // it) the first client of a socket passed by socket activation.
+            started = true
             if let listening = sockets.first {
                 let fd = try Socket.accept(listening)
                 for s in sockets { s.close() }
@@ -53,29 +72,42 @@ public enum ServeCommand {
             return 0
         }
 
-        // SIGTERM and SIGINT are handled from before the first client can connect (or learn the
-        // pid from the pid file or --fork's parent): one that arrives early stops the server cleanly.
+        // SIGTERM, SIGINT and SIGHUP (as nbdkit and qemu-nbd treat it), blocked since the start,
+        // are taken from here on: one that came early (before the first client could connect,
+        // or learn the pid from the pid file or --fork's parent) stops the server at once.
         let stop = DispatchSemaphore(value: 0)
-        var sources: [DispatchSourceSignal] = []
-        for sig in [SIGTERM, SIGINT] {
-            signal(sig, SIG_IGN)
-            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler { stop.signal() }
-            s.resume()
-            sources.append(s)
+        SignalMask.waitOnThread(for: stopSignals) { sig in
+            Log.info("signal \(sig): stopping")
+            stop.signal()
+        }
+        if o.exitWithParent {
+            do { try ProcessControl.signalWhenParentExits(SIGTERM, parent: parent) } catch {
+                throw ServeError("--exit-with-parent: prctl(PR_SET_PDEATHSIG): \(error)")
+            }
         }
         var createdUnixPath: String?
+        var unixPath = o.unixPath
+        var privateDirectory: TemporaryDirectory?
+        if sockets.isEmpty && (unixPath == ServeOptions.privateSocket || (o.runCommand != nil && unixPath == nil && o.port == nil)) {
+            // A private socket (nbdkit's -U -; --run alone implies it).
+            do { privateDirectory = try TemporaryDirectory(prefix: "pmem-nbd") } catch {
+                throw ServeError("-U -: cannot make a private directory for the socket: \(error)")
+            }
+            undo.append { [privateDirectory] in privateDirectory?.remove() }
+            unixPath = privateDirectory!.file("socket")
+        }
         if !sockets.isEmpty {
             Log.info("serving \(sockets.count) socket(s) passed by the service manager")
         } else {
-            if let path = o.unixPath {
+            if let path = unixPath {
                 do { sockets.append(try Socket.listenUnix(path: path)) } catch {
                     throw ServeError("cannot listen on \(path): \(error == .exists ? "another server answers there" : error.description)")
                 }
                 createdUnixPath = path
+                undo.append { unlink(path) }
                 Log.info("listening on unix:\(path)")
             }
-            if o.port != nil || o.unixPath == nil {
+            if o.port != nil || unixPath == nil {
                 let port = o.port ?? ServeOptions.defaultPort
                 do { sockets += try Socket.listenTCP(host: o.bindAddress, port: port) } catch {
                     throw ServeError("cannot listen on \(o.bindAddress):\(port): \(error)")
@@ -83,13 +115,28 @@ public enum ServeCommand {
                 Log.info("listening on \(o.bindAddress):\(port)")
             }
         }
-        let uris = NBDURI.uris(for: sockets, exportName: exports.lookup("")?.name ?? "", tls: o.tlsMode == .require)
+        let defaultExport = exports.lookup("")
+        let uris = NBDURI.uris(for: sockets, exportName: defaultExport?.name ?? "", tls: o.tlsMode == .require)
         try server.listen(on: sockets)
+        undo.append { _ = server.shutdown(timeoutSeconds: 5) }
         var control: ControlServer?
         if o.controlPath != "none" && !o.readOnly {
             let path = o.controlPath ?? ControlClient.defaultPath(forPool: o.poolPath)
-            control = try ControlServer(path: path, pool: pool)
+            let context = VolumeRequests.ServerContext(
+                clients: { [weak server] ids in server?.connectionCount { ($0 as? Volume).map { ids.contains($0.id) } ?? false } ?? 0 },
+                connections: { [weak server] in (server?.connectionInfo() ?? []).map(describe) },
+                uris: uris,
+                listeners: sockets.compactMap { s -> [String: Any]? in
+                    switch Socket.localAddress(s) {
+                    case .unix(let path)?: return path.isEmpty ? nil : ["unix": path]
+                    case .inet(let host, let port)?: return ["host": host, "port": Int(port)]
+                    case nil: return nil
+                    }
+                },
+                tlsRequired: o.tlsMode == .require)
+            control = try ControlServer(path: path, pool: pool, context: context)
             control?.start()
+            undo.append { [control] in control?.stop() }
             Log.info("control socket \(path)")
         }
         var feed: FeedServer?
@@ -102,8 +149,10 @@ public enum ServeCommand {
                 throw ServeError("cannot listen on the feed socket \(path): \(error)")
             }
             feed?.start()
+            undo.append { [feed] in feed?.stop() }
             media = MediaErrors(hub: hub, file: o.badBlocksFile, poolPath: o.poolPath)
             media?.start()
+            undo.append { [media] in media?.stop() }
             Log.info("mapping-change feed \(path)")
             feedHub = hub
         }
@@ -112,15 +161,51 @@ public enum ServeCommand {
             let collector = ServeMetrics(server: server, pool: pool, hub: feedHub)
             metrics = try MetricsServer(address: address) { collector.render() }
             metrics?.start()
+            undo.append { [metrics] in metrics?.stop() }
             Log.info("metrics on \(address)\(metrics!.boundPorts.isEmpty ? "" : " (port \(metrics!.boundPorts[0]))")")
         }
 
-        if let pidFile = o.pidFile { try writePidFile(pidFile) }
+        if let pidFile = o.pidFile {
+            try writePidFile(pidFile)
+            undo.append { unlink(pidFile) }
+        }
+        // One line per listener, on standard error, unless logging was turned down.
+        if let d = defaultExport {
+            let what = "\(d.name) (\(formatBytes(d.size))\(d.flags.contains(.readOnly) ? ", read-only" : ""))"
+            for uri in uris { Log.notice("serving \(what) at \(uri)") }
+        }
         if o.printURI {
             // Straight to the descriptor: stdout may be a pipe, and the URIs must be out before
             // --fork's parent exits.
             try? FileDescriptor.standardOutput.writeAll(bytes: Array(uris.map { $0 + "\n" }.joined().utf8))
         }
+        var runStatus: Locked<Int32>?
+        if let command = o.runCommand {
+            let tcpPort = sockets.compactMap { Socket.boundPort($0) }.first
+            let environment = [
+                "uri": uris.first(where: { $0.contains("+unix") }) ?? uris.first ?? "",
+                "unixsocket": sockets.compactMap { s -> String? in
+                    if case .unix(let path) = Socket.localAddress(s) { return path } else { return nil }
+                }.first ?? "",
+                "port": tcpPort.map(String.init) ?? "",
+                "exportname": defaultExport?.name ?? "",
+                "tls": o.tlsMode == .off ? "0" : o.tlsMode == .on ? "1" : "2",
+            ]
+            let pid: pid_t
+            do { pid = try ProcessControl.spawnShell(command, environment: environment) } catch {
+                throw ServeError("--run: cannot start /bin/sh: \(error)")
+            }
+            Log.info("--run: started \(command) (pid \(pid))")
+            let status = Locked<Int32>(1)
+            runStatus = status
+            OSThread.spawn(name: "pmem-run") {
+                let ended = try? ProcessControl.wait(for: pid)
+                status.withLock { $0 = ended?.shellStatus ?? 1 }
+                Log.info("--run: the command ended (status \(ended?.shellStatus ?? -1)); stopping")
+                stop.signal()
+            }
+        }
+        started = true
         daemon?.ready(keepStandardError: o.verbose)
 
         stop.wait()
@@ -132,9 +217,30 @@ public enum ServeCommand {
         if !server.shutdown(timeoutSeconds: 30) { Log.warning("some connections did not finish in time") }
         try pool.close()
         if let path = createdUnixPath { unlink(path) }
+        privateDirectory?.remove()
         if let pidFile = o.pidFile { unlink(pidFile) }
-        _ = sources
-        return 0
+        return runStatus?.withLock { $0 } ?? 0
+    }
+
+    /// `serve --create`: a pool whose first volume is exactly the size asked for (the pool file
+    /// is larger by its metadata and copy-on-write reserve; it is sparse), or with
+    /// `createSize` alone a pool of that size.
+    static func createPool(_ o: ServeOptions) throws {
+        let poolSize: UInt64
+        if let v = o.createVolumeSize { poolSize = try PoolEngine.poolSize(holding: v) } else { poolSize = o.createSize! }
+        let sb = try PoolEngine.create(path: o.poolPath, size: poolSize, volumeSize: o.createVolumeSize)
+        let engine = try PoolEngine.open(path: o.poolPath, readOnly: true, lock: false)
+        let volume = engine.records().first
+        Log.notice("created \(o.poolPath): volume \(volume?.name ?? "pmem0") of \(formatBytes(volume?.size ?? 0)) in a sparse pool file "
+                   + "of \(formatBytes(sb.layout.poolSize)) (the rest holds metadata and the copy-on-write reserve), uuid \(sb.uuidString)")
+    }
+
+    /// A connection as the `connections` control request answers it.
+    static func describe(_ c: ConnectionInfo) -> [String: Any] {
+        var d: [String: Any] = ["id": c.id, "peer": c.peer, "since": c.since, "bytes_in": c.bytesIn, "bytes_out": c.bytesOut,
+                                "requests": c.requests, "in_flight": c.inFlight]
+        if let e = c.export { d["export"] = e }
+        return d
     }
 
     /// Option combinations that cannot work, refused before anything starts.
@@ -170,10 +276,19 @@ public enum ServeCommand {
     static func writePidFile(_ path: String) throws {
         let text = "\(getpid())\n"
         let tmp = path + ".tmp"
-        let fd = try FileDescriptor.open(tmp, O_WRONLY | O_CREAT | O_TRUNC)
-        defer { fd.close() }
-        try Array(text.utf8).withUnsafeBytes { try fd.writeAll($0) }
-        guard rename(tmp, path) == 0 else { throw ServeError("cannot write pid file \(path): \(Errno.current)") }
+        do {
+            let fd = try FileDescriptor.open(tmp, O_WRONLY | O_CREAT | O_TRUNC)
+            defer { fd.close() }
+            try fd.writeAll(bytes: Array(text.utf8))
+        } catch {
+            unlink(tmp)
+            throw ServeError("cannot write the pid file \(path): \(error)")
+        }
+        guard rename(tmp, path) == 0 else {
+            let e = Errno.current
+            unlink(tmp)
+            throw ServeError("cannot write the pid file \(path): \(e)")
+        }
     }
 }
 

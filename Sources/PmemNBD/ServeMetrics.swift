@@ -44,6 +44,31 @@ public final class ServeMetrics: @unchecked Sendable {
         t.family("pmem_nbd_zeroed_bytes_total", "counter", "Bytes covered by successful WRITE_ZEROES requests.")
         t.sample("pmem_nbd_zeroed_bytes_total", m.bytesZeroed)
 
+        // The same by export (the name each client connected to: a volume, `vol@snap`, or the
+        // --export-name alias), for exports that had a connection. Summed at scrape time from
+        // the per-connection counters, so the request path pays nothing more.
+        let byExport = server.requestMetricsByExport().sorted { $0.key < $1.key }
+        let slots = RequestMetrics.knownSlots + [RequestMetrics.commandSlots - 1]
+        t.family("pmem_nbd_export_requests_total", "counter", "NBD requests received, by export and command (commands seen).")
+        for (export, e) in byExport {
+            for slot in slots where e.requests[slot] > 0 {
+                t.sample("pmem_nbd_export_requests_total", [("export", export), ("command", RequestMetrics.commandName(slot: slot))], e.requests[slot])
+            }
+        }
+        t.family("pmem_nbd_export_request_errors_total", "counter", "NBD requests answered with an error, by export and command (commands seen).")
+        for (export, e) in byExport {
+            for slot in slots where e.errors[slot] > 0 {
+                t.sample("pmem_nbd_export_request_errors_total", [("export", export), ("command", RequestMetrics.commandName(slot: slot))], e.errors[slot])
+            }
+        }
+        for (name, help, value) in [("read", "returned by successful READ requests", \RequestMetrics.bytesRead),
+                                    ("written", "stored by successful WRITE requests", \RequestMetrics.bytesWritten),
+                                    ("trimmed", "covered by successful TRIM requests", \RequestMetrics.bytesTrimmed),
+                                    ("zeroed", "covered by successful WRITE_ZEROES requests", \RequestMetrics.bytesZeroed)] {
+            t.family("pmem_nbd_export_\(name)_bytes_total", "counter", "Bytes \(help), by export.")
+            for (export, e) in byExport { t.sample("pmem_nbd_export_\(name)_bytes_total", [("export", export)], e[keyPath: value]) }
+        }
+
         t.family("pmem_nbd_request_duration_seconds", "histogram",
                  "Time the server spent on a request: from taking it from the receive buffer to queueing its reply (FLUSH: to the end of the sync).")
         var cumulative: UInt64 = 0

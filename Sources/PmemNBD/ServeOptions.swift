@@ -29,6 +29,11 @@ public struct ServeOptions: Sendable {
     /// Seconds a feed client may leave an event that pinned a block unacknowledged.
     public var ackDeadline: Double = 10
 
+    /// Connections served at once (0: no limit); clients beyond it are closed at once.
+    public var maxConnections = ServeOptions.defaultMaxConnections
+    /// Seconds a client has to finish the handshake (0: no limit).
+    public var handshakeTimeout = ServeOptions.defaultHandshakeTimeout
+
     /// Print the NBD URIs clients should use on standard output once listening.
     public var printURI = false
     /// Fork into the background once listening (the parent exits 0 when the child serves).
@@ -47,7 +52,25 @@ public struct ServeOptions: Sendable {
     /// Require client certificates signed by the directory's ca-cert.pem.
     public var tlsVerifyPeer = false
 
+    /// With `createSize`: the pool is sized so that its first volume is exactly this many bytes
+    /// (and can be filled); `createSize` is then ignored.
+    public var createVolumeSize: UInt64?
+    /// Captive mode (nbdkit's `--run`): run this shell command once serving, with `$uri`,
+    /// `$unixsocket`, `$port`, `$exportname` and `$tls` set, stop when it exits, and exit with
+    /// its status.
+    public var runCommand: String?
+    /// Stop (as on SIGTERM) when the parent process exits.
+    public var exitWithParent = false
+
     public init(poolPath: String) { self.poolPath = poolPath }
 
+    /// `-U -`: a private socket in a new temporary directory (removed at exit).
+    public static let privateSocket = "-"
+
+
     public static let defaultPort: UInt16 = 10809
+    /// As qemu-nbd since CVE-2024-7409 (clients that connect and never finish the handshake
+    /// must not exhaust the server).
+    public static let defaultMaxConnections = 100
+    public static let defaultHandshakeTimeout = 10
 }

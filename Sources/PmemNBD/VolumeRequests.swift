@@ -8,17 +8,57 @@ import PmemVolumes
 public enum VolumeRequests {
     public static let version = 1
 
+    /// What a running server adds to the requests its control socket performs: who is
+    /// connected, and where it listens.
+    public final class ServerContext: @unchecked Sendable {
+        /// NBD connections using any of these volumes or snapshots (record ids).
+        let clients: (Set<UInt64>) -> Int
+        /// The open connections, as the `connections` request answers.
+        let connections: () -> [[String: Any]]
+        /// The NBD URIs of the server's listening sockets.
+        let uris: [String]
+        /// Its listening addresses: `{"unix": PATH}` or `{"host": H, "port": P}`.
+        let listeners: [[String: Any]]
+        /// Whether clients must use TLS.
+        let tlsRequired: Bool
+
+        public init(clients: @escaping (Set<UInt64>) -> Int, connections: @escaping () -> [[String: Any]], uris: [String],
+                    listeners: [[String: Any]] = [], tlsRequired: Bool = false) {
+            self.clients = clients
+            self.connections = connections
+            self.uris = uris
+            self.listeners = listeners
+            self.tlsRequired = tlsRequired
+        }
+    }
+
+    static let nameRules = "1 to 63 bytes, no '@', '/', spaces or control characters"
+
     /// Performs one request on a pool; the response says how long it took (`elapsed_us`).
-    /// `progress(done, total)` hears from long operations (export-diff) as they go.
-    public static func perform(_ request: [String: Any], on pool: Pool,
+    /// `progress(done, total)` hears from long operations (export-diff) as they go. `server` is
+    /// the running server's context (nil when the CLI works on the pool file itself).
+    public static func perform(_ request: [String: Any], on pool: Pool, server: ServerContext? = nil,
                                progress: (UInt64, UInt64) -> Void = { _, _ in }) -> [String: Any] {
         let start = DispatchTime.now().uptimeNanoseconds
-        var response = performUntimed(request, on: pool, progress: progress)
+        var response = performUntimed(request, on: pool, server: server, progress: progress)
         response["elapsed_us"] = (DispatchTime.now().uptimeNanoseconds - start) / 1000
         return response
     }
 
-    static func performUntimed(_ request: [String: Any], on pool: Pool, progress: (UInt64, UInt64) -> Void) -> [String: Any] {
+    /// A warning when the volumes' sizes add up to more than the pool holds (thin
+    /// provisioning: allowed, but writes fail with ENOSPC once the pool is full), as LVM warns
+    /// for thin pools.
+    static func overcommitWarning(_ pool: Pool) -> String? {
+        let total = pool.records().filter { $0.kind == .volume }.reduce(UInt64(0)) { $0 &+ $1.size }
+        let space = pool.engine.space
+        let capacity = space.blocks << 12
+        guard total > capacity else { return nil }
+        return "the pool is overcommitted: its volumes add up to \(formatBytes(total)) but it holds \(formatBytes(capacity)), "
+            + "of which \(formatBytes(space.free << 12)) are free; writes fail with ENOSPC once it is full"
+    }
+
+    static func performUntimed(_ request: [String: Any], on pool: Pool, server: ServerContext?,
+                               progress: (UInt64, UInt64) -> Void) -> [String: Any] {
         do {
             guard let op = request["op"] as? String else { throw PoolError(.invalid, "request has no 'op'") }
             func string(_ key: String) throws(PoolError) -> String {
@@ -30,41 +70,84 @@ public enum VolumeRequests {
                 if let s = request[key] as? String, let n = parseSize(s) { return n }
                 throw PoolError(.invalid, "'\(op)' needs '\(key)' (bytes, or a size such as 4G)")
             }
+            func record(_ name: String) throws(PoolError) -> VolumeRecord {
+                let all = pool.records()
+                guard let r = all.first(where: { Pool.exportName($0, in: all) == name }) else {
+                    throw PoolError(.notFound, "no volume or snapshot named '\(name)'")
+                }
+                return r
+            }
+            func withWarning(_ response: [String: Any]) -> [String: Any] {
+                var r = response
+                if let w = overcommitWarning(pool) { r["warning"] = w }
+                return r
+            }
             switch op {
             case "hello":
-                return ["ok": true, "version": version, "uuid": pool.engine.superblock.uuidString]
+                var r: [String: Any] = ["ok": true, "version": version, "uuid": pool.engine.superblock.uuidString,
+                                        "read_only": pool.engine.readOnly]
+                if let server {
+                    r["uris"] = server.uris
+                    r["listeners"] = server.listeners
+                    r["tls_required"] = server.tlsRequired
+                }
+                return r
             case "list":
                 return ["ok": true, "volumes": try list(pool), "space": space(pool)]
+            case "connections":
+                guard let server else { throw PoolError(.invalid, "the pool is not being served: no connections") }
+                return ["ok": true, "connections": server.connections()]
             case "volume-create":
                 let r = try pool.createVolume(name: try string("name"), size: try size("size"))
-                return ["ok": true, "volume": try describe(r, pool, usage: false)]
+                return withWarning(["ok": true, "volume": try describe(r, pool, usage: false)])
             case "volume-delete":
-                try pool.delete(try string("name"), recursive: request["recursive"] as? Bool ?? false)
+                let name = try string("name")
+                let recursive = request["recursive"] as? Bool ?? false
+                if let server, request["force"] as? Bool != true {
+                    let r = try record(name)
+                    var ids: Set<UInt64> = [r.id]
+                    if recursive && r.kind == .volume { ids.formUnion(pool.snapshots(of: r.id).map(\.id)) }
+                    let n = server.clients(ids)
+                    if n > 0 {
+                        throw PoolError(.exists, "volume '\(name)' is in use by \(n) NBD connection\(n == 1 ? "" : "s")"
+                                        + " (pmem-nbd connections lists them); add --force to disconnect \(n == 1 ? "it" : "them") and delete it")
+                    }
+                }
+                try pool.delete(name, recursive: recursive)
                 return ["ok": true]
             case "volume-resize":
-                try pool.resize(try string("name"), size: try size("size"))
-                return ["ok": true]
+                let name = try string("name")
+                let newSize = try size("size")
+                let r = try record(name)
+                if newSize & ~UInt64(4095) < r.size && request["shrink"] as? Bool != true {
+                    throw PoolError(.invalid, "shrinking '\(name)' from \(formatBytes(r.size)) to \(formatBytes(newSize)) discards "
+                                    + "its data past \(formatBytes(newSize)); add --shrink to do it (as with qemu-img resize --shrink)")
+                }
+                try pool.resize(name, size: newSize)
+                return newSize > r.size ? withWarning(["ok": true]) : ["ok": true]
             case "snapshot-create":
                 let name = try string("name")
-                guard let at = name.firstIndex(of: "@") else { throw PoolError(.invalid, "snapshot names are VOL@SNAP") }
+                guard let at = name.firstIndex(of: "@") else {
+                    throw PoolError(.invalid, "invalid snapshot name '\(name)': snapshots are named VOL@SNAP (e.g. pmem0@before-upgrade), SNAP \(nameRules)")
+                }
                 let r = try pool.createSnapshot(volume: String(name[..<at]), snapshot: String(name[name.index(after: at)...]))
                 return ["ok": true, "snapshot": try describe(r, pool, usage: false)]
             case "snapshot-delete":
                 let name = try string("name")
-                guard name.contains("@") else { throw PoolError(.invalid, "snapshot names are VOL@SNAP") }
+                guard name.contains("@") else { throw PoolError(.invalid, "'\(name)' is not a snapshot: snapshots are named VOL@SNAP") }
                 try pool.delete(name)
                 return ["ok": true]
             case "snapshot-rollback":
-                try pool.rollback(try string("name"))
-                return ["ok": true]
+                let kept = try pool.rollback(try string("name"))
+                return ["ok": true, "clients_kept": kept]
             case "clone":
                 let r = try pool.clone(try string("source"), as: try string("name"))
-                return ["ok": true, "volume": try describe(r, pool, usage: false)]
+                return withWarning(["ok": true, "volume": try describe(r, pool, usage: false)])
             case "export-diff":
                 let path = try string("path")
                 guard path.hasPrefix("/") else { throw PoolError(.invalid, "'export-diff' needs an absolute 'path'") }
                 let export = try RBDDiffExport(pool: pool, from: request["from"] as? String, to: try string("to"))
-                let s = try export.write(to: path, progress: progress)
+                let s = try export.write(to: path, replacing: request["force"] as? Bool ?? false, progress: progress)
                 return ["ok": true, "path": path, "size": s.size, "data_bytes": s.dataBytes, "zero_bytes": s.zeroBytes,
                         "records": s.records, "file_bytes": s.fileBytes]
             default:

@@ -16,7 +16,14 @@ package final class Committer: @unchecked Sendable {
     private var durable: UInt64 = 0
     private var stopping = false
     private var running = false
-    package private(set) var failure: PoolError?
+    /// The failure that made the pool read-only (under `cond`); `failed` says whether there is
+    /// one without the lock (writers check it on every metadata group).
+    private var storedFailure: PoolError?
+    private let failed = Atomic<Bool>(false)
+    package var failure: PoolError? {
+        guard failed.load(ordering: .acquiring) else { return nil }
+        return cond.withLock { storedFailure }
+    }
     /// Seconds after which pending changes are committed although nobody asked (as a file
     /// system commits its journal every few seconds).
     static let interval = 5.0
@@ -67,8 +74,8 @@ package final class Committer: @unchecked Sendable {
         defer { cond.unlock() }
         requested = max(requested, batch)
         cond.broadcast()
-        while durable < batch && failure == nil && !stopping { cond.wait() }
-        if let failure { throw failure }
+        while durable < batch && storedFailure == nil && !stopping { cond.wait() }
+        if let storedFailure { throw storedFailure }
     }
 
     /// Runs `body` holding the commit lock (nothing commits meanwhile).
@@ -93,7 +100,8 @@ package final class Committer: @unchecked Sendable {
         } catch {
             Log.error("commit failed: \(error.message); the pool is now read-only")
             cond.withLock {
-                failure = PoolError(.io, "commit failed: \(error.message)")
+                storedFailure = PoolError(.io, "commit failed: \(error.message)")
+                failed.store(true, ordering: .releasing)
                 cond.broadcast()
             }
             throw error
@@ -111,6 +119,7 @@ package final class Committer: @unchecked Sendable {
             cond.lock()
             if !(requested > durable || stopping) { _ = cond.wait(seconds: Committer.tick) }
             let stop = stopping
+            // Read under the lock: syncs raise `requested` from other threads.
             let asked = requested > durable
             cond.unlock()
             guard let engine else { return }

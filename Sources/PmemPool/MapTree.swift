@@ -137,6 +137,7 @@ extension PoolEngine {
 
     /// Calls `body(blocks, mapped)` for consecutive runs of mapped or unmapped blocks from
     /// `first` up to `end`, skipping absent subtrees whole; stops when `body` returns false.
+    /// An entry that fails its check throws `.io` (as a read of it does).
     package func allocationRuns(rootOffset: UInt64, depth: Int, first: UInt64, end: UInt64,
                         _ body: (UInt64, Bool) -> Bool) throws(PoolError) {
         var v = first
@@ -156,7 +157,7 @@ extension PoolEngine {
             }
             let leafEnd = min(end, (v | 511) + 1)
             while v < leafEnd {
-                let mapped = journal.load(entryOffset(node: leaf, index: Int(v & 511))) & MapEntry.blockMask != 0
+                let mapped = try entry(node: leaf, index: Int(v & 511), level: 0) != 0
                 if runMapped != mapped {
                     if let m = runMapped, v > runStart {
                         if !body(v - runStart, m) { return }

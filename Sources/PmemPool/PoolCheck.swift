@@ -192,8 +192,10 @@ public enum PoolCheck {
             var bad: [String] = []
             if !VolumeRecord.validName(rec.name) { bad.append("invalid name") }
             // A volume that shrank keeps its deeper map.
-            if rec.depth < VolumeRecord.depth(forSize: rec.size) || rec.depth > 6 { bad.append("depth \(rec.depth) does not fit size \(rec.size)") }
-            if rec.root == VolumeRecord.damagedRoot {
+            let storedDepth = load(o + VolumeRecord.depthField)
+            if !VolumeRecord.depthFits(storedDepth, size: rec.size) {
+                bad.append("depth \(storedDepth) does not fit size \(rec.size)")
+            } else if rec.root == VolumeRecord.damagedRoot {
                 bad.append("root fails its check tag")
             } else if rec.root >= layout.blockCount {
                 bad.append("root \(rec.root) out of range")

@@ -108,10 +108,41 @@ public final class PoolEngine: @unchecked Sendable {
     /// cannot run out of space under it later (a write fault would then be SIGBUS) and first
     /// writes do not pay for allocation. It goes 1 GiB at a time; `progress(done, total)` hears
     /// of each piece (bytes).
+    /// A file that did not exist before and whose creation fails is removed: a failed create
+    /// leaves nothing behind.
     @discardableResult
     public static func create(path: String, size: UInt64?, volumeName: String = "pmem0", volumeSize: UInt64? = nil,
                               force: Bool = false, prefault: Bool = false,
                               progress: (UInt64, UInt64) -> Void = { _, _ in }) throws(PoolError) -> Superblock {
+        var st = stat()
+        let existed = stat(path, &st) == 0
+        do {
+            return try createUnchecked(path: path, size: size, volumeName: volumeName, volumeSize: volumeSize, force: force,
+                                       prefault: prefault, progress: progress)
+        } catch {
+            if !existed { unlink(path) }
+            throw PoolError(error.kind, error.message.hasPrefix(path) ? error.message : "cannot create \(path): \(error.message)")
+        }
+    }
+
+    /// The smallest pool (a whole number of MiB) whose first volume can be `volumeSize` bytes
+    /// with the reserve `defaultVolumeSize` keeps for map nodes and out-of-place overwrites:
+    /// what `serve --create SIZE` makes, so that the export is SIZE bytes and can be filled.
+    public static func poolSize(holding volumeSize: UInt64) throws(PoolError) -> UInt64 {
+        let mib: UInt64 = 1 << 20
+        var p = max(4 * mib, (volumeSize + volumeSize / 15 + 16 * mib + 2 * mib + mib - 1) & ~(mib - 1))
+        while true {
+            let layout = try PoolLayout.compute(poolSize: p)
+            let capacity = layout.blockCount << 12
+            let reserve = max(16 * mib, capacity / 16)
+            if capacity >= volumeSize + reserve { return p }
+            p += max(mib, (volumeSize + reserve - capacity + mib - 1) & ~(mib - 1))
+        }
+    }
+
+    private static func createUnchecked(path: String, size: UInt64?, volumeName: String, volumeSize: UInt64?,
+                                        force: Bool, prefault: Bool,
+                                        progress: (UInt64, UInt64) -> Void) throws(PoolError) -> Superblock {
         let (fd, region, backing, poolSize) = try PoolFile.prepareNew(path: path, size: size, force: force)
         defer { fd.close() }
         if prefault && backing == .file {
@@ -165,7 +196,8 @@ public final class PoolEngine: @unchecked Sendable {
         journal = Journal(base: media.base, persistence: media.persistence, area: layout.journalOffset, areaSize: layout.journalSize)
         let stateMagic = media.base.load(fromByteOffset: Int(PoolState.magicOffset), as: UInt64.self)
         guard stateMagic == PoolState.magic else {
-            throw PoolError(.badPool, "pool state block is damaged (bad magic); run 'pmem-nbd check'")
+            let name = media.file?.path ?? "POOL"
+            throw PoolError(.badPool, "\(media.file.map { "\($0.path): " } ?? "")pool state block is damaged (bad magic); run 'pmem-nbd check \(name)'")
         }
         let layout = self.layout
         if readOnly {
@@ -177,7 +209,7 @@ public final class PoolEngine: @unchecked Sendable {
         let highWater = journal.load(PoolState.highWaterOffset)
         let allocated = journal.load(PoolState.allocatedOffset)
         guard highWater >= 1, highWater <= layout.blockCount, allocated < layout.blockCount else {
-            throw PoolError(.badPool, "pool counters are out of range (high water \(highWater), allocated \(allocated)); run 'pmem-nbd check'")
+            throw PoolError(.badPool, "\(media.file.map { "\($0.path): " } ?? "")pool counters are out of range (high water \(highWater), allocated \(allocated)); run 'pmem-nbd check --repair \(media.file?.path ?? "POOL")'")
         }
         allocator = Allocator(layout: layout, journal: journal, epochs: epochs, highWater: highWater, allocated: Int64(allocated),
                               holdNodesUntilCheckpoint: !faults.contains(.reuseNodesBeforeCheckpoint))
@@ -677,6 +709,8 @@ package struct NodeSpares: ~Copyable {
         let got = try withBlocks(capacity: count) { (p) throws(PoolError) in
             try engine.reserveBlocks(UnsafeMutableBufferPointer(start: p, count: count))
         }
+        // On failure reserveBlocks gave back what it had reserved and `count` is still 0, so
+        // the deinit gives back nothing (giving them back twice would hand them out twice).
         self.count = got
     }
 

@@ -32,5 +32,12 @@ public struct PoolError: Error, CustomStringConvertible, Sendable {
 
     public var description: String { message }
 
+    /// The error with `path` in front of its message, unless the message names it already.
+    public func naming(_ path: String) -> PoolError {
+        let named = message.hasPrefix(path) || message.contains(" \(path):") || message.contains(" \(path) ")
+            || message.contains(" \(path),") || message.contains(" \(path);") || message.hasSuffix(" \(path)")
+        return named ? self : PoolError(kind, "\(path): \(message)")
+    }
+
     static func system(_ e: Errno, _ what: String) -> PoolError { PoolError(.system(e), "\(what): \(e)") }
 }

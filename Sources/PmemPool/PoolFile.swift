@@ -61,13 +61,18 @@ public final class PoolFile: @unchecked Sendable {
         }
         do throws(PoolError) {
             if lock {
-                do { try fd.lockExclusive() } catch {
+                // Read-only opens share the lock (several read-only servers may serve a pool);
+                // a writer's exclusive lock keeps everyone else out.
+                do { try readOnly ? fd.lockShared() : fd.lockExclusive() } catch {
                     throw PoolError(.exists, "\(path) is in use by another pmem-nbd process (\(error))")
                 }
             }
             let backing = try backingKind(fd)
             let available = try byteSize(fd, backing)
-            let sb = try readSuperblock(fd, available: available)
+            let sb: Superblock
+            do { sb = try readSuperblock(fd, available: available) } catch {
+                throw damagedHeader(error, path: path, fd: fd, available: available)
+            }
             let region: MappedRegion
             do {
                 region = try MappedRegion.map(fd, length: Int(sb.layout.poolSize), writable: !readOnly, preferSynchronous: mode != .page)
@@ -88,7 +93,8 @@ public final class PoolFile: @unchecked Sendable {
             return (file, PoolMedia(base: region.base, length: region.length, persistence: persistence, file: file))
         } catch {
             fd.close()
-            throw error
+            // Every error names the file.
+            throw error.naming(path)
         }
     }
 
@@ -114,6 +120,7 @@ public final class PoolFile: @unchecked Sendable {
             if backing == .file {
                 guard let size else { throw PoolError(.invalid, "--size is required to create a pool file") }
                 poolSize = size & ~UInt64(4095)
+                _ = try PoolLayout.compute(poolSize: poolSize)
                 do {
                     try fd.truncate(to: 0)
                     try fd.truncate(to: Int(poolSize))
@@ -158,6 +165,19 @@ public final class PoolFile: @unchecked Sendable {
             writes = w
         }
         return (writes, rangeSync)
+    }
+
+    /// A superblock error that names the file and, when the backup copy at 4096 is good, says
+    /// how to restore it.
+    static func damagedHeader(_ error: PoolError, path: String, fd: FileDescriptor, available: UInt64) -> PoolError {
+        guard case .badPool = error.kind else { return PoolError(error.kind, "\(path): \(error.message)") }
+        var hint = ""
+        if available >= UInt64(PoolLayout.backupSuperblockOffset + Superblock.encodedSize),
+           let bytes = try? fd.read(at: PoolLayout.backupSuperblockOffset, count: Superblock.encodedSize),
+           bytes.withUnsafeBytes({ b in (try? Superblock.decode(b, available: available)) != nil }) {
+            hint = "; its backup header is intact: run 'pmem-nbd check --repair \(path)'"
+        }
+        return PoolError(.badPool, "\(path): \(error.message)\(hint)")
     }
 
     static func readSuperblock(_ fd: FileDescriptor, available: UInt64) throws(PoolError) -> Superblock {

@@ -66,6 +66,15 @@ public struct VolumeRecord: Equatable, Sendable {
     /// past every pool's end, so nothing walks from it.
     public static let damagedRoot = MapEntry.blockMask
 
+    /// The deepest map (512^6 blocks of 4 KiB cover 2^66 bytes).
+    public static let maxDepth = 6
+
+    /// Whether a stored map depth can be right for a volume of `size` bytes: 1 to 6 levels, at
+    /// least as many as the size needs (a volume that shrank keeps its deeper map).
+    public static func depthFits(_ depth: UInt64, size: UInt64) -> Bool {
+        depth >= 1 && depth <= UInt64(maxDepth) && depth >= UInt64(self.depth(forSize: size))
+    }
+
     /// Map depth for a volume of `size` bytes: the fewest levels of 512-entry nodes that cover it.
     public static func depth(forSize size: UInt64) -> Int {
         let blocks = max(1, (size + 4095) >> 12)
@@ -107,10 +116,17 @@ public struct VolumeRecord: Equatable, Sendable {
             for j in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt64(j)))) }
         }
         if let z = bytes.firstIndex(of: 0) { bytes.removeSubrange(z...) }
-        let depth = Int(truncatingIfNeeded: load(o + depthField))
-        let root = MapEntry.root(load(o + rootField), slot: slot, depth: depth) ?? damagedRoot
+        let size = load(o + sizeField)
+        // A depth that cannot be (outside 1...6, or too shallow for the size: blocks past the
+        // map's reach would alias blocks inside it) marks the record damaged. Users of the record
+        // get a depth that keeps their arithmetic bounded; the map is not reachable through it
+        // (the root's tag names the stored depth, so it fails against this one).
+        let storedDepth = load(o + depthField)
+        let fits = depthFits(storedDepth, size: size)
+        let depth = fits ? Int(storedDepth) : depth(forSize: size)
+        let root = fits ? MapEntry.root(load(o + rootField), slot: slot, depth: depth) ?? damagedRoot : damagedRoot
         return VolumeRecord(slot: slot, kind: kind, id: load(o + idField), parent: load(o + parentField), root: root,
-                            size: load(o + sizeField), depth: depth, created: load(o + createdField),
+                            size: size, depth: depth, created: load(o + createdField),
                             generation: load(o + generationField), name: String(decoding: bytes, as: UTF8.self))
     }
 

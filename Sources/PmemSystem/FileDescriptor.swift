@@ -140,14 +140,30 @@ public struct FileDescriptor: Hashable, Sendable {
         return st
     }
 
-    /// `flock(LOCK_UN)`.
-    public func unlock() { _ = flock(rawValue, LOCK_UN) }
-
     /// `fcntl(F_SETFL, O_NONBLOCK)` on or off.
     public func setNonBlocking(_ on: Bool) throws(Errno) {
         let flags = try retryOnInterrupt { fcntl(rawValue, F_GETFL) }
         _ = try retryOnInterrupt { fcntl(rawValue, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK) }
     }
+
+    /// `flock(LOCK_SH | LOCK_NB)`, retried for up to `patience` seconds while an exclusive
+    /// holder has it: readers share the lock, a writer's exclusive lock excludes them.
+    public func lockShared(patience: Double = 1) throws(Errno) {
+        var waited = 0.0
+        while true {
+            do {
+                _ = try retryOnInterrupt { flock(rawValue, LOCK_SH | LOCK_NB) }
+                return
+            } catch {
+                if error != .wouldBlock || waited >= patience { throw error }
+                usleep(10_000)
+                waited += 0.01
+            }
+        }
+    }
+
+    /// `flock(LOCK_UN)`.
+    public func unlock() { _ = flock(rawValue, LOCK_UN) }
 
     /// `flock(LOCK_EX|LOCK_NB)`, retried for up to `patience` seconds (a child forked by this
     /// process holds a copy of the descriptor until it calls exec); throws EWOULDBLOCK when

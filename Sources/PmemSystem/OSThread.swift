@@ -1,17 +1,35 @@
 import CPmemSupport
 import Glibc
 
-/// Starts detached POSIX threads that run a closure. Connection readers use dedicated
-/// threads (blocking I/O with deep queues) rather than a shared executor.
+/// Starts detached POSIX threads that run a closure: the one way this project starts a thread
+/// (connection readers use dedicated threads — blocking I/O with deep queues — rather than a
+/// shared executor; short jobs go to `Workers`, whose threads come from here too).
+///
+/// The `pthread_t` never leaves this function: a detached thread may have run to its end, and
+/// its `pthread_t` been reused, by the time `pthread_create` returns, so nothing is done with it
+/// afterwards. The new thread names itself (`pthread_self()`) before it runs the body.
 public enum OSThread {
     private final class Box {
         let body: () -> Void
-        init(_ body: @escaping () -> Void) { self.body = body }
+        /// The thread's name as a C string (at most 15 bytes and the NUL), or empty.
+        let name: [CChar]
+        init(_ body: @escaping () -> Void, name: String?) {
+            self.body = body
+            // Whole characters only (a multi-byte one that does not fit is left out).
+            var bytes: [CChar] = []
+            for scalar in (name ?? "").unicodeScalars {
+                let utf8 = Array(String(scalar).utf8)
+                guard bytes.count + utf8.count <= 15 else { break }
+                bytes += utf8.map { CChar(bitPattern: $0) }
+            }
+            self.name = bytes + [0]
+        }
     }
 
-    /// `pthread_create` + `pthread_detach`; `stackSize` in bytes.
+    /// `pthread_create` of a detached thread; `stackSize` in bytes.
     public static func spawn(name: String? = nil, stackSize: Int = 1 << 20, _ body: @escaping @Sendable () -> Void) {
-        let box = Unmanaged.passRetained(Box(body)).toOpaque()
+        // The retained box is the new thread's to release; if the thread is never made, ours.
+        let box = Unmanaged.passRetained(Box(body, name: name)).toOpaque()
         var attr = pthread_attr_t()
         pthread_attr_init(&attr)
         pthread_attr_setstacksize(&attr, stackSize)
@@ -19,6 +37,7 @@ public enum OSThread {
         var tid = pthread_t()
         let rc = pthread_create(&tid, &attr, { arg in
             let box = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+            if box.name.count > 1 { box.name.withUnsafeBufferPointer { _ = pmem_set_thread_name(pthread_self(), $0.baseAddress!) } }
             box.body()
             return nil
         }, box)
@@ -27,60 +46,101 @@ public enum OSThread {
             Unmanaged<Box>.fromOpaque(box).release()
             fatalError("pthread_create failed: \(Errno(rawValue: rc))")
         }
-        if let name { _ = pmem_set_thread_name(tid, String(name.prefix(15))) }
+    }
+}
+
+/// A pool of worker threads (started with `OSThread`) for short jobs that may block, such as
+/// a FLUSH's sync: a job runs on an idle worker, or on a new one while fewer than `maxThreads`
+/// exist; beyond that it waits in a queue. Workers idle for `idleSeconds` end.
+public final class Workers: @unchecked Sendable {
+    private let condition = PosixCondition()
+    private var queue: [() -> Void] = []
+    private var head = 0
+    private var threads = 0
+    private var idle = 0
+    private let maxThreads: Int
+    private let idleSeconds: Double
+    private let name: String
+
+    /// The process-wide pool connections offload to.
+    public static let shared = Workers(name: "pmem-worker", maxThreads: 64)
+
+    public init(name: String, maxThreads: Int, idleSeconds: Double = 10) {
+        self.name = name
+        self.maxThreads = maxThreads
+        self.idleSeconds = idleSeconds
+    }
+
+    /// Runs `job` on a worker thread.
+    public func run(_ job: @escaping @Sendable () -> Void) {
+        condition.lock()
+        queue.append(job)
+        // Each idle worker takes one queued job; more jobs than that start a thread.
+        let start = queue.count - head > idle && threads < maxThreads
+        if start { threads += 1 } else { condition.signal() }
+        condition.unlock()
+        if start { OSThread.spawn(name: name) { [self] in work() } }
+    }
+
+    /// Worker threads that exist now (for tests).
+    public var threadCount: Int { condition.withLock { threads } }
+
+    private func work() {
+        condition.lock()
+        while true {
+            if head < queue.count {
+                let job = queue[head]
+                head += 1
+                if head == queue.count { queue.removeAll(keepingCapacity: true); head = 0 }
+                condition.unlock()
+                job()
+                condition.lock()
+                continue
+            }
+            idle += 1
+            let woken = condition.wait(seconds: idleSeconds)
+            idle -= 1
+            if !woken && head == queue.count { break }
+        }
+        threads -= 1
+        condition.unlock()
     }
 }
 
 /// A counter other threads can wait on reaching zero (used for draining connections).
 public final class WaitGroup: @unchecked Sendable {
     private var count = 0
-    private var mutex = pthread_mutex_t()
-    private var cond = pthread_cond_t()
+    private let condition = PosixCondition()
 
-    public init() {
-        pthread_mutex_init(&mutex, nil)
-        pthread_cond_init(&cond, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(&mutex)
-        pthread_cond_destroy(&cond)
-    }
+    public init() {}
 
     public func enter() {
-        pthread_mutex_lock(&mutex)
-        count += 1
-        pthread_mutex_unlock(&mutex)
+        condition.withLock { count += 1 }
     }
 
     public func leave() {
-        pthread_mutex_lock(&mutex)
-        count -= 1
-        if count == 0 { pthread_cond_broadcast(&cond) }
-        pthread_mutex_unlock(&mutex)
+        condition.withLock {
+            count -= 1
+            if count == 0 { condition.broadcast() }
+        }
     }
 
-    public var current: Int {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return count
-    }
+    public var current: Int { condition.withLock { count } }
 
     /// Blocks until the count is zero or the timeout passes; returns whether it reached zero.
     @discardableResult
     public func wait(timeoutSeconds: Double = .infinity) -> Bool {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
+        condition.lock()
+        defer { condition.unlock() }
         if timeoutSeconds.isInfinite {
-            while count > 0 { pthread_cond_wait(&cond, &mutex) }
+            while count > 0 { condition.wait() }
             return true
         }
-        var now = timespec()
-        clock_gettime(CLOCK_REALTIME, &now)
-        let total = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 + timeoutSeconds
-        var deadline = timespec(tv_sec: Int(total), tv_nsec: Int((total - Double(Int(total))) * 1e9))
+        let deadline = MonotonicClock.nanoseconds() &+ UInt64(max(0, timeoutSeconds) * 1e9)
         while count > 0 {
-            if pthread_cond_timedwait(&cond, &mutex, &deadline) == ETIMEDOUT { return count == 0 }
+            let now = MonotonicClock.nanoseconds()
+            if now >= deadline { return false }
+            _ = condition.wait(seconds: Double(deadline - now) / 1e9)
         }
         return true
     }

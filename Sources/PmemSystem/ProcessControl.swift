@@ -49,6 +49,45 @@ public enum ProcessControl {
         return .signaled(status & 0x7F)
     }
 
+    /// `prctl(PR_SET_PDEATHSIG)`: the kernel sends `signal` to this process when its parent
+    /// exits (`--exit-with-parent`). If the parent is already gone (`getppid()` is no longer
+    /// `parent`), the signal is raised at once, since the kernel would never send it.
+    public static func signalWhenParentExits(_ signal: Int32, parent: pid_t) throws(Errno) {
+        if pmem_set_parent_death_signal(signal) != 0 { throw Errno.current }
+        if getppid() != parent { kill(getpid(), signal) }
+    }
+
+    /// Runs `/bin/sh -c command` with `environment` added to this process's, standard streams
+    /// inherited, every signal at its default disposition and none blocked (the server ignores
+    /// SIGPIPE and catches SIGTERM; the command must not inherit that). Returns its pid.
+    public static func spawnShell(_ command: String, environment: [String: String]) throws(Errno) -> pid_t {
+        var env: [String: String] = [:]
+        var p = environ
+        while let entry = p.pointee {
+            let text = String(cString: entry)
+            if let eq = text.firstIndex(of: "=") { env[String(text[..<eq])] = String(text[text.index(after: eq)...]) }
+            p += 1
+        }
+        for (k, v) in environment { env[k] = v }
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var all = sigset_t(), none = sigset_t()
+        sigfillset(&all)
+        sigemptyset(&none)
+        posix_spawnattr_setsigdefault(&attributes, &all)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+        let argv = ["/bin/sh", "-c", command]
+        var cArgs = argv.map { strdup($0) } + [nil]
+        var cEnv = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { for q in cArgs + cEnv { free(q) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, "/bin/sh", nil, &attributes, &cArgs, &cEnv)
+        if rc != 0 { throw Errno(rawValue: rc) }
+        return pid
+    }
+
     /// `_exit(2)`: ends the process at once, without atexit handlers or stdio flushing (a
     /// forked parent must not flush buffers its child also holds).
     public static func exitImmediately(_ status: Int32) -> Never { _exit(status) }

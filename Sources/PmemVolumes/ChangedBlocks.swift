@@ -8,8 +8,8 @@ extension Volume {
     public static let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
 
     /// The physical block of the level-`level` node covering `vblock` (level `depth` is the
-    /// virtual slot above the root), 0 when absent.
-    func node(root: UInt64, depth: Int, level: Int, vblock: UInt64) -> UInt64 {
+    /// virtual slot above the root), 0 when absent. An entry that fails its check throws `.io`.
+    func node(root: UInt64, depth: Int, level: Int, vblock: UInt64) throws(PoolError) -> UInt64 {
         if level >= depth {
             // Above the root: the root covers the first 512^depth blocks only.
             return vblock >> (9 * UInt64(depth)) == 0 ? root : 0
@@ -17,17 +17,17 @@ extension Volume {
         var n = root
         var l = depth - 1
         while l > level && n != 0 {
-            n = engine.journal.load(engine.entryOffset(node: n, index: PoolEngine.index(vblock, level: l))) & MapEntry.blockMask
+            n = try engine.entry(node: n, index: PoolEngine.index(vblock, level: l), level: l)
             l -= 1
         }
         return n
     }
 
     /// Runs of clean/dirty blocks of this volume against snapshot `snap`, from `first` to `end`.
+    /// Entries are decoded with their check tags: a damaged one (in either map) throws `.io`.
     func changedRuns(against snap: VolumeRecord, first: UInt64, end: UInt64, _ body: (UInt64, Bool) -> Bool) throws(PoolError) {
-        let j = engine.journal
-        let myRoot = j.load(rootOffset) & MapEntry.blockMask
-        let snapRoot = j.load(VolumeRecord.offset(slot: snap.slot) + VolumeRecord.rootField) & MapEntry.blockMask
+        let myRoot = try engine.root(at: rootOffset, depth: depth)
+        let snapRoot = try engine.root(at: VolumeRecord.offset(slot: snap.slot) + VolumeRecord.rootField, depth: snap.depth)
         let top = max(depth, snap.depth)
         var v = first
         var runStart = first
@@ -43,8 +43,8 @@ extension Volume {
             var level = top
             var decided = false
             while level >= 0 {
-                let a = node(root: myRoot, depth: depth, level: level, vblock: v)
-                let b = node(root: snapRoot, depth: snap.depth, level: level, vblock: v)
+                let a = try node(root: myRoot, depth: depth, level: level, vblock: v)
+                let b = try node(root: snapRoot, depth: snap.depth, level: level, vblock: v)
                 if a == b {
                     // Same node (or both absent): the whole subtree is unchanged.
                     let span = UInt64(1) << (9 * UInt64(level + 1))
@@ -54,8 +54,8 @@ extension Volume {
                     break
                 }
                 if level == 0 {
-                    let ea = a == 0 ? 0 : j.load(engine.entryOffset(node: a, index: Int(v & 511))) & MapEntry.blockMask
-                    let eb = b == 0 ? 0 : j.load(engine.entryOffset(node: b, index: Int(v & 511))) & MapEntry.blockMask
+                    let ea = a == 0 ? 0 : try engine.entry(node: a, index: Int(v & 511), level: 0)
+                    let eb = b == 0 ? 0 : try engine.entry(node: b, index: Int(v & 511), level: 0)
                     guard emit(ea != eb, 0) else { return }
                     v += 1
                     decided = true

@@ -70,7 +70,8 @@ extension Pool {
     /// alone (a walk of their maps first), `freed` how many have been released so far.
     public func runDeletions(progress: (UInt64, UInt64) -> Void) throws(PoolError) {
         var total: UInt64 = 0
-        for r in records() where r.kind == .deleting { total += try usage(of: r).exclusive >> 12 }
+        // Only for the progress bar: a damaged map (whose entries deletion drops) counts as empty.
+        for r in records() where r.kind == .deleting { total += ((try? usage(of: r))?.exclusive ?? 0) >> 12 }
         let before = engine.space.allocated
         progress(0, total)
         while try deleteStep(stopping: { false }) {
@@ -85,7 +86,26 @@ extension Pool {
 
     /// One metadata group of deletion work; false when nothing is left to delete.
     func deleteStep(stopping: () -> Bool) throws(PoolError) -> Bool {
-        guard !stopping(), let r = records().first(where: { $0.kind == .deleting }) else { return false }
+        let held = deleterHolds.withLock { $0 }
+        guard !stopping(), let r = records().first(where: { $0.kind == .deleting && !held.contains($0.slot) }) else { return false }
+        let rootField = VolumeRecord.offset(slot: r.slot) + VolumeRecord.rootField
+        if MapEntry.root(engine.journal.load(rootField), slot: r.slot, depth: r.depth) == 0 {
+            // Nothing left: the table entry is free again. Under the table lock, like every
+            // other change of the table: the slot reads free as soon as its kind word is
+            // cleared, and a snapshot or volume created meanwhile would take it and have the
+            // rest of its record cleared under it.
+            try engine.tableLock.withLock { () throws(PoolError) in
+                try engine.withMetadata(words: Pool.tableWords) { () throws(PoolError) in
+                    let words = VolumeRecord(slot: r.slot, kind: .free, id: 0, parent: 0, root: 0, size: 0, depth: 0,
+                                             created: 0, generation: 0, name: "").words()
+                    for (i, (off, _)) in words.enumerated() {
+                        engine.journal.store(off, 0)
+                        if i == 0 { testHooks.withLock { $0.deleterFreeingSlot }?(r.slot) }
+                    }
+                }
+            }
+            return true
+        }
         let budget = max(600, engine.journal.capacity / 8)
         try engine.withMetadata(words: budget) { () throws(PoolError) in
             let j = engine.journal
@@ -100,12 +120,8 @@ extension Pool {
                     j.store(rootOff, 0)
                     continue
                 }
-                if root == 0 {
-                    // Nothing left: the table entry is free again.
-                    for (off, _) in VolumeRecord(slot: r.slot, kind: .free, id: 0, parent: 0, root: 0, size: 0, depth: 0,
-                                                 created: 0, generation: 0, name: "").words() { j.store(off, 0) }
-                    return
-                }
+                // Nothing left: the next step frees the table entry (under the table lock).
+                if root == 0 { return }
                 guard engine.validBlock(root) else { throw PoolError(.io, "map root of '\(r.name)' is out of range (corrupt)") }
                 var entry = rootOff
                 var node = root

@@ -11,16 +11,21 @@ extension Pool {
 
     /// Every (volume or snapshot id, virtual block) whose map names physical block `block`.
     /// Walks every map (shared subtrees once per map that reaches them): a cost in proportion to
-    /// what is mapped.
+    /// what is mapped. Entries and roots are decoded with their check tags: a damaged one names
+    /// no block (it is logged and its subtree skipped), so the answer lists the owners the
+    /// undamaged maps show and never one that a damaged word seems to name.
     public func owners(of block: UInt64) throws(PoolError) -> [(UInt64, UInt64)] {
         guard engine.validBlock(block) else { return [] }
         var out: [(UInt64, UInt64)] = []
         for r in records() where r.kind == .volume || r.kind == .snapshot {
-            let root = engine.journal.load(VolumeRecord.offset(slot: r.slot) + VolumeRecord.rootField) & MapEntry.blockMask
+            let root: UInt64
+            do { root = try engine.root(at: VolumeRecord.offset(slot: r.slot) + VolumeRecord.rootField, depth: r.depth) } catch {
+                Log.error("owners of block \(block): \(error.message); '\(r.name)' skipped")
+                continue
+            }
             guard root != 0 else { continue }
             var stack: [(UInt64, Int, UInt64)] = [(root, r.depth - 1, 0)]
             while let (node, level, base) = stack.popLast() {
-                guard engine.validBlock(node) else { throw PoolError(.io, "map of '\(r.name)' is corrupt") }
                 for i in 0..<512 {
                     let e = engine.entryOrHole(node: node, index: i, level: level)
                     if e == 0 { continue }
@@ -38,6 +43,15 @@ extension Pool {
 }
 
 extension Volume {
+    /// Whether this volume or snapshot still exists: its table slot still holds its id and it
+    /// is not being deleted. (Ids are never reused, so a stale `Volume` never passes.)
+    public var isLive: Bool {
+        let o = VolumeRecord.offset(slot: slot)
+        let kind = engine.journal.load(o + VolumeRecord.kindField)
+        return engine.journal.load(o + VolumeRecord.idField) == id
+            && (kind == VolumeRecord.Kind.volume.rawValue || kind == VolumeRecord.Kind.snapshot.rawValue)
+    }
+
     /// Runs `body` with this volume's map lock held (no map change can happen meanwhile).
     public func withMapLocked<T>(_ body: () -> T) -> T {
         mapLock.lock()
@@ -133,6 +147,7 @@ extension Volume {
             }
             guardEpoch.exit()
             engine.rmwLocks[0].unlock()
+            pool.testHooks.withLock { $0.relocationCopied }?(id, v, reason)
             let r: Result<Void, PoolError> = data.withUnsafeBytes { b in
                 Result { () throws(PoolError) in
                     var source = BufferByteSource(b)

@@ -15,6 +15,8 @@ public enum VolumeChange: UInt8, Sendable {
 public protocol MappingObserver: AnyObject, Sendable {
     /// Before any block of [first, first+count) of a volume may move: an observer holding write
     /// leases there recalls them (waiting up to their deadline). Called outside all locks.
+    /// The observer's own relocations (reasons `copyOnWrite` and `fence`) are not announced:
+    /// the observer holds their range alone while they run.
     func beginMove(volume: UInt64, first: UInt64, count: UInt64)
     /// The move announced by `beginMove` is done.
     func endMove(volume: UInt64, first: UInt64, count: UInt64)

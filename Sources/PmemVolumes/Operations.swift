@@ -49,7 +49,7 @@ extension Pool {
     public func createVolume(name: String, size: UInt64) throws(PoolError) -> VolumeRecord {
         try checkWritable()
         let observer = self.observer
-        guard VolumeRecord.validName(name) else { throw PoolError(.invalid, "invalid volume name '\(name)' (1 to 63 bytes, no '@', '/' or spaces)") }
+        guard VolumeRecord.validName(name) else { throw PoolError(.invalid, "invalid volume name '\(name)' (1 to 63 bytes, no '@', '/', spaces or control characters)") }
         let size = size & ~UInt64(4095)
         guard size > 0, size <= 1 << 50 else { throw PoolError(.invalid, "volume size must be between 4 KiB and 1 PiB") }
         let rec: VolumeRecord = try engine.tableLock.withLock { () throws(PoolError) in
@@ -69,7 +69,9 @@ extension Pool {
     @discardableResult
     public func createSnapshot(volume name: String, snapshot: String) throws(PoolError) -> VolumeRecord {
         try checkWritable()
-        guard VolumeRecord.validName(snapshot) else { throw PoolError(.invalid, "invalid snapshot name '\(snapshot)'") }
+        guard VolumeRecord.validName(snapshot) else {
+            throw PoolError(.invalid, "invalid snapshot name '\(snapshot)' (1 to 63 bytes, no '@', '/', spaces or control characters)")
+        }
         let vr = try findRecord(name)
         guard vr.kind == .volume, let vol = volume(slot: vr.slot) else { throw PoolError(.invalid, "'\(name)' is not a volume") }
         // Write leases on the volume are recalled first: their holders must stop storing into
@@ -101,7 +103,9 @@ extension Pool {
     @discardableResult
     public func clone(_ source: String, as name: String) throws(PoolError) -> VolumeRecord {
         try checkWritable()
-        guard VolumeRecord.validName(name) else { throw PoolError(.invalid, "invalid volume name '\(name)'") }
+        guard VolumeRecord.validName(name) else {
+            throw PoolError(.invalid, "invalid volume name '\(name)' (1 to 63 bytes, no '@', '/', spaces or control characters)")
+        }
         let sr = try findRecord(source)
         guard sr.kind == .snapshot else { throw PoolError(.invalid, "'\(source)' is not a snapshot (clone takes VOL@SNAP)") }
         let rec: VolumeRecord = try engine.tableLock.withLock { () throws(PoolError) in
@@ -122,9 +126,17 @@ extension Pool {
     }
 
     /// Replaces a volume's contents with a snapshot's, atomically. The volume's old map is
-    /// released in the background. Clients of the volume are disconnected (they reconnect to
-    /// the new contents).
-    public func rollback(_ snapshotName: String) throws(PoolError) {
+    /// released in the background. Clients of the volume stay connected and their next
+    /// requests see the new contents — unless the volume was resized since the snapshot (its
+    /// size or map depth differs), when they are disconnected as by a resize, since NBD cannot
+    /// announce a new size. Returns whether they were kept.
+    ///
+    /// The swap happens with every read-modify-write stripe lock held, so no partial-block
+    /// write is between reading its old block and publishing the new one: each 4 KiB block a
+    /// concurrent write touches is based entirely on the old contents (and is then dropped
+    /// with them) or entirely on the new.
+    @discardableResult
+    public func rollback(_ snapshotName: String) throws(PoolError) -> Bool {
         try checkWritable()
         let sr = try findRecord(snapshotName)
         guard sr.kind == .snapshot, let vr = records().first(where: { $0.kind == .volume && $0.id == sr.parent }),
@@ -132,8 +144,16 @@ extension Pool {
         let observer = self.observer
         observer?.beginMove(volume: vr.id, first: 0, count: max(vol.size, sr.size) >> 12)
         defer { observer?.endMove(volume: vr.id, first: 0, count: max(vol.size, sr.size) >> 12) }
+        let keepsClients = sr.size == vr.size && sr.depth == vr.depth
+        var held: [Int] = []
+        defer { releaseToDeleter(held) }
         try engine.tableLock.withLock { () throws(PoolError) in
             let slot = try freeSlot()
+            // The old map goes to the deleter only once the rollback event is out (below).
+            holdFromDeleter(slot, in: &held)
+            // In ascending order, as writers take them (before the metadata gate, as they do).
+            for lock in engine.rmwLocks { lock.lock() }
+            defer { for lock in engine.rmwLocks.reversed() { lock.unlock() } }
             try engine.withMetadata(words: Pool.tableWords * 2) { () throws(PoolError) in
                 vol.mapLock.lock()
                 defer { vol.mapLock.unlock() }
@@ -154,9 +174,11 @@ extension Pool {
             }
         }
         try engine.sync()
+        testHooks.withLock { $0.beforeVolumeEvent }?(.rollback, vr.id)
         observer?.volumeChanged(.rollback, volume: vr.id, aux: sr.id)
-        changed(vr.id)
-        deleter.wake()
+        // Same size and depth: the open Volume (and its clients) read the new root as it is.
+        if !keepsClients { changed(vr.id) }
+        return keepsClients
     }
 
     /// Deletes a volume (with `recursive`, its snapshots too) or a snapshot. Returns once the
@@ -175,6 +197,10 @@ extension Pool {
         let observer = self.observer
         for d in doomed { observer?.beginMove(volume: d.id, first: 0, count: d.size >> 12) }
         defer { for d in doomed { observer?.endMove(volume: d.id, first: 0, count: d.size >> 12) } }
+        // The maps go to the deleter only once their deletion events are out (below).
+        var held: [Int] = []
+        defer { releaseToDeleter(held) }
+        for d in doomed { holdFromDeleter(d.slot, in: &held) }
         try engine.tableLock.withLock { () throws(PoolError) in
             try engine.withMetadata(words: 8 * doomed.count + 8) {
                 for d in doomed {
@@ -183,10 +209,26 @@ extension Pool {
             }
         }
         try engine.sync()
+        for d in doomed { testHooks.withLock { $0.beforeVolumeEvent }?(d.kind == .snapshot ? .snapshotDeleted : .volumeDeleted, d.id) }
         for d in doomed {
             observer?.volumeChanged(d.kind == .snapshot ? .snapshotDeleted : .volumeDeleted, volume: d.kind == .snapshot ? d.parent : d.id, aux: d.id)
             changed(d.id)
         }
+    }
+
+    /// Keeps the map in `slot` from the deleter (recorded in `held` for `releaseToDeleter`).
+    /// A whole map is released only after the observer has published the event that ends its
+    /// use and taken its holds: a deleter already at work on something else would otherwise
+    /// free the map's blocks before any reader of it had been told (Docs/FEED.md, G4).
+    func holdFromDeleter(_ slot: Int, in held: inout [Int]) {
+        deleterHolds.withLock { _ = $0.insert(slot) }
+        held.append(slot)
+    }
+
+    /// Hands held maps to the deleter and wakes it.
+    func releaseToDeleter(_ held: [Int]) {
+        guard !held.isEmpty else { return }
+        deleterHolds.withLock { for s in held { $0.remove(s) } }
         deleter.wake()
     }
 

@@ -13,6 +13,27 @@ public final class Pool: @unchecked Sendable {
     private let observerBox = Locked<(any MappingObserver)?>(nil)
     /// Whether an observer is installed (checked on every write without locking).
     let observing = Atomic<Bool>(false)
+    /// Test hooks (package access only): places where tests force an interleaving.
+    package let testHooks = Locked(PoolTestHooks())
+    /// One map lock per table slot. The pool drops a cached `Volume` when its record changes
+    /// wholesale (rollback, resize), but a thread may still hold the old object (a feed lease
+    /// being granted, a connection finishing a request): both must take the same lock, or two
+    /// writers could copy the same map node at once and one's change be lost.
+    private let mapLocks = Locked<[Int: PosixMutex]>([:])
+
+    func mapLock(slot: Int) -> PosixMutex {
+        mapLocks.withLock { locks in
+            if let m = locks[slot] { return m }
+            let m = PosixMutex()
+            locks[slot] = m
+            return m
+        }
+    }
+
+    /// Table slots of maps being released that the deleter must leave alone for now: a
+    /// deletion or rollback holds its map here until the observer has heard of it (see
+    /// `releaseToDeleter`).
+    let deleterHolds = Locked<Set<Int>>([])
 
     /// Opens a pool file or device (recovering it) and resumes unfinished deletions.
     public static func open(path: String, readOnly: Bool = false, persistence: PersistenceMode = .auto,
@@ -51,6 +72,9 @@ public final class Pool: @unchecked Sendable {
     @inline(__always) var observer: (any MappingObserver)? {
         observing.load(ordering: .acquiring) ? observerBox.withLock { $0 } : nil
     }
+
+    /// Wakes the background deleter (tests: as if another deletion were in progress).
+    package func wakeDeleter() { deleter.wake() }
 
     func changed(_ id: UInt64) {
         cache.withLock { c in for (k, v) in c where v.id == id { c.removeValue(forKey: k) } }
@@ -106,4 +130,18 @@ public final class Pool: @unchecked Sendable {
     public func snapshots(of id: UInt64) -> [VolumeRecord] {
         records().filter { $0.kind == .snapshot && $0.parent == id }.sorted { $0.generation < $1.generation }
     }
+}
+
+/// Callbacks tests install to force interleavings; nil in production.
+package struct PoolTestHooks: Sendable {
+    /// After a rollback's or deletion's change is durable, before the observer hears of it:
+    /// (change, volume or snapshot id).
+    package var beforeVolumeEvent: (@Sendable (VolumeChange, UInt64) -> Void)?
+    /// In a relocation (copy-on-write for a write lease, or a fence), after it read a range
+    /// and before it writes it back: (volume id, first block, reason).
+    package var relocationCopied: (@Sendable (UInt64, UInt64, MappingChangeReason) -> Void)?
+    /// The deleter, freeing the table slot of a record it has finished, has just cleared the
+    /// slot's kind word (the slot).
+    package var deleterFreeingSlot: (@Sendable (Int) -> Void)?
+    package init() {}
 }

@@ -9,17 +9,16 @@ public struct SpaceUsage: Sendable, Equatable {
 
 extension Pool {
     /// Walks a map: a block is exclusive when it and every node above it have one reference.
-    /// Costs a visit per mapped block.
+    /// Costs a visit per mapped block. A map entry or root that fails its check throws `.io`.
     public func usage(of r: VolumeRecord) throws(PoolError) -> SpaceUsage {
         var u = SpaceUsage()
-        let root = engine.journal.load(VolumeRecord.offset(slot: r.slot) + VolumeRecord.rootField) & MapEntry.blockMask
+        let root = try engine.root(at: VolumeRecord.offset(slot: r.slot) + VolumeRecord.rootField, depth: r.depth)
         guard root != 0 else { return u }
         var stack: [(node: UInt64, level: Int, shared: Bool)] = [(root, r.depth - 1, engine.refcount(root) > 1)]
         while let (node, level, shared) = stack.popLast() {
-            guard engine.validBlock(node) else { throw PoolError(.io, "map of '\(r.name)' is corrupt") }
             if !shared { u.exclusive += 4096 }
             for i in 0..<512 {
-                let e = engine.journal.load(engine.entryOffset(node: node, index: i)) & MapEntry.blockMask
+                let e = try engine.entry(node: node, index: i, level: level)
                 if e == 0 { continue }
                 if level == 0 {
                     u.referenced += 4096
@@ -35,9 +34,9 @@ extension Pool {
 
 extension Volume {
     /// Runs of blocks from `first` to `end` that are shared (the block, or a map node above it,
-    /// has more than one reference) or not; holes count as not shared.
+    /// has more than one reference) or not; holes count as not shared. A map entry that fails
+    /// its check throws `.io`.
     func sharingRuns(first: UInt64, end: UInt64, _ body: (UInt64, Bool) -> Bool) throws(PoolError) {
-        let j = engine.journal
         var v = first
         var runStart = first
         var runShared: Bool?
@@ -50,12 +49,12 @@ extension Volume {
         }
         while v < end {
             // Walk down to the leaf, noting whether any node on the way is shared.
-            var node = j.load(rootOffset) & MapEntry.blockMask
+            var node = try engine.root(at: rootOffset, depth: depth)
             var level = depth - 1
             var shared = node != 0 && engine.refcount(node) > 1
             var span = UInt64(1) << (9 * UInt64(depth))
             while node != 0 && level > 0 {
-                node = j.load(engine.entryOffset(node: node, index: PoolEngine.index(v, level: level))) & MapEntry.blockMask
+                node = try engine.entry(node: node, index: PoolEngine.index(v, level: level), level: level)
                 span = UInt64(1) << (9 * UInt64(level))
                 if node != 0 && engine.refcount(node) > 1 { shared = true }
                 level -= 1
@@ -73,7 +72,7 @@ extension Volume {
             }
             let leafEnd = min(end, (v | 511) + 1)
             while v < leafEnd {
-                let p = j.load(engine.entryOffset(node: node, index: Int(v & 511))) & MapEntry.blockMask
+                let p = try engine.entry(node: node, index: Int(v & 511), level: 0)
                 guard emit(p != 0 && engine.refcount(p) > 1) else { return }
                 v += 1
             }

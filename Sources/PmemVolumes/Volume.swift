@@ -27,8 +27,9 @@ public final class Volume: BlockVolume, @unchecked Sendable {
     public let depth: Int
     public let readOnly: Bool
     let rootOffset: UInt64
-    /// Held while this volume's map changes.
-    let mapLock = PosixMutex()
+    /// Held while this volume's map changes. Shared by every `Volume` of the same table slot:
+    /// an object the pool no longer caches (after a rollback or resize) may still be in use.
+    let mapLock: PosixMutex
 
     /// The volume a snapshot belongs to (0 for volumes).
     public let parent: UInt64
@@ -45,6 +46,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         depth = record.depth
         readOnly = engine.readOnly || record.kind != .volume
         rootOffset = VolumeRecord.offset(slot: record.slot) + VolumeRecord.rootField
+        mapLock = pool.mapLock(slot: record.slot)
     }
 
     public var summary: String {
@@ -169,17 +171,24 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             var published = 0
             defer { if published < count { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published...])) } }
             var spares = try NodeSpares(engine, count: leaves * depth + 1)
-            let observer = pool.observer
-            observer?.beginMove(volume: id, first: first, count: UInt64(count))
-            defer { observer?.endMove(volume: id, first: first, count: UInt64(count)) }
-            var pos = offset
             let end = offset + UInt64(length)
+            // The whole payload first, into the reserved blocks, before any lock is taken or any
+            // move announced: the source may be a client's socket that delivers slowly, and
+            // nothing other connections (or feed clients) wait for may wait on it.
+            try fill(offset, end, &source, UnsafeBufferPointer(blocks))
+            let observer = pool.observer
+            // A relocation (copy-on-write for a write lease, a fence) is the observer's own
+            // move: it holds the range alone already.
+            let announce = reason != .fence && reason != .copyOnWrite
+            if announce { observer?.beginMove(volume: id, first: first, count: UInt64(count)) }
+            defer { if announce { observer?.endMove(volume: id, first: first, count: UInt64(count)) } }
+            var pos = offset
             while pos < end {
                 // One metadata group per leaf: bounded size, at most `depth` new map nodes.
                 let chunkEnd = min(end, (((pos >> 12) | 511) + 1) << 12)
                 let n = Int(((chunkEnd - 1) >> 12) - (pos >> 12) + 1)
-                try writeChunk(pos, chunkEnd, &source, UnsafeMutableBufferPointer(rebasing: blocks[published..<(published + n)]), &spares,
-                               observer, reason)
+                try publishChunk(pos, chunkEnd, UnsafeMutableBufferPointer(rebasing: blocks[published..<(published + n)]), &spares,
+                                 observer, reason)
                 published += n
                 pos = chunkEnd
             }
@@ -191,28 +200,14 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         Int(truncatingIfNeeded: ((vblock ^ id &* 0x9E37_79B9) &* 0x9E37_79B9_7F4A_7C15) >> 58)
     }
 
-    /// Fills reserved `blocks` with the new contents of [start, end) (within one leaf) and
-    /// points the map at them.
-    private func writeChunk(_ start: UInt64, _ end: UInt64, _ source: inout some ByteSource,
-                            _ blocks: UnsafeMutableBufferPointer<UInt64>, _ spares: inout NodeSpares,
-                            _ observer: (any MappingObserver)?, _ reason: MappingChangeReason) throws(PoolError) {
-        // One strong reference for the whole chunk: every call through `self.engine` would
+    /// Fills the reserved `blocks` with the payload of [start, end): each byte where it belongs
+    /// in its block (the rest of a partial block is filled when it is published).
+    private func fill(_ start: UInt64, _ end: UInt64, _ source: inout some ByteSource, _ blocks: UnsafeBufferPointer<UInt64>) throws(PoolError) {
+        // One strong reference for the whole payload: every call through `self.engine` would
         // otherwise retain and release the engine, whose count every connection shares.
         let engine = self.engine
         let first = start >> 12
         let count = blocks.count
-        let headPartial = start & 4095 != 0 || (count == 1 && end & 4095 != 0)
-        let tailPartial = count > 1 && end & 4095 != 0
-        // Read-modify-write of a partial block is serialised per block (striped engine-wide) and
-        // copies the old block inside the stripe's read epoch, so the old block cannot be reused
-        // under the copy. Stripes are locked in ascending order, once each.
-        var locked: [Int] = []
-        if headPartial { locked.append(stripe(first)) }
-        if tailPartial { let t = stripe(first + UInt64(count - 1)); if !locked.contains(t) { locked.append(t) } }
-        locked.sort()
-        for s in locked { engine.rmwLocks[s].lock() }
-        defer { for s in locked { engine.rmwLocks[s].unlock() } }
-
         let base = engine.media.base
         let persistence = engine.persistence
         let nt = persistence.prefersNonTemporal
@@ -233,37 +228,81 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                 // large payload can go from the socket straight into them.
                 while i + run < count && blocks[i + run] == blocks[i] + UInt64(run) && (vb + UInt64(run) + 1) << 12 <= end
                     && (!pw || run < PoolEngine.scratchBlocks) { run += 1 }
-            } else {
-                let readGuard = engine.rmwGuards[stripe(vb)]
-                readGuard.enter()
-                defer { readGuard.exit() }
-                let old = try engine.lookup(rootOffset: rootOffset, depth: depth, vblock: vb)
-                if old != 0 {
-                    guard engine.validBlock(old) else { throw PoolError(.io, "map entry for block \(vb) is out of range (corrupt map)") }
-                    if pw {
-                        dst.copyMemory(from: base + Int(engine.layout.blockOffset(old)), byteCount: 4096)
-                    } else {
-                        PersistentMemory.copyNonTemporal(to: dst, from: base + Int(engine.layout.blockOffset(old)), count: 4096)
-                    }
-                    engine.copyCounters.addShared(CopyCounter.partialBlocks)
-                } else if pw {
-                    memset(dst, 0, 4096)
-                } else {
-                    PersistentMemory.zeroNonTemporal(dst, count: 4096)
-                }
             }
+            let n = run == 1 ? Int(b - a) : run << 12
             do throws(Errno) {
-                let n = run == 1 ? Int(b - a) : run << 12
                 try source.fill(UnsafeMutableRawBufferPointer(start: dst + Int(a - blockStart), count: n), nonTemporal: nt)
             } catch {
                 throw PoolError(.source(error), "payload: \(error)")
             }
             if pw {
-                try persistence.pwrite(at: Int(engine.layout.blockOffset(blocks[i])), dst, run << 12)
-            } else {
+                // A partial block gets only the payload's bytes now (the rest when published).
+                try persistence.pwrite(at: Int(engine.layout.blockOffset(blocks[i]) + (a - blockStart)), dst + Int(a - blockStart), n)
+            } else if b - a == 4096 {
                 persistence.didStoreNonTemporal(dst, run << 12)
             }
             i += run
+        }
+    }
+
+    /// Completes the partial blocks among the filled `blocks` of [start, end) (within one leaf)
+    /// and points the map at them.
+    private func publishChunk(_ start: UInt64, _ end: UInt64,
+                              _ blocks: UnsafeMutableBufferPointer<UInt64>, _ spares: inout NodeSpares,
+                              _ observer: (any MappingObserver)?, _ reason: MappingChangeReason) throws(PoolError) {
+        let engine = self.engine
+        let first = start >> 12
+        let count = blocks.count
+        let base = engine.media.base
+        let persistence = engine.persistence
+        // Then the rest of a partial block: the old block's bytes around the payload (zeroes
+        // for a hole). This read-modify-write is serialised per block (striped engine-wide) up
+        // to the map update, and copies inside the stripe's read epoch, so the old block cannot
+        // be reused under the copy. Stripes are locked in ascending order, once each.
+        let headPartial = start & 4095 != 0 || (count == 1 && end & 4095 != 0)
+        let tailPartial = count > 1 && end & 4095 != 0
+        var partial: [Int] = []
+        if headPartial { partial.append(0) }
+        if tailPartial { partial.append(count - 1) }
+        var locked: [Int] = []
+        for k in partial { let s = stripe(first + UInt64(k)); if !locked.contains(s) { locked.append(s) } }
+        locked.sort()
+        for s in locked { engine.rmwLocks[s].lock() }
+        defer { for s in locked { engine.rmwLocks[s].unlock() } }
+        let pw = persistence.usesPwrite
+        for k in partial {
+            let vb = first + UInt64(k)
+            let blockStart = vb << 12
+            let head = Int(max(start, blockStart) - blockStart), tail = Int(min(end, blockStart + 4096) - blockStart)
+            let at = Int(engine.layout.blockOffset(blocks[k]))
+            let dst = base + at
+            let readGuard = engine.rmwGuards[stripe(vb)]
+            readGuard.enter()
+            defer { readGuard.exit() }
+            let old = try engine.lookup(rootOffset: rootOffset, depth: depth, vblock: vb)
+            if old != 0 {
+                guard engine.validBlock(old) else { throw PoolError(.io, "map entry for block \(vb) is out of range (corrupt map)") }
+                let src = UnsafeRawPointer(base + Int(engine.layout.blockOffset(old)))
+                if pw {
+                    // Page mode with pwrite: the old bytes go through the file as the payload did.
+                    if head > 0 { try persistence.pwrite(at: at, src, head) }
+                    if tail < 4096 { try persistence.pwrite(at: at + tail, src + tail, 4096 - tail) }
+                } else {
+                    if head > 0 { PersistentMemory.copyNonTemporal(to: dst, from: src, count: head) }
+                    if tail < 4096 { PersistentMemory.copyNonTemporal(to: dst + tail, from: src + tail, count: 4096 - tail) }
+                }
+                engine.copyCounters.addShared(CopyCounter.partialBlocks)
+            } else if pw {
+                try withUnsafeTemporaryAllocation(byteCount: 4096, alignment: 64) { (zero) throws(PoolError) in
+                    memset(zero.baseAddress!, 0, 4096)
+                    if head > 0 { try persistence.pwrite(at: at, zero.baseAddress!, head) }
+                    if tail < 4096 { try persistence.pwrite(at: at + tail, zero.baseAddress!, 4096 - tail) }
+                }
+            } else {
+                if head > 0 { PersistentMemory.zeroNonTemporal(dst, count: head) }
+                if tail < 4096 { PersistentMemory.zeroNonTemporal(dst + tail, count: 4096 - tail) }
+            }
+            if !pw { persistence.didStoreNonTemporal(dst, 4096) }
         }
         // The metadata group fences this thread's data before its gate is released, so the
         // blocks are durable before any commit names them.

@@ -132,7 +132,7 @@ func checkAcceptedPayload(_ r: Request, _ session: NegotiatedSession) throws(Fuz
     if isWrite ? payload != r.length : payload != 0 {
         throw FuzzFailure(description: "accepted \(r) with a payload of \(payload) bytes")
     }
-    if isWrite && r.length > UInt64(session.export.maximumPayload) {
+    if isWrite && r.length > UInt64(session.maximumRequestPayload) {
         throw FuzzFailure(description: "accepted a write of \(r.length) bytes over the maximum payload")
     }
 }

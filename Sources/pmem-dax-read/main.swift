@@ -5,6 +5,11 @@
 //   pmem-dax-read --feed POOL.feed --nbd SOCK VOLUME --bench N
 //   pmem-dax-read --feed POOL.feed VOLUME --hold SECONDS   (read leases on the whole volume,
 //     following and acknowledging events: what a busy DAX reader costs the server)
+//   pmem-dax-read --feed POOL.feed VOLUME --stamp-writer FIRST COUNT FAMILY TAG SECONDS
+//     (a write-lease holder: leases blocks FIRST..<FIRST+COUNT again and again and stores
+//     self-describing 4 KiB stamps into them, printing "I block version time" before and
+//     "S block version time" after each store (CLOCK_MONOTONIC ns), "L lease" per lease and
+//     "E state" when one ends; exits after SECONDS. The DAX torture test kills it at random.)
 import CLibNBD
 import Glibc
 import PmemDAX
@@ -24,18 +29,48 @@ func fixed(_ x: Double, _ digits: Int = 2) -> String {
     return "\(n / Int(scale)).\(String(repeating: "0", count: digits - frac.count))\(frac)"
 }
 
+let usage = """
+usage: pmem-dax-read --feed SOCKET [--nbd SOCKET] VOLUME OFFSET LENGTH   (bytes to standard output)
+       pmem-dax-read --feed SOCKET --nbd SOCKET VOLUME --bench N        (DAX vs NBD 4 KiB read latency)
+       pmem-dax-read --feed SOCKET VOLUME --hold SECONDS                (hold read leases on the volume)
+
+Reads a volume of a pool a pmem-nbd server serves straight from pool memory, through the
+server's mapping-change feed (POOL.feed); ranges it cannot lease are read over NBD (--nbd, the
+server's Unix socket). VOLUME is an export name: pmem0 is a new pool's first volume, VOL@SNAP a
+snapshot. See pmem-dax-read(1) in Docs/pmem-nbd.1 and Docs/FEED.md.
+
+Example:
+  pmem-dax-read --feed pmem-nbd.pool.feed --nbd /tmp/pmem.sock pmem0 0 4096 | od -A d -t x1 | head
+
+"""
+
 func main() {
 var args = Array(CommandLine.arguments.dropFirst())
+if args.contains("--help") || args.contains("-h") {
+    print(usage, terminator: "")
+    exit(0)
+}
+if args == ["--version"] || args == ["-V"] {
+    print("pmem-dax-read (pmem-nbd)")
+    exit(0)
+}
 func option(_ name: String) -> String? {
     guard let i = args.firstIndex(of: name), i + 1 < args.count else { return nil }
     defer { args.removeSubrange(i...(i + 1)) }
     return args[i + 1]
 }
-guard let feed = option("--feed") else { fail("usage: pmem-dax-read --feed SOCKET [--nbd SOCKET] VOLUME (OFFSET LENGTH | --bench N | --hold SECONDS)") }
+guard let feed = option("--feed") else { fail("usage: pmem-dax-read --feed SOCKET [--nbd SOCKET] VOLUME (OFFSET LENGTH | --bench N | --hold SECONDS); --help for more") }
 let nbdSocket = option("--nbd")
 let bench = option("--bench").flatMap { Int($0) }
 let hold = option("--hold").flatMap { Double($0) }
+let stampWriter = args.firstIndex(of: "--stamp-writer").map { i -> [UInt64] in
+    let values = args.dropFirst(i + 1).prefix(5).compactMap { UInt64($0) }
+    guard values.count == 5 else { fail("--stamp-writer FIRST COUNT FAMILY TAG SECONDS") }
+    args.removeSubrange(i...(i + 5))
+    return values
+}
 guard let volumeName = args.first else { fail("name a volume") }
+if let w = stampWriter { writeStamps(feed: feed, volume: volumeName, first: w[0], count: w[1], family: w[2], tag: w[3], seconds: w[4]) }
 
 do {
     let pool = try DAXPool(feed: feed, nbd: nbdSocket)
@@ -102,3 +137,67 @@ do {
 }
 
 main()
+
+/// A 4 KiB stamp that says what it is: magic, family (which volume lineage wrote it), block,
+/// version, then a CRC-32C of the rest, which is a pseudo-random fill derived from the header.
+/// The DAX torture test (Tests/PmemNBDTests/TortureTests.swift) decodes the same layout.
+func fillStamp(_ p: UnsafeMutableRawPointer, family: UInt64, block: UInt64, version: UInt64) {
+    var x = version &* 0x9E37_79B9_7F4A_7C15 ^ block ^ family << 32 | 1
+    for i in stride(from: 40, to: 4096, by: 8) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17
+        p.storeBytes(of: x, toByteOffset: i, as: UInt64.self)
+    }
+    p.storeBytes(of: 0x5254_524F_5458_4144 as UInt64, toByteOffset: 0, as: UInt64.self)
+    p.storeBytes(of: family, toByteOffset: 8, as: UInt64.self)
+    p.storeBytes(of: block, toByteOffset: 16, as: UInt64.self)
+    p.storeBytes(of: version, toByteOffset: 24, as: UInt64.self)
+    let sum = PersistentMemory.crc32c(p + 40, count: 4096 - 40, seed: UInt32(truncatingIfNeeded: version ^ block ^ family))
+    p.storeBytes(of: UInt64(sum), toByteOffset: 32, as: UInt64.self)
+}
+
+func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// `--stamp-writer`: see the header comment. Never returns.
+func writeStamps(feed: String, volume name: String, first: UInt64, count: UInt64, family: UInt64, tag: UInt64, seconds: UInt64) -> Never {
+    // A hard deadline of its own, whatever happens to the parent.
+    alarm(UInt32(seconds + 5))
+    func emit(_ line: String) { _ = try? FileDescriptor.standardOutput.writeAll(bytes: Array((line + "\n").utf8)) }
+    do {
+        let pool = try DAXPool(feed: feed, writable: true, name: "stamp-writer-\(tag)")
+        let volume = try pool.volume(named: name)
+        let end = monotonicNanoseconds() + seconds * 1_000_000_000
+        let stamp = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        var n: UInt64 = 0
+        var rng = SystemRandomNumberGenerator()
+        while monotonicNanoseconds() < end {
+            guard let lease = try? volume.writeLease(first: first, count: UInt32(count), onRecall: {}) else {
+                if pool.isFenced { emit("F"); exit(3) }
+                usleep(20_000)
+                continue
+            }
+            emit("L \(lease.id)")
+            while monotonicNanoseconds() < end {
+                let i = Int.random(in: 0..<Int(count), using: &rng)
+                n += 1
+                let version = tag << 32 | n
+                fillStamp(stamp, family: family, block: first + UInt64(i), version: version)
+                let stored: Void? = try? lease.withStores {
+                    emit("I \(first + UInt64(i)) \(version) \(monotonicNanoseconds())")
+                    lease.pointer(i).copyMemory(from: stamp, byteCount: 4096)
+                    emit("S \(first + UInt64(i)) \(version) \(monotonicNanoseconds())")
+                }
+                if stored == nil { break }
+                usleep(UInt32.random(in: 50...500, using: &rng))
+            }
+            emit("E \(lease.waitUntilEnded(timeout: 5))")
+        }
+        pool.close()
+        exit(0)
+    } catch {
+        fail("\(error)")
+    }
+}

@@ -10,7 +10,8 @@ struct Feed: ParsableCommand {
         abstract: "Show a served pool's mapping-change feed (Docs/FEED.md).",
         discussion: """
         Without --follow: the pool's volumes and the current event sequence number. With --follow: every
-        event as it happens (remaps, snapshots, rollbacks, media errors), one per line; --json for scripts.
+        event as it happens (remaps, snapshots, rollbacks, media errors), one per line; --json for scripts
+        (each event names its volume). When the server stops, --follow says so and exits with status 1.
         """)
 
     @Option(name: .long, help: "The pool (default: pmem-nbd.pool); its feed is POOL.feed unless --feed is given.") var pool: String = "pmem-nbd.pool"
@@ -32,7 +33,7 @@ struct Feed: ParsableCommand {
             while let (type, payload) = try c.receive() {
                 if type == FeedMessage.volumes.rawValue { volumes = try FeedConnection.decodeVolumes(payload); break }
             }
-            let names = Dictionary(volumes.map { ($0.id, $0.name) }, uniquingKeysWith: { a, _ in a })
+            var names = Dictionary(volumes.map { ($0.id, $0.name) }, uniquingKeysWith: { a, _ in a })
             var filter: UInt64 = 0
             if let volume {
                 guard let v = volumes.first(where: { $0.name == volume }) else { throw ServeError("no volume '\(volume)' in the feed") }
@@ -49,11 +50,23 @@ struct Feed: ParsableCommand {
                 return 0
             }
             try c.subscribe(volume: filter, from: from)
-            while let (type, payload) = try c.receive() {
+            while true {
+                let message: (UInt16, [UInt8])?
+                do { message = try c.receive() } catch {
+                    throw ServeError("the feed at \(path) failed: \(error) (did the server stop?)")
+                }
+                guard let (type, payload) = message else {
+                    throw ServeError("the feed at \(path) closed: the server stopped")
+                }
                 switch FeedMessage(rawValue: type) {
                 case .events:
                     let events = try FeedConnection.decodeEvents(payload)
-                    for e in events { emitLine(json ? jsonLine(e) : textLine(e, names)) }
+                    for e in events {
+                        // Volumes created while following are named by their events' successors;
+                        // learn the name from a fresh list when an unknown id shows up.
+                        if names[e.volume] == nil { names = (try? refreshNames(path)) ?? names }
+                        emitLine(json ? jsonLine(e, names) : textLine(e, names))
+                    }
                     if let last = events.last { try c.ack(last.sequence) }
                 case .resync:
                     emitLine(json ? "{\"resync\":true}" : "resync: events were lost; rebuild maps from map queries")
@@ -61,13 +74,32 @@ struct Feed: ParsableCommand {
                     break
                 }
             }
-            return 0
         }
     }
 
-    func jsonLine(_ e: FeedEvent) -> String {
+    /// The volume names the feed lists now (a second connection).
+    func refreshNames(_ path: String) throws -> [UInt64: String] {
+        let c = try FeedConnection(path: path, name: "pmem-nbd feed")
+        try c.listVolumes()
+        while let (type, payload) = try c.receive() {
+            if type == FeedMessage.volumes.rawValue {
+                return Dictionary(try FeedConnection.decodeVolumes(payload).map { ($0.id, $0.name) }, uniquingKeysWith: { a, _ in a })
+            }
+        }
+        return [:]
+    }
+
+    /// One event as JSON: `volume` is the id, `name` the volume's name (when known); a media
+    /// error's owners carry names too.
+    func jsonLine(_ e: FeedEvent, _ names: [UInt64: String]) -> String {
         let entries = e.entries.map { "[\($0.0),\($0.1)]" }.joined(separator: ",")
-        return "{\"seq\":\(e.sequence),\"kind\":\"\(kindName(e.kind))\",\"reason\":\"\(reasonName(e.reason))\",\"volume\":\(e.volume),\"first\":\(e.first),\"aux\":\(e.aux),\"entries\":[\(entries)]}"
+        var line = "{\"seq\":\(e.sequence),\"kind\":\"\(kindName(e.kind))\",\"reason\":\"\(reasonName(e.reason))\",\"volume\":\(e.volume),"
+        if let name = names[e.volume] { line += "\"name\":\"\(jsonEscape(name))\"," }
+        line += "\"first\":\(e.first),\"aux\":\(e.aux),\"entries\":[\(entries)]"
+        if e.kind == .mediaError {
+            line += ",\"owners\":[" + e.entries.map { "{\"volume\":\($0.0),\"name\":\"\(jsonEscape(names[$0.0] ?? ""))\",\"block\":\($0.1)}" }.joined(separator: ",") + "]"
+        }
+        return line + "}"
     }
 
     func textLine(_ e: FeedEvent, _ names: [UInt64: String]) -> String {

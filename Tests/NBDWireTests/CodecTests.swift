@@ -4,7 +4,7 @@ import Testing
 /// Big-endian bytes built by hand, independent of the codec under test.
 func be<T: FixedWidthInteger>(_ v: T) -> [UInt8] { withUnsafeBytes(of: v.bigEndian) { Array($0) } }
 
-@Suite struct RequestCodecTests {
+@Suite(.timeLimit(.minutes(5))) struct RequestCodecTests {
     @Test func decodesCompactRequest() {
         let bytes = be(UInt32(0x2560_9513)) + be(UInt16(1)) + be(UInt16(1)) + be(UInt64(0xDEAD_BEEF_0102_0304)) + be(UInt64(4096)) + be(UInt32(512))
         let decoded = bytes.withUnsafeBytes { Request.decode($0.baseAddress!) }

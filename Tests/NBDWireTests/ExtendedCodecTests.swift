@@ -3,7 +3,7 @@ import Testing
 
 /// Extended request headers and extended reply chunks against layouts written out by hand
 /// from the spec (extension-ext-header branch of doc/proto.md).
-@Suite struct ExtendedCodecTests {
+@Suite(.timeLimit(.minutes(5))) struct ExtendedCodecTests {
     @Test func decodesExtendedRequestWith64BitLength() {
         let bytes = be(UInt32(0x21e4_1c71)) + be(UInt16(0x21)) + be(UInt16(1)) + be(UInt64(0xC0FF_EE00_0000_0001))
             + be(UInt64(5 << 30)) + be(UInt64(0x1_0000_0200))

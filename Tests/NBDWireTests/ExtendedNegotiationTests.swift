@@ -3,7 +3,7 @@ import Testing
 
 /// NBD_OPT_EXTENDED_HEADERS in the negotiator: acknowledgement, orderings with
 /// NBD_OPT_STRUCTURED_REPLY, repeats, EXPORT_NAME, and what GO then settles.
-@Suite struct ExtendedNegotiationTests {
+@Suite(.timeLimit(.minutes(5))) struct ExtendedNegotiationTests {
     func types(_ o: Negotiator.Outcome) -> [UInt32] {
         guard case .reply(let bytes) = o else { return [] }
         return replies(bytes).map(\.1)

@@ -36,7 +36,7 @@ func metaPayload(_ name: String, _ queries: [String]) -> [UInt8] {
     return p
 }
 
-@Suite struct NegotiatorTests {
+@Suite(.timeLimit(.minutes(5))) struct NegotiatorTests {
     @Test func greeting() {
         #expect(Negotiator.greeting == be(UInt64(0x4e42_444d_4147_4943)) + be(UInt64(0x4948_4156_454F_5054)) + be(UInt16(3)))
     }

@@ -1,7 +1,7 @@
 import NBDWire
 import Testing
 
-@Suite struct RequestCheckTests {
+@Suite(.timeLimit(.minutes(5))) struct RequestCheckTests {
     func session(structured: Bool = true, readOnly: Bool = false, contexts: [MetaContext] = [MetaContext(id: 1, name: "base:allocation")]) -> NegotiatedSession {
         var flags = baseFlags
         if readOnly { flags.insert(.readOnly) }
@@ -67,6 +67,29 @@ import Testing
         // Compact headers: PAYLOAD_LEN means nothing for framing (and is rejected as a flag).
         #expect(RequestCheck.payloadLength(of: req(.trim, .payloadLength, length: 77)) == 0)
         #expect(code(RequestCheck.check(req(.write, .payloadLength), session: session())) == .invalid)
+    }
+
+    /// READ and WRITE up to the advertised 32 MiB for a client that asked for the block sizes
+    /// (it promised to keep to them); up to 64 MiB (nbdkit's limit) for one that did not.
+    @Test func largestRequestDependsOnWhetherBlockSizesWereNegotiated() {
+        var flags = baseFlags
+        flags.insert(.sendDF)
+        let export = ExportDescriptor(name: "vol", size: 1 << 30, flags: flags)
+        for honours in [true, false] {
+            let s = NegotiatedSession(export: export, flags: flags, structuredReplies: true, metaContexts: [],
+                                      clientHonoursBlockSize: honours, viaExportName: false)
+            let limit: UInt64 = honours ? 32 << 20 : 64 << 20
+            #expect(s.maximumRequestPayload == UInt32(limit))
+            for t in [CommandType.read, .write] {
+                #expect(RequestCheck.check(req(t, length: limit), session: s) == .accept, "\(t.name) of \(limit), honours \(honours)")
+                #expect(RequestCheck.check(req(t, length: limit + 1), session: s) != .accept, "\(t.name) one byte over, honours \(honours)")
+            }
+            #expect(RequestCheck.check(req(.trim, length: 512 << 20), session: s) == .accept, "effect lengths are not payloads")
+        }
+        let extended = NegotiatedSession(export: export, flags: flags, structuredReplies: true, metaContexts: [],
+                                         clientHonoursBlockSize: false, viaExportName: false, extendedHeaders: true)
+        #expect(!RequestCheck.payloadForcesDisconnect(req(.write, .payloadLength, length: 64 << 20), session: extended))
+        #expect(RequestCheck.payloadForcesDisconnect(req(.write, .payloadLength, length: (64 << 20) + 1), session: extended))
     }
 
     /// An extended-headers session on a 1 TiB export.

@@ -6,7 +6,7 @@ import Testing
 
 /// The `pmem-nbd` executable: create, info, serve (Unix, TCP, stdio, socket activation),
 /// clean shutdown, and refusing damaged pools.
-@Suite struct CLITests {
+@Suite(.timeLimit(.minutes(5))) struct CLITests {
     @Test func createAndInfo() throws {
         let d = ScratchDirectory()
         let pool = d.file("p.pool")

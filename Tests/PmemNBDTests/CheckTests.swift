@@ -6,7 +6,7 @@ import PmemSystem
 import Testing
 
 /// `pmem-nbd check` catches deliberately corrupted pools, and `--repair` fixes only what is safe.
-@Suite struct CheckTests {
+@Suite(.timeLimit(.minutes(5))) struct CheckTests {
     /// A pool with data in two leaves, closed cleanly; returns its path and layout facts.
     func makePool(_ d: ScratchDirectory) throws -> (path: String, layout: PoolLayout, root: UInt64, depth: Int) {
         let path = d.file("p.pool")

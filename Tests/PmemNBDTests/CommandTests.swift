@@ -3,7 +3,7 @@ import Foundation
 import Testing
 
 /// Every command and flag, through libnbd.
-@Suite struct CommandTests {
+@Suite(.timeLimit(.minutes(5))) struct CommandTests {
     @Test(arguments: [(0, 1), (1, 1), (4095, 2), (4096, 4096), (100, 20_000), (8191, 65_537), (1 << 20, 1 << 20)])
     func readWriteRoundTrip(offset: Int, count: Int) throws {
         let s = try TestServer()

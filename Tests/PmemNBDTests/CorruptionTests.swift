@@ -10,7 +10,7 @@ import Testing
 /// Neither may crash; the server refuses the pool with a message or serves it; and whatever it
 /// serves, a block of one volume never comes back holding another block's data: it reads as
 /// written, as zeroes where damage made it a hole, or fails with EIO.
-@Suite(.serialized) struct CorruptionTests {
+@Suite(.serialized, .timeLimit(.minutes(10))) struct CorruptionTests {
     static let volumeBlocks = 128
 
     /// A pool with volumes `a` and `b` (512 KiB each, every block written with a pattern of its

@@ -8,7 +8,7 @@ import Testing
 /// and checked. The journal is a small ring (96 KiB), so every run goes through its wrap-around
 /// and several checkpoints.
 /// `PMEM_NBD_CRASH_STATES=200000 scripts/test --filter CrashStateTests` runs a longer search.
-@Suite(.serialized) struct CrashStateTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct CrashStateTests {
     static var target: Int { Int(ProcessInfo.processInfo.environment["PMEM_NBD_CRASH_STATES"] ?? "") ?? 6000 }
 
     func explore(_ domain: Persistence.Domain, states: Int, firstSeed: UInt64, snapshots: Bool = false,

@@ -26,7 +26,7 @@ import Testing
 ///
 /// `PMEM_NBD_DAX_READS` sets the number of DAX reads (default 30 000; the long mode is 1 000 000
 /// or more, e.g. `PMEM_NBD_DAX_READS=1000000 swift test -c release --filter DAXStress`).
-@Suite struct DAXStressTests {
+@Suite(.timeLimit(.minutes(5))) struct DAXStressTests {
     @Test func daxReadsNeverSeeStaleOrReusedBlocks() throws {
         let target = ProcessInfo.processInfo.environment["PMEM_NBD_DAX_READS"].flatMap(Int.init) ?? 30_000
         let run = try StressRun(blocks: 1024, writers: 2, readers: 2, targetReads: target)

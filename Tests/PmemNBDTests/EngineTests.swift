@@ -9,7 +9,7 @@ import Testing
 
 /// Engine properties measured directly: multi-connection FLUSH durability on a traced image,
 /// open and recovery cost independent of pool size, write amplification.
-@Suite struct EngineTests {
+@Suite(.timeLimit(.minutes(5))) struct EngineTests {
     /// Writes completed on one connection are durable once another connection's FLUSH returns:
     /// the tracer's durable image (what surely reached media) is recovered and read back.
     @Test(arguments: [Persistence.Domain.cacheline, .page])

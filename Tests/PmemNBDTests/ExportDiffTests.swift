@@ -4,7 +4,7 @@ import Testing
 
 /// `pmem-nbd export-diff`: RBD diff v1 files, checked against the format as Ceph documents it
 /// (doc/dev/rbd-diff.rst) by a strict parser here, and by Ceph's own `rbd merge-diff`.
-@Suite(.serialized) struct ExportDiffTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct ExportDiffTests {
     /// One parsed diff: metadata and data records in file order.
     struct RBDDiff {
         enum Record: Equatable { case data(UInt64, [UInt8]), zero(UInt64, UInt64) }

@@ -7,7 +7,7 @@ import Testing
 /// negotiation orderings, every command with 32-byte requests and extended replies, 64-bit
 /// lengths on a large sparse volume, bad lengths, and libnbd with compact headers on other
 /// connections of the same server as the independent reader and bystander.
-@Suite struct ExtendedHeadersTests {
+@Suite(.timeLimit(.minutes(5))) struct ExtendedHeadersTests {
     typealias Chunk = RawClient.ExtendedChunk
 
     enum Cmd {

@@ -6,6 +6,7 @@ import PmemDAX
 import PmemFeedClient
 import PmemNBD
 import PmemPool
+import PmemSystem
 import PmemVolumes
 import Testing
 
@@ -56,7 +57,7 @@ final class FeedProbe {
 
 /// The mapping-change feed: events, resume, map and reverse queries, leases, recall and
 /// fencing, media errors, the sharing context, and the DAX library.
-@Suite struct FeedTests {
+@Suite(.timeLimit(.minutes(5))) struct FeedTests {
     func volumeID(_ s: TestServer, _ name: String = "vol0") -> UInt64 { s.pool.volume(named: name)!.id }
 
     @Test func eventsForEveryKindOfChangeInOrder() throws {
@@ -353,19 +354,16 @@ final class FeedProbe {
         let server = try ServerProcess(["serve", pool, "--create", "64M", "-U", sock])
         defer { _ = server.stop() }
         let c = try connectWhenReady(sock)
-        let follower = Process()
-        follower.executableURL = URL(fileURLWithPath: pmemNBDBinary)
-        follower.arguments = ["feed", "--pool", pool, "--follow", "--json"]
-        let out = Pipe()
-        follower.standardOutput = out
-        try follower.run()
+        let follower = try ChildProcess(executable: pmemNBDBinary, arguments: [pmemNBDBinary, "feed", "--pool", pool, "--follow", "--json"],
+                                        standardOutput: .pipe)
         usleep(500_000)
         try c.pwrite(pattern(4096, seed: 16), offset: 4096)
         #expect(try run([pmemNBDBinary, "snapshot", "create", "pmem0@x", "--pool", pool]).status == 0)
         usleep(500_000)
-        follower.terminate()
-        follower.waitUntilExit()
-        let lines = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).split(separator: "\n")
+        follower.signal(SIGTERM)
+        let followed = follower.collect(timeout: .seconds(20))
+        #expect(!followed.timedOut)
+        let lines = String(decoding: followed.standardOutput, as: UTF8.self).split(separator: "\n")
         let objects = lines.compactMap { VolumeRequests.decode(String($0)) }
         #expect(objects.count == 2)
         #expect(objects.first?["kind"] as? String == "remap" && objects.first?["first"] as? Int == 1)

@@ -4,7 +4,7 @@ import Testing
 /// The fuzz target's corpus (real client conversations recorded by `scripts/fuzz corpus`) and
 /// every reproducer the fuzzer ever found (`Fuzz/regressions/`) replayed through the wire codec
 /// by the `nbd-fuzz` executable: none may fail its checks. `scripts/fuzz run` is the fuzzer.
-@Suite struct FuzzCorpusTests {
+@Suite(.timeLimit(.minutes(5))) struct FuzzCorpusTests {
     @Test func corpusAndRegressionsReplayCleanly() throws {
         let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         var files: [String] = []

@@ -3,7 +3,7 @@ import Foundation
 import Testing
 
 /// Handshake variants, driven by libnbd.
-@Suite struct HandshakeTests {
+@Suite(.timeLimit(.minutes(5))) struct HandshakeTests {
     @Test func defaultNegotiationAdvertisesEverything() throws {
         let s = try TestServer()
         let c = try s.client { c in

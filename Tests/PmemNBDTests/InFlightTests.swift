@@ -3,7 +3,7 @@ import Foundation
 import Testing
 
 /// Many requests in flight on one connection.
-@Suite struct InFlightTests {
+@Suite(.timeLimit(.minutes(5))) struct InFlightTests {
     @Test func libnbdWith128InFlight() throws {
         let s = try TestServer()
         let c = try s.client()

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// The server with the standard tools users have: nbdinfo, nbdsh, nbdcopy, qemu-img, fio.
-@Suite struct InteropTests {
+@Suite(.timeLimit(.minutes(5))) struct InteropTests {
     @Test(.enabled(if: haveTool("nbdinfo"))) func nbdinfoJSONShowsTheExportAndFlags() throws {
         let s = try TestServer()
         let r = try run(["nbdinfo", "--json", s.uri])

@@ -9,7 +9,7 @@ import PmemSystem
 import Testing
 
 /// `serve --metrics`: the Prometheus endpoint, what it counts, and `pmem-nbd stats`.
-@Suite struct MetricsTests {
+@Suite(.timeLimit(.minutes(5))) struct MetricsTests {
     func scrape(_ address: MetricsAddress) throws -> (text: String, doc: PrometheusText.Document) {
         let text = try MetricsClient.fetch(address)
         return (text, try PrometheusText.parse(text))
@@ -81,7 +81,10 @@ import Testing
         #expect(value(before, "pmem_nbd_request_duration_seconds_count") == 0)
         #expect(value(before, "pmem_nbd_snapshots") == 0)
         #expect(value(before, "pmem_nbd_volumes") == 1)
-        #expect(value(before, "pmem_nbd_pool_size_bytes") == 64 << 20)
+        // serve --create 64M makes a 64 MiB export in a pool sized for its slack.
+        let poolSize = try PoolEngine.poolSize(holding: 64 << 20)
+        #expect(value(before, "pmem_nbd_pool_size_bytes") == poolSize)
+        #expect(before.samples("pmem_nbd_export_requests_total").isEmpty, "no export has had a connection")
 
         // Strict mode off, so the read past the end reaches the server (which answers EINVAL).
         let c = try connectWhenReady(sock) { try $0.setStrictMode(0) }
@@ -125,7 +128,16 @@ import Testing
         // Pool space moved the right way.
         let used = value(after, "pmem_nbd_pool_used_bytes"), free = value(after, "pmem_nbd_pool_free_bytes")
         #expect(used > value(before, "pmem_nbd_pool_used_bytes"))
-        #expect(used + free <= 64 << 20)
+        #expect(used + free <= poolSize)
+
+        // The same counts by export (the one connection used pmem0).
+        #expect(value(after, "pmem_nbd_export_requests_total", ["export": "pmem0", "command": "write"]) == 4)
+        #expect(value(after, "pmem_nbd_export_requests_total", ["export": "pmem0", "command": "read"]) == 3)
+        #expect(value(after, "pmem_nbd_export_request_errors_total", ["export": "pmem0", "command": "read"]) == 1)
+        #expect(value(after, "pmem_nbd_export_written_bytes_total", ["export": "pmem0"]) == 3 * 4096 + 512)
+        #expect(value(after, "pmem_nbd_export_read_bytes_total", ["export": "pmem0"]) == 16384)
+        #expect(value(after, "pmem_nbd_export_trimmed_bytes_total", ["export": "pmem0"]) == 8192)
+        #expect(value(after, "pmem_nbd_export_zeroed_bytes_total", ["export": "pmem0"]) == 4096)
 
         // A snapshot, then a write into what it shares: the shared map node is copied.
         let snap = try run([pmemNBDBinary, "snapshot", "create", "--pool", pool, "pmem0@s1"])
@@ -160,18 +172,29 @@ import Testing
         #expect(value(ended, "pmem_nbd_requests_total", ["command": "write"]) == 5)
         #expect(value(ended, "pmem_nbd_requests_total", ["command": "disc"]) == 1)
         #expect(value(ended, "pmem_nbd_connections_total") >= 1)
+        // Per export too, and a second export counts apart.
+        #expect(value(ended, "pmem_nbd_export_requests_total", ["export": "pmem0", "command": "write"]) == 5)
+        #expect(value(ended, "pmem_nbd_export_requests_total", ["export": "pmem0", "command": "disc"]) == 1)
+        let snapClient = try connectWhenReady(sock) { try $0.setExportName("pmem0@s1") }
+        _ = try snapClient.pread(count: 4096, offset: 0)
+        let (perExportText, perExport) = try scrape(address)
+        checkExpositionFormat(perExportText)
+        #expect(value(perExport, "pmem_nbd_export_read_bytes_total", ["export": "pmem0@s1"]) == 4096)
+        #expect(value(perExport, "pmem_nbd_export_read_bytes_total", ["export": "pmem0"]) == 16384)
+        #expect(value(perExport, "pmem_nbd_read_bytes_total") == 16384 + 4096)
+        try snapClient.shutdown()
 
         // `pmem-nbd stats` says the same for a person.
         let stats = try run([pmemNBDBinary, "stats", "--metrics", "unix:" + metricsPath])
         #expect(stats.status == 0, "\(stats.stderr)")
         #expect(stats.stdout.contains("write 5"), "\(stats.stdout)")
-        #expect(stats.stdout.contains("16 KiB read"), "\(stats.stdout)")
+        #expect(stats.stdout.contains("20 KiB read"), "\(stats.stdout)")   // 16 KiB by pmem0, 4 KiB by pmem0@s1
         #expect(stats.stdout.contains("1 volume, 1 snapshot"), "\(stats.stdout)")
         #expect(stats.stdout.contains("1 subscriber"), "\(stats.stdout)")
         let js = try run([pmemNBDBinary, "stats", "--metrics", "unix:" + metricsPath, "--json"])
         let summary = try JSONSerialization.jsonObject(with: Data(js.stdout.utf8)) as? [String: Any]
         #expect((summary?["requests"] as? [String: Any])?["write"] as? Int == 5, "\(js.stdout)")
-        #expect((summary?["bytes"] as? [String: Any])?["read"] as? Int == 16 << 10)
+        #expect((summary?["bytes"] as? [String: Any])?["read"] as? Int == 20 << 10)
         #expect(summary?["volumes"] as? Int == 1 && summary?["snapshots"] as? Int == 1)
         #expect((summary?["feed"] as? [String: Any])?["subscribers"] as? Int == 1)
         let raw = try run([pmemNBDBinary, "stats", "--metrics", "unix:" + metricsPath, "--raw"])

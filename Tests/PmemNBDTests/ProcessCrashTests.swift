@@ -7,7 +7,7 @@ import Testing
 /// SIGKILL in the middle of a write workload that uses FUA and FLUSH; after a restart on the
 /// same pool every acknowledged-durable write is there, every block holds one whole version,
 /// and `check` is clean.
-@Suite struct ProcessCrashTests {
+@Suite(.timeLimit(.minutes(5))) struct ProcessCrashTests {
     struct Model {
         var versions: [[UInt32]]
         var durable: [Int]

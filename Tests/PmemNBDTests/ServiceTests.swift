@@ -9,7 +9,7 @@ let repositoryRoot: String = URL(fileURLWithPath: #filePath).deletingLastPathCom
 
 /// Running pmem-nbd the ways nbdkit and qemu-nbd users run servers: `--print-uri`, `--fork`
 /// with a pid file, and systemd socket activation with the unit files in Docs/systemd.
-@Suite struct ServiceTests {
+@Suite(.timeLimit(.minutes(5))) struct ServiceTests {
     @Test func printURIForUnixAndTCPSockets() throws {
         let d = ScratchDirectory()
         let pool = d.file("p.pool"), sock = d.file("s.sock")
@@ -104,7 +104,7 @@ let repositoryRoot: String = URL(fileURLWithPath: #filePath).deletingLastPathCom
         let socketUnit = try String(contentsOfFile: repositoryRoot + "/Docs/systemd/pmem-nbd.socket", encoding: .utf8)
         let serviceUnit = try String(contentsOfFile: repositoryRoot + "/Docs/systemd/pmem-nbd.service", encoding: .utf8)
         let listen = unitValues(socketUnit, "ListenStream")
-        #expect(listen == ["/run/pmem-nbd.sock", "10809"])
+        #expect(listen == ["/run/pmem-nbd.sock", "127.0.0.1:10809"], "TCP on loopback only: NBD is plaintext")
         let exec = try #require(unitValues(serviceUnit, "ExecStart").first).split(separator: " ").map(String.init)
         #expect(Array(exec.prefix(3)) == ["/usr/local/bin/pmem-nbd", "serve", "/var/lib/pmem-nbd/pool"])
 

@@ -8,7 +8,7 @@ import PmemVolumes
 import Testing
 
 /// Snapshots, clones, rollback and deletion, driven through libnbd, nbdinfo and the CLI.
-@Suite struct SnapshotTests {
+@Suite(.timeLimit(.minutes(5))) struct SnapshotTests {
     /// Sends a control request to the in-process pool (what the control socket does).
     @discardableResult
     func control(_ s: TestServer, _ request: [String: Any]) throws -> [String: Any] {
@@ -78,7 +78,10 @@ import Testing
         #expect(try client(s, "vol0@base").pread(count: 16_384, offset: 0) == pattern(16_384, seed: 3))
     }
 
-    @Test func rollbackReplacesContentsAndDisconnectsClients() throws {
+    /// Rollback keeps the volume's clients: their next requests see the snapshot's contents
+    /// (as a SAN LUN reverted under its initiator). A volume resized since the snapshot cannot
+    /// keep them (NBD cannot announce a new size): they are disconnected.
+    @Test func rollbackReplacesContentsUnderConnectedClients() throws {
         let s = try TestServer()
         s.pool.onVolumeChange { [server = s.server] id in server.disconnect { ($0 as? Volume)?.id == id } }
         let vol = try client(s, "vol0")
@@ -87,18 +90,70 @@ import Testing
         try vol.pwrite(pattern(32_768, seed: 7), offset: 0)
         try vol.pwrite(pattern(4096, seed: 8), offset: 1 << 20)
         let bystander = try client(s, "vol0@good")
-        try control(s, ["op": "snapshot-rollback", "name": "vol0@good"])
-        // The volume's connection is closed; the snapshot's is not.
+        let r = try control(s, ["op": "snapshot-rollback", "name": "vol0@good"])
+        #expect(r["clients_kept"] as? Bool == true)
+        // The same connection reads the snapshot's contents, and keeps writing.
+        #expect(try vol.pread(count: 32_768, offset: 0) == pattern(32_768, seed: 6))
+        #expect(try vol.pread(count: 4096, offset: 1 << 20) == [UInt8](repeating: 0, count: 4096))
+        try vol.pwrite(pattern(4096, seed: 9), offset: 8192)
+        #expect(try bystander.pread(count: 4096, offset: 8192) == Array(pattern(32_768, seed: 6)[8192..<12_288]))
+        let again = try client(s, "vol0")
+        #expect(try again.pread(count: 4096, offset: 8192) == pattern(4096, seed: 9))
+        #expect(try again.pread(count: 4096, offset: 0) == Array(pattern(32_768, seed: 6).prefix(4096)))
+        try vol.flush()
+        try s.pool.runDeletions()
+        #expect(try PoolCheckClean(s))
+
+        // Resized since the snapshot: the clients are disconnected, and see the new size on reconnecting.
+        try control(s, ["op": "volume-resize", "name": "vol0", "size": "512M"])
+        let grown = try client(s, "vol0")
+        #expect(try grown.size == 512 << 20)
+        let back = try control(s, ["op": "snapshot-rollback", "name": "vol0@good"])
+        #expect(back["clients_kept"] as? Bool == false)
         var closed = false
         for _ in 0..<100 where !closed {
-            closed = (try? vol.pread(count: 1, offset: 0)) == nil
+            closed = (try? grown.pread(count: 1, offset: 0)) == nil
             if !closed { usleep(20_000) }
         }
         #expect(closed)
-        #expect(try bystander.pread(count: 4096, offset: 0) == Array(pattern(32_768, seed: 6).prefix(4096)))
-        let again = try client(s, "vol0")
-        #expect(try again.pread(count: 32_768, offset: 0) == pattern(32_768, seed: 6))
-        #expect(try again.pread(count: 4096, offset: 1 << 20) == [UInt8](repeating: 0, count: 4096))
+        let resized = try client(s, "vol0")
+        #expect(try resized.size == (try bystander.size))
+        #expect(try resized.pread(count: 32_768, offset: 0) == pattern(32_768, seed: 6))
+    }
+
+    /// Writes of part of a block racing a rollback: every block ends with the snapshot's
+    /// contents or a write applied on top of them, never a write merged into the old contents.
+    @Test(.timeLimit(.minutes(2))) func partialWritesRacingRollbackNeverMixOldAndNew() throws {
+        let s = try TestServer()
+        let blocks = 64
+        let vol = try client(s, "vol0")
+        // Old contents: 0xAA everywhere; the snapshot: 0x55 everywhere.
+        try vol.pwrite([UInt8](repeating: 0x55, count: blocks * 4096), offset: 0)
+        try control(s, ["op": "snapshot-create", "name": "vol0@base"])
+        for round in 0..<20 {
+            try vol.pwrite([UInt8](repeating: 0xAA, count: blocks * 4096), offset: 0)
+            // A second connection writes 16 bytes of 0x11 at offset 100 of each block, in
+            // flight while the rollback happens.
+            let writer = try client(s, "vol0")
+            let payload = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 8)
+            defer { payload.deallocate() }
+            payload.initializeMemory(as: UInt8.self, repeating: 0x11)
+            var cookies: [Int64] = []
+            for b in 0..<blocks { cookies.append(try writer.aioPwrite(UnsafeRawBufferPointer(payload), offset: UInt64(b) * 4096 + 100)) }
+            if round % 2 == 0 { usleep(UInt32(round * 50)) }
+            try control(s, ["op": "snapshot-rollback", "name": "vol0@base"])
+            while writer.inFlight > 0 { try writer.poll() }
+            for c in cookies { #expect(try writer.completed(c)) }
+            let after = try vol.pread(count: blocks * 4096, offset: 0)
+            for b in 0..<blocks {
+                let block = after[(b * 4096)..<((b + 1) * 4096)]
+                let outside = block.enumerated().filter { $0.offset < 100 || $0.offset >= 116 }.map(\.element)
+                // The bytes around the write are all the snapshot's (0x55): never the old 0xAA.
+                #expect(Set(outside) == [0x55], "round \(round) block \(b): old contents survived the rollback")
+                let written = Array(block[block.startIndex + 100..<block.startIndex + 116])
+                #expect(written == [UInt8](repeating: 0x11, count: 16) || written == [UInt8](repeating: 0x55, count: 16))
+            }
+        }
         try s.pool.runDeletions()
         #expect(try PoolCheckClean(s))
     }
@@ -235,7 +290,10 @@ import Testing
         #expect(try big.pread(count: 4096, offset: (16 << 20) - 4096) == pattern(4096, seed: 16))
         try big.pwrite(pattern(4096, seed: 17), offset: (3 << 30) - 4096)
         #expect(try client(s, "vol0@small").size == 16 << 20)
-        try control(s, ["op": "volume-resize", "name": "vol0", "size": 8 << 20])
+        // Shrinking needs "shrink" (the CLI's --shrink): without it nothing changes.
+        #expect(throws: PoolError.self) { try control(s, ["op": "volume-resize", "name": "vol0", "size": 8 << 20]) }
+        #expect(try client(s, "vol0").size == 3 << 30)
+        try control(s, ["op": "volume-resize", "name": "vol0", "size": 8 << 20, "shrink": true])
         let small = try client(s, "vol0")
         #expect(try small.size == 8 << 20)
         #expect(try client(s, "vol0@small").pread(count: 4096, offset: (16 << 20) - 4096) == pattern(4096, seed: 16))

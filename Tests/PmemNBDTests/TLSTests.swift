@@ -7,7 +7,7 @@ import Testing
 /// TLS (STARTTLS with GnuTLS): X.509 and PSK through libnbd and nbdinfo, the require/on/off
 /// policies seen by libnbd and by a raw client, client certificate verification, and bad
 /// credentials. Certificates and keys are made by certtool and psktool (TestPKI).
-@Suite struct TLSTests {
+@Suite(.timeLimit(.minutes(5))) struct TLSTests {
     let pki = TestPKI.shared
 
     func x509(verifyPeer: Bool = false) throws -> TLSCredentials {

@@ -9,6 +9,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <pthread.h>
+#include <spawn.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -145,6 +146,24 @@ int pmem_tcp_nodelay(int fd);
 
 /// pipe2(O_CLOEXEC): 0 or -1 with errno.
 int pmem_pipe_cloexec(int fds[2]);
+
+/// posix_spawn_file_actions_addclosefrom_np (a GNU extension): the child closes every
+/// descriptor from `from` up. 0 or an error number.
+int pmem_spawn_actions_closefrom(posix_spawn_file_actions_t *actions, int from);
+
+/// pidfd_open(2) with PIDFD_NONBLOCK clear: a descriptor that refers to one process (readable
+/// once it has ended), or -1 with errno.
+int pmem_pidfd_open(pid_t pid);
+
+/// pidfd_send_signal(2): 0 or -1 with errno (ESRCH once the process has ended).
+int pmem_pidfd_send_signal(int pidfd, int sig);
+
+/// prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when its parent
+/// exits. 0 or -1 with errno.
+int pmem_set_parent_death_signal(int sig);
+
+/// syslog(3) of one preformatted message (syslog itself is variadic).
+void pmem_syslog(int priority, const char *message);
 
 // ---- Counters for metrics ----------------------------------------------------
 

@@ -49,7 +49,8 @@ extension RawClient {
             throw UnexpectedReply(description: "reply magic 0x\(String(magic, radix: 16)) instead of the extended one")
         }
         let length = RawClient.u64(h, 24)
-        guard length <= 64 << 20 else { throw UnexpectedReply(description: "reply payload of \(length) bytes") }
+        // 64 MiB of data and the chunk's own fields (an OFFSET_DATA chunk of the largest READ).
+        guard length <= (64 << 20) + 64 else { throw UnexpectedReply(description: "reply payload of \(length) bytes") }
         guard let payload = try receive(Int(length)) else { return nil }
         return ExtendedChunk(flags: UInt16(h[4]) << 8 | UInt16(h[5]), type: UInt16(h[6]) << 8 | UInt16(h[7]),
                              cookie: RawClient.u64(h, 8), offset: RawClient.u64(h, 16), payload: payload)
@@ -75,8 +76,9 @@ extension RawClient {
     }
 
     /// Negotiates extended headers (after structured replies with `structuredFirst`), selects
-    /// `metaContexts`, and sends GO asking for block sizes.
-    func goExtended(name: String = "", structuredFirst: Bool = false, metaContexts: [String] = []) throws -> ExtendedSession {
+    /// `metaContexts`, and sends GO asking for block sizes (unless `requestBlockSize` is false).
+    func goExtended(name: String = "", structuredFirst: Bool = false, metaContexts: [String] = [],
+                    requestBlockSize: Bool = true) throws -> ExtendedSession {
         if structuredFirst {
             try send(RawClient.option(8, []))
             guard let r = try optionReply(), r.type == 1 else { throw UnexpectedReply(description: "STRUCTURED_REPLY refused") }
@@ -95,8 +97,9 @@ extension RawClient {
                 contexts[String(decoding: r.data.dropFirst(4), as: UTF8.self)] = RawClient.u32(r.data, 0)
             }
         }
-        // GO with NBD_INFO_BLOCK_SIZE requested.
-        try send(RawClient.option(7, RawClient.be(UInt32(name.utf8.count)) + Array(name.utf8) + RawClient.be(UInt16(1)) + RawClient.be(UInt16(3))))
+        // GO with NBD_INFO_BLOCK_SIZE requested (or no information request).
+        let requests = requestBlockSize ? RawClient.be(UInt16(1)) + RawClient.be(UInt16(3)) : RawClient.be(UInt16(0))
+        try send(RawClient.option(7, RawClient.be(UInt32(name.utf8.count)) + Array(name.utf8) + requests))
         var session = ExtendedSession(size: 0, flags: 0, contexts: contexts)
         while true {
             guard let r = try optionReply() else { throw Errno.connectionReset }

@@ -1,5 +1,6 @@
 import CLibNBD
 import Foundation
+import PmemSystem
 
 /// An error reported by libnbd: its message and errno.
 struct LibNBDError: Error, CustomStringConvertible {
@@ -21,7 +22,11 @@ final class NBDClient {
         self.h = h
     }
 
-    deinit { nbd_close(h) }
+    deinit {
+        // nbd_close waits for a nbd_connect_command child without a limit: give it one.
+        if let commandPID { ChildProcess.enforceDeadline(pid: commandPID, timeout: commandDeadline) }
+        nbd_close(h)
+    }
 
     @discardableResult
     private func check(_ r: Int32) throws -> Int32 {
@@ -63,11 +68,40 @@ final class NBDClient {
     func connect(uri: String) throws { try check(nbd_connect_uri(h, uri)) }
     func connect(tcp host: String, port: UInt16) throws { try check(nbd_connect_tcp(h, host, String(port))) }
 
-    func connect(command argv: [String]) throws {
-        var cstrings = argv.map { strdup($0) }
+    /// The process `connect(command:)` started (libnbd 1.14 has no nbd_get_subprocess_pid).
+    private(set) var commandPID: pid_t?
+    /// How long that process may outlive the handle before SIGTERM (SIGKILL 5 s later).
+    var commandDeadline: Duration = .seconds(20)
+
+    /// `nbd_connect_command` with a deadline: the command runs through a shell that records its
+    /// pid and then execs it (keeping the pid), and the handshake is driven with
+    /// `nbd_aio_connect_command` + `nbd_poll`, so a command that never answers is stopped after
+    /// `timeout` instead of blocking the test.
+    func connect(command argv: [String], timeout: Duration = .seconds(60)) throws {
+        let pidFile = temporaryLogFile("libnbd-command-pid")
+        defer { unlink(pidFile) }
+        let wrapped = ["/bin/sh", "-c", "echo $$ > \"$0\"; exec \"$@\"", pidFile] + argv
+        var cstrings = wrapped.map { strdup($0) }
         cstrings.append(nil)
         defer { for c in cstrings { free(c) } }
-        try check(nbd_connect_command(h, &cstrings))
+        try check(nbd_aio_connect_command(h, &cstrings))
+        let deadline = ContinuousClock.now + timeout
+        func readPID() {
+            if commandPID == nil, let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+               let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+                commandPID = pid
+            }
+        }
+        while nbd_aio_is_connecting(h) == 1 {
+            readPID()
+            if ContinuousClock.now > deadline {
+                if let commandPID { ChildProcess.enforceDeadline(pid: commandPID, timeout: .zero) }
+                throw LibNBDError(errno: ETIMEDOUT, message: "\(argv.joined(separator: " ")) did not complete the handshake in \(timeout)")
+            }
+            try check(nbd_poll(h, 100))
+        }
+        readPID()
+        if nbd_aio_is_ready(h) != 1 && nbd_aio_is_negotiating(h) != 1 { throw LibNBDError.last() }
     }
 
     // MARK: option mode

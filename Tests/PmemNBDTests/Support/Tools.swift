@@ -1,5 +1,7 @@
 import Foundation
 import Glibc
+import PmemSystem
+import Testing
 
 /// Result of running a program.
 struct ToolResult {
@@ -24,68 +26,78 @@ func haveTool(_ name: String) -> Bool {
     systemPath.split(separator: ":").contains { FileManager.default.isExecutableFile(atPath: "\($0)/\(name)") }
 }
 
-/// Runs a program to completion, with a timeout after which it is killed.
-@discardableResult
-func run(_ argv: [String], environment: [String: String] = [:], stdin: Data? = nil, timeout: TimeInterval = 120) throws -> ToolResult {
-    let p = Process()
-    let path = argv[0].hasPrefix("/") ? argv[0] : (systemPath.split(separator: ":").map { "\($0)/\(argv[0])" }.first { FileManager.default.isExecutableFile(atPath: $0) } ?? argv[0])
-    p.executableURL = URL(fileURLWithPath: path)
-    p.arguments = Array(argv.dropFirst())
-    var env = ProcessInfo.processInfo.environment
-    env["PATH"] = systemPath
-    for (k, v) in environment { env[k] = v }
-    p.environment = env
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    let input = Pipe()
-    p.standardInput = input
-    try p.run()
-    if let stdin { input.fileHandleForWriting.write(stdin) }
-    try? input.fileHandleForWriting.close()
-    // Drain both pipes while waiting so a chatty tool cannot block.
-    final class Sink: @unchecked Sendable { var data = Data() }
-    let o = Sink(), e = Sink()
-    let group = DispatchGroup()
-    group.enter()
-    DispatchQueue.global().async { o.data = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    group.enter()
-    DispatchQueue.global().async { e.data = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    let deadline = Date().addingTimeInterval(timeout)
-    while p.isRunning && Date() < deadline { usleep(10_000) }
-    if p.isRunning {
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
-    }
-    group.wait()
-    return ToolResult(status: p.terminationStatus, stdout: String(decoding: o.data, as: UTF8.self), stderr: String(decoding: e.data, as: UTF8.self))
+/// Resolves a program name against `systemPath` (an absolute path is kept).
+func resolveTool(_ name: String) -> String {
+    if name.hasPrefix("/") { return name }
+    return systemPath.split(separator: ":").map { "\($0)/\(name)" }.first { FileManager.default.isExecutableFile(atPath: $0) } ?? name
 }
 
-/// A `pmem-nbd serve` process, stopped with SIGTERM at the end.
+/// Runs a program to completion with a hard deadline (`ChildProcess.run`): at `timeout` it is
+/// sent SIGTERM, two seconds later its whole process group SIGKILL, and it is always reaped; a
+/// grandchild holding its output open cannot keep this waiting. A timeout is recorded as an
+/// issue of the running test.
+@discardableResult
+func run(_ argv: [String], environment: [String: String] = [:], stdin: Data? = nil, timeout: TimeInterval = 120) throws -> ToolResult {
+    var env = environment
+    env["PATH"] = env["PATH"] ?? systemPath
+    let path = resolveTool(argv[0])
+    let outcome: ChildProcess.Outcome
+    do {
+        outcome = try ChildProcess.run(
+            executable: path, arguments: [path] + argv.dropFirst(), environment: env,
+            input: stdin.map { [UInt8]($0) }, timeout: .milliseconds(Int(timeout * 1000)))
+    } catch {
+        throw POSIXError(POSIXErrorCode(rawValue: error.rawValue) ?? .EIO)
+    }
+    if outcome.timedOut {
+        Issue.record("\(argv.joined(separator: " ")) did not finish within \(Int(timeout)) s; it was stopped")
+    }
+    if outcome.termination == nil {
+        Issue.record("\(argv.joined(separator: " ")) survived SIGKILL (uninterruptible sleep?)")
+    }
+    return ToolResult(status: outcome.termination?.shellStatus ?? -1,
+                      stdout: String(decoding: outcome.standardOutput, as: UTF8.self),
+                      stderr: String(decoding: outcome.standardError, as: UTF8.self))
+}
+
+/// A unique file for a child's standard error (removed by the owner).
+func temporaryLogFile(_ prefix: String) -> String {
+    var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
+    let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+    if fd >= 0 { close(fd) }
+    return String(cString: template)
+}
+
+/// A `pmem-nbd serve` process (through `ChildProcess`: its own process group, always reaped,
+/// every wait bounded). Standard error goes to a file, so a chatty server never blocks on a full
+/// pipe; it is stopped with SIGKILL when the object goes away.
 final class ServerProcess {
-    let process = Process()
-    let stderrPipe = Pipe()
-    let stdoutPipe = Pipe()
+    let process: ChildProcess
+    let stderrPath: String
     private var stdoutBuffer: [UInt8] = []
 
     /// Runs `pmem-nbd ARGUMENTS`, or with `launcher` the program named by the first argument.
     /// With `captureStdout` its standard output can be read with `readLines`.
     init(_ arguments: [String], environment: [String: String] = [:], launcher: Bool = false, captureStdout: Bool = false) throws {
-        process.executableURL = URL(fileURLWithPath: launcher ? arguments[0] : pmemNBDBinary)
-        process.arguments = launcher ? Array(arguments.dropFirst()) : arguments
-        var env = ProcessInfo.processInfo.environment
-        for (k, v) in environment { env[k] = v }
-        process.environment = env
-        process.standardError = stderrPipe
-        process.standardOutput = captureStdout ? stdoutPipe : FileHandle.nullDevice
-        try process.run()
+        let executable = launcher ? arguments[0] : pmemNBDBinary
+        stderrPath = temporaryLogFile("pmem-nbd-test-stderr")
+        do {
+            process = try ChildProcess(
+                executable: executable, arguments: [executable] + (launcher ? Array(arguments.dropFirst()) : arguments),
+                environment: environment, standardOutput: captureStdout ? .pipe : .null, standardError: .file(stderrPath))
+        } catch {
+            unlink(stderrPath)
+            throw POSIXError(POSIXErrorCode(rawValue: error.rawValue) ?? .EIO)
+        }
     }
 
-    var pid: Int32 { process.processIdentifier }
+    var pid: Int32 { process.pid }
+    var isRunning: Bool { process.isRunning }
 
     /// Reads `count` lines of standard output (fewer if it ends or `timeout` passes first).
     func readLines(_ count: Int, timeout: TimeInterval = 20) -> [String] {
-        readLinesFrom(stdoutPipe.fileHandleForReading.fileDescriptor, count: count, buffer: &stdoutBuffer, timeout: timeout)
+        guard let fd = process.standardOutput else { return [] }
+        return readLinesFrom(fd.rawValue, count: count, buffer: &stdoutBuffer, timeout: timeout)
     }
 
     /// Waits until a Unix socket file exists.
@@ -100,26 +112,20 @@ final class ServerProcess {
         return false
     }
 
-    /// Sends a signal and waits for exit; returns the exit status.
+    /// Sends a signal and waits for exit, at most `timeout` before SIGKILL goes to the whole
+    /// process group; returns the exit status (128 + the signal for a killed process), -1 if
+    /// it survived SIGKILL too.
     func stop(signal: Int32 = SIGTERM, timeout: TimeInterval = 30) -> Int32 {
-        if process.isRunning { kill(pid, signal) }
-        let deadline = Date().addingTimeInterval(timeout)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
-        if process.isRunning {
-            kill(pid, SIGKILL)
-        }
-        process.waitUntilExit()
-        return process.terminationStatus
+        process.stop(signal: signal, grace: .milliseconds(Int(timeout * 1000)))?.shellStatus ?? -1
     }
 
-    var stderrText: String {
-        String(decoding: stderrPipe.fileHandleForReading.availableData, as: UTF8.self)
-    }
+    var stderrText: String { (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? "" }
 
-    deinit { _ = stop(signal: SIGKILL, timeout: 5) }
+    deinit {
+        process.stop(signal: SIGKILL)
+        unlink(stderrPath)
+    }
 }
-
-import PmemSystem
 
 /// CRC-32C as the pool header uses it.
 func PersistentMemoryCRC(_ b: UnsafeRawBufferPointer) -> UInt32 { PersistentMemory.crc32c(b) }
@@ -167,65 +173,38 @@ func readLinesFrom(_ fd: Int32, count: Int, buffer: inout [UInt8], timeout: Time
 /// that then execs the program, keeping its pid). Standard output goes to a pipe, standard
 /// error to a file.
 final class ActivatedProcess {
-    let pid: pid_t
-    let stdoutRead: Int32
+    let process: ChildProcess
     let stderrPath: String
     private var buffer: [UInt8] = []
-    private var status: Int32?
 
     init(_ argv: [String], passing sockets: [Int32], environment: [String: String], stderrPath: String) throws {
         self.stderrPath = stderrPath
-        // Copies above any descriptor number the child uses, so the dup2s cannot clobber each other.
-        let high = sockets.map { fcntl($0, F_DUPFD_CLOEXEC, 100) }
-        defer { for fd in high { close(fd) } }
-        var pipeFDs: [Int32] = [0, 0]
-        guard pipe(&pipeFDs) == 0 else { throw POSIXError(.EIO) }
-        for fd in pipeFDs { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        defer { close(pipeFDs[1]) }
-        stdoutRead = pipeFDs[0]
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 1)
-        posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        for (i, fd) in high.enumerated() { posix_spawn_file_actions_adddup2(&actions, fd, 3 + Int32(i)) }
+        var env = environment
+        env["LISTEN_FDS"] = env["LISTEN_FDS"] ?? String(sockets.count)
         let shell = ["/bin/sh", "-c", "LISTEN_PID=$$; export LISTEN_PID; exec \"$@\"", "sh"] + argv
-        var env = ProcessInfo.processInfo.environment
-        env["LISTEN_FDS"] = String(sockets.count)
-        for (k, v) in environment { env[k] = v }
-        var cArgs = shell.map { strdup($0) } + [nil]
-        var cEnv = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { for p in cArgs + cEnv { free(p) } }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, "/bin/sh", &actions, nil, &cArgs, &cEnv)
-        guard rc == 0 else { throw POSIXError(POSIXErrorCode(rawValue: rc) ?? .EIO) }
-        self.pid = pid
+        do {
+            process = try ChildProcess(
+                executable: "/bin/sh", arguments: shell, environment: env,
+                standardOutput: .pipe, standardError: .file(stderrPath),
+                passing: sockets.map { FileDescriptor(rawValue: $0) })
+        } catch {
+            throw POSIXError(POSIXErrorCode(rawValue: error.rawValue) ?? .EIO)
+        }
     }
 
+    var pid: pid_t { process.pid }
+
     func readLines(_ count: Int, timeout: TimeInterval = 20) -> [String] {
-        readLinesFrom(stdoutRead, count: count, buffer: &buffer, timeout: timeout)
+        guard let fd = process.standardOutput else { return [] }
+        return readLinesFrom(fd.rawValue, count: count, buffer: &buffer, timeout: timeout)
     }
 
     var stderrText: String { (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? "" }
 
-    /// Sends a signal and waits for the exit status (killing it after `timeout`).
+    /// Sends a signal and waits for the exit status (SIGKILL to the group after `timeout`).
     func stop(signal: Int32 = SIGTERM, timeout: TimeInterval = 30) -> Int32 {
-        if let status { return status }
-        kill(pid, signal)
-        let deadline = Date().addingTimeInterval(timeout)
-        var raw: Int32 = 0
-        while waitpid(pid, &raw, WNOHANG) == 0 {
-            if Date() > deadline { kill(pid, SIGKILL) }
-            usleep(10_000)
-        }
-        let s = raw & 0x7F == 0 ? (raw >> 8) & 0xFF : 128 + (raw & 0x7F)
-        status = s
-        return s
+        process.stop(signal: signal, grace: .milliseconds(Int(timeout * 1000)))?.shellStatus ?? -1
     }
 
-    deinit {
-        _ = stop(signal: SIGKILL, timeout: 5)
-        close(stdoutRead)
-    }
+    deinit { process.stop(signal: SIGKILL) }
 }
