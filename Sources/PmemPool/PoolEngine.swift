@@ -57,6 +57,17 @@ public final class PoolEngine: @unchecked Sendable {
         /// Page domain: the checks of a batch also cover blocks it wrote and freed again (which
         /// are reused, and change, once it commits).
         public static let checkBlocksFreedInBatch = Faults(rawValue: 128)
+        /// FLUSH and FUA return without committing (the acknowledged words stay in the running
+        /// batch, in DRAM): what `ProcessCrashTests` must catch with SIGKILL.
+        public static let syncWithoutCommit = Faults(rawValue: 256)
+
+        /// Faults a test sets in a server it starts: `PMEM_NBD_TEST_FAULTS` (the raw value).
+        /// Nothing else reads it; unset, no fault.
+        public static var fromEnvironment: Faults {
+            guard let v = getenv("PMEM_NBD_TEST_FAULTS"), let n = Int(String(cString: v)), n > 0 else { return [] }
+            Log.warning("PMEM_NBD_TEST_FAULTS=\(n): deliberate ordering bugs for a test; acknowledged data may be lost")
+            return Faults(rawValue: n)
+        }
     }
 
     public let faults: Faults
@@ -177,7 +188,7 @@ public final class PoolEngine: @unchecked Sendable {
     public static func open(path: String, readOnly: Bool = false, persistence: PersistenceMode = .auto,
                             lock: Bool = true, commitMode: CommitMode = .background) throws(PoolError) -> PoolEngine {
         let (_, media) = try PoolFile.open(path: path, readOnly: readOnly, persistence: persistence, lock: lock)
-        return try PoolEngine(media: media, readOnly: readOnly, commitMode: commitMode)
+        return try PoolEngine(media: media, readOnly: readOnly, commitMode: commitMode, faults: .fromEnvironment)
     }
 
     /// Opens an engine on mapped media: validates the superblock, replays a committed journal
@@ -293,7 +304,7 @@ public final class PoolEngine: @unchecked Sendable {
 
     /// Makes every completed operation durable (NBD FLUSH): commits the running batch and waits.
     public func sync() throws(PoolError) {
-        guard !readOnly else { return }
+        guard !readOnly, !faults.contains(.syncWithoutCommit) else { return }
         try committer.sync(through: journal.runningBatch.load(ordering: .acquiring))
     }
 
