@@ -331,9 +331,11 @@ public final class Journal: @unchecked Sendable {
         }
 
         static let maxCount: UInt64 = (1 << 15) - 1
+        /// Bits 0–47 of a check record's offset: its first data block (not a map word).
+        static let blockBits: UInt64 = (1 << 48) - 1
         var encoded: (UInt64, UInt64) { (Journal.checkBit | count << 48 | block, UInt64(crc)) }
         static func decode(_ off: UInt64, _ value: UInt64) -> Check {
-            Check(block: off & MapEntry.blockMask, count: (off >> 48) & maxCount, crc: UInt32(truncatingIfNeeded: value))
+            Check(block: off & blockBits, count: (off >> 48) & maxCount, crc: UInt32(truncatingIfNeeded: value))
         }
     }
 
