@@ -11,7 +11,7 @@ import Testing
 /// it cleanly. (Issue 13, defect 1: the accept thread named each new thread through its
 /// `pthread_t` after `pthread_create` returned; a detached connection thread that had already
 /// ended, its stack unmapped, made that a SIGSEGV.)
-@Suite(.serialized) struct ChurnTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct ChurnTests {
     /// A generator with state of its own per thread (SystemRandomNumberGenerator has no
     /// storage: ThreadSanitizer sees every thread's `inout` use of it at one address).
     struct XorShift: RandomNumberGenerator {

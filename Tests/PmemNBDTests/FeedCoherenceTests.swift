@@ -61,7 +61,7 @@ func eventually(timeout: Double = 10, _ condition: () throws -> Bool) rethrows -
 /// Docs/FEED.md ("Guarantees") it checks. They use only what the library offered before the
 /// fix (plus package-level test hooks that change nothing unless a test installs them), so
 /// they also run against the old code.
-@Suite struct FeedCoherenceTests {
+@Suite(.timeLimit(.minutes(5))) struct FeedCoherenceTests {
     func id(_ s: TestServer, _ name: String) -> UInt64 { s.pool.volume(named: name)!.id }
 
     func perform(_ s: TestServer, _ request: [String: Any]) {

@@ -10,7 +10,7 @@ import Testing
 /// Feed protocol 2 and the write-lease life cycle of the DAX library: request ids, RELEASED,
 /// a lease granted after its requester gave up, the handle's states, store sections, and
 /// stores after FENCED. Each test names the guarantee of Docs/FEED.md it checks.
-@Suite struct FeedProtocolTests {
+@Suite(.timeLimit(.minutes(5))) struct FeedProtocolTests {
     func perform(_ s: TestServer, _ request: [String: Any]) {
         let r = VolumeRequests.perform(request, on: s.pool)
         #expect(r["ok"] as? Bool == true, "\(request): \(r)")

@@ -488,8 +488,10 @@ func fileExists(_ path: String) -> Bool { FileManager.default.fileExists(atPath:
     /// shell that started it exits.
     @Test func exitWithParent() throws {
         let d = ScratchDirectory()
+        // setsid: the server leaves the shell's process group, which the harness kills when
+        // the shell ends; only the parent's death may stop it.
         let r = try shell("""
-        pmem-nbd serve p.pool --create 16M -U s.sock --pidfile p.pid --exit-with-parent &
+        setsid pmem-nbd serve p.pool --create 16M -U s.sock --pidfile p.pid --exit-with-parent &
         for i in $(seq 200); do [ -f p.pid ] && break; sleep 0.05; done
         cat p.pid
         """, in: d.path, timeout: 30, reap: false)

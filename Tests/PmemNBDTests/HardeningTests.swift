@@ -14,7 +14,7 @@ import Testing
 /// WRITE up to 64 MiB when the client did not agree to the advertised 32 MiB (plain, TLS,
 /// extended headers; one byte more is refused); offloaded replies that fail while the
 /// connection's thread reads on (the send-failure flag, a race ThreadSanitizer sees).
-@Suite struct HardeningTests {
+@Suite(.timeLimit(.minutes(5))) struct HardeningTests {
     /// A thread running `body`, and whether it has finished (tests wait on it with a deadline,
     /// so a stall shows as a failure rather than a hang).
     final class Background: @unchecked Sendable {

@@ -8,7 +8,7 @@ import Testing
 /// snapshot-pin bug (item 1) on its own configuration. `scripts/model-check` runs every
 /// configuration and negative control (scripts/test does); this keeps the model honest for
 /// anyone running `swift test` alone.
-@Suite struct LeaseModelTests {
+@Suite(.timeLimit(.minutes(5))) struct LeaseModelTests {
     @Test(.timeLimit(.minutes(5)))
     func smallestConfigurationHoldsAndItsNegativeControlsFail() throws {
         #expect(haveTool("spin") && haveTool("gcc"), "spin and gcc are needed: scripts/test installs them")

@@ -5,7 +5,7 @@ import Testing
 
 /// `serve --max-connections` and `--handshake-timeout` (issue 13), on `pmem-nbd serve`
 /// processes, with raw sockets and libnbd.
-@Suite struct LimitTests {
+@Suite(.timeLimit(.minutes(5))) struct LimitTests {
     /// A served pool on a Unix socket with extra `serve` options.
     func serve(_ d: ScratchDirectory, _ options: [String]) throws -> (ServerProcess, String) {
         let socket = d.file("s.sock")

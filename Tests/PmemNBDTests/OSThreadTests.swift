@@ -4,7 +4,7 @@ import PmemSystem
 import Testing
 
 /// `OSThread` (the one way threads start) and `Workers` (the pool offloaded FLUSHes run on).
-@Suite struct OSThreadTests {
+@Suite(.timeLimit(.minutes(5))) struct OSThreadTests {
     /// The calling thread's name, as the kernel has it (/proc/thread-self/comm).
     static func currentName() -> String {
         guard let fd = try? FileDescriptor.open("/proc/thread-self/comm", O_RDONLY) else { return "?" }

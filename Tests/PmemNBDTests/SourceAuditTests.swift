@@ -5,7 +5,7 @@ import Testing
 /// audit; Docs/RELIABILITY.md "Unsafe code"): no pointer leaves a `withUnsafe*` closure, threads
 /// start only through `OSThread`, map words are decoded only through their check tags, and
 /// `Unmanaged` stays in the types that own a C callback's context.
-@Suite struct SourceAuditTests {
+@Suite(.timeLimit(.minutes(5))) struct SourceAuditTests {
     /// Swift files under `directory` of the repository, as (relative path, lines).
     static func files(_ directory: String) throws -> [(path: String, lines: [String])] {
         let root = repositoryRoot + "/" + directory

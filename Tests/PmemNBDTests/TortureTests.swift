@@ -11,6 +11,9 @@ import PmemVolumes
 import Synchronization
 import Testing
 
+/// The torture run's length (PMEM_NBD_TORTURE_SECONDS; 20 s in the suite).
+let tortureSeconds: Int = ProcessInfo.processInfo.environment["PMEM_NBD_TORTURE_SECONDS"].flatMap(Int.init) ?? 20
+
 /// The model-based DAX torture test (Docs/FEED.md, "The torture test"): every kind of
 /// operation that moves, frees, recalls or fences at once against one in-process server, and
 /// every result checked afterwards against a model of what each block may hold.
@@ -21,8 +24,8 @@ import Testing
 /// G5 (write leases recalled before a snapshot, a rollback or an NBD write moves their
 /// blocks), G6 (holders told), G7 (stores after FENCED reach nothing), G8 (requests from many
 /// threads on one connection), G9 (handles and reused names).
-@Suite struct TortureTests {
-    static let seconds: Int = ProcessInfo.processInfo.environment["PMEM_NBD_TORTURE_SECONDS"].flatMap(Int.init) ?? 20
+@Suite(.timeLimit(.minutes(tortureSeconds / 60 + 8))) struct TortureTests {
+    static let seconds = tortureSeconds
 
     @Test(.timeLimit(.minutes(TortureTests.seconds / 60 + (TortureTests.seconds > 60 ? 6 : 2))))
     func daxCoherenceUnderAttack() throws {
