@@ -10,6 +10,8 @@ final class ReceiveBuffer {
     let fd: FileDescriptor
     /// Set once the TLS handshake succeeded (with nothing left buffered from before it).
     var tls: TLSSession?
+    /// The buffer's own mapping, unmapped with it (see `AnonymousRegion` for why not malloc).
+    private let memory: AnonymousRegion
     let base: UnsafeMutableRawPointer
     let capacity: Int
     /// Unconsumed bytes are `[start, end)`.
@@ -19,10 +21,9 @@ final class ReceiveBuffer {
     init(fd: FileDescriptor, capacity: Int) {
         self.fd = fd
         self.capacity = capacity
-        self.base = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 64)
+        memory = AnonymousRegion(byteCount: capacity)
+        base = memory.base
     }
-
-    deinit { base.deallocate() }
 
     @inline(__always) var available: Int { end - start }
     @inline(__always) var readPointer: UnsafeRawPointer { UnsafeRawPointer(base + start) }

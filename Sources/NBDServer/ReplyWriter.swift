@@ -16,6 +16,9 @@ final class ReplyWriter: @unchecked Sendable {
     let fd: FileDescriptor
     /// Set by the handshake thread once TLS is up, before any other thread sends.
     var tls: TLSSession?
+    /// The arena, then the iovecs, in a mapping of their own, unmapped with the writer (see
+    /// `AnonymousRegion` for why not malloc).
+    private let memory: AnonymousRegion
     private let iov: UnsafeMutablePointer<iovec>
     private let iovCapacity = ReplyWriter.iovMax
     private var iovCount = 0
@@ -38,13 +41,9 @@ final class ReplyWriter: @unchecked Sendable {
 
     init(fd: FileDescriptor) {
         self.fd = fd
-        iov = .allocate(capacity: ReplyWriter.iovMax)
-        arena = .allocate(byteCount: arenaCapacity, alignment: 64)
-    }
-
-    deinit {
-        iov.deallocate()
-        arena.deallocate()
+        memory = AnonymousRegion(byteCount: arenaCapacity + ReplyWriter.iovMax * MemoryLayout<iovec>.stride)
+        arena = memory.base
+        iov = (memory.base + arenaCapacity).bindMemory(to: iovec.self, capacity: ReplyWriter.iovMax)
     }
 
     var hasPending: Bool { iovCount > 0 }

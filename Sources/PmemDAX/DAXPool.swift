@@ -305,8 +305,10 @@ public final class DAXPool: @unchecked Sendable {
                 var r = FeedReader(payload)
                 let id = (try? r.u64()) ?? 0
                 let lease = cond.withLock { () -> DAXWriteLease? in
+                    // Lease 0: the connection itself was fenced (sent whatever leases it still
+                    // held): nothing it maps is protected any more, reads go through NBD.
                     isFenced = true
-                    for (k, reg) in regions where reg.lease == id {
+                    for (k, reg) in regions where id == 0 || reg.lease == id {
                         reg.valid = false
                         regions[k] = nil
                     }

@@ -206,12 +206,17 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
     }
 
     /// Voids every lease of a session that missed a recall or acknowledgement deadline (lock
-    /// held): read leases are told at once; write leases are returned, and told by
-    /// `finishFence` (outside the lock) once their blocks are moved away.
+    /// held): the session is told at once (FENCED for lease 0), and so is each read lease;
+    /// write leases are returned, and told by `finishFence` (outside the lock) once their
+    /// blocks are moved away.
     func fence(_ s: FeedSession, because reason: String = "missed a recall deadline") -> [FencedWrite] {
         guard !s.fenced else { return [] }
         s.fenced = true
         Log.warning("feed: client \(s.id) (\(s.name)) \(reason); fencing it")
+        // The session itself, whatever leases it still holds (the model's FIX 2): its pins and
+        // hold go below, so a block it lent out may be reused — a session whose leases a
+        // rollback or deletion already ended would otherwise hear nothing.
+        s.send(FeedMessages.fenced(lease: 0))
         var writes: [FencedWrite] = []
         for lease in leases.values where lease.session === s {
             if lease.mode == .write {
@@ -307,7 +312,12 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                     if leases.values.contains(where: { $0.mode == .write && $0.overlaps(volume: volumeID, first: first, count: count) }) {
                         return .failure(FeedDenial("another write lease covers part of the range"))
                     }
+                    var waited = false
                     while moves.values.contains(where: { $0.volume == volumeID && $0.first < first + count && first < $0.first + $0.count }) && !stopping {
+                        if !waited {
+                            waited = true
+                            testHooks.withLock { $0.writeGrantWaitsForMove }?()
+                        }
                         _ = cond.wait(seconds: 0.05)
                     }
                     // The copy-on-write below holds the range alone.
@@ -335,6 +345,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             // The volume as it is now (a rollback while this waited replaced its record's map
             // and perhaps its size; its old object may be stale).
             guard let volume = pool.volume(id: volumeID) else { return .failure(FeedDenial("no volume with id \(volumeID)")) }
+            var conflict = false
             let result: (Lease, UInt64, [UInt64])? = volume.withMapLocked {
                 cond.withLock {
                     if s.fenced || s.closed { return nil }
@@ -342,6 +353,13 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                     // out, so a lease now would protect nothing.
                     if !volume.isLive { return nil }
                     if mode == .write && moves.values.contains(where: { $0.volume == volumeID && $0.first < first + count && first < $0.first + $0.count }) {
+                        return nil
+                    }
+                    // Checked again (the model's FIX 1): another session may have been granted
+                    // a write lease over the range while this one waited for the moves or did
+                    // its copy-on-write — it passed the first check before that grant.
+                    if mode == .write && leases.values.contains(where: { $0.mode == .write && $0.overlaps(volume: volumeID, first: first, count: count) }) {
+                        conflict = true
                         return nil
                     }
                     let blocks: [UInt64]?
@@ -361,6 +379,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                 }
             }
             if let result { return .success(result) }
+            if conflict { return .failure(FeedDenial("another write lease covers part of the range")) }
             if s.fenced { return .failure(FeedDenial("this client is fenced")) }
             if s.closed { return .failure(FeedDenial("the session is closed")) }
             if !volume.isLive { return .failure(FeedDenial("no volume with id \(volumeID)")) }
@@ -493,6 +512,9 @@ package struct FeedTestHooks: Sendable {
     /// After a lease is granted and its reply queued, before the session reads its next
     /// request: (lease id, mode).
     package var afterGrant: (@Sendable (UInt64, LeaseMode) -> Void)?
+    /// A write grant that found no other write lease over its range waits for a move of the
+    /// range to end (called once per wait, hub locked: it must not use the hub).
+    package var writeGrantWaitsForMove: (@Sendable () -> Void)?
     package init() {}
 }
 

@@ -162,6 +162,16 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         let count = Int(((offset + UInt64(length) - 1) >> 12) - first + 1)
         let leaves = Int(((offset + UInt64(length) - 1) >> 21) - (offset >> 21) + 1)
         try withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count) { (blocks) throws(PoolError) in
+            let observer = pool.observer
+            // The move is announced before any block is reserved (the lease model's FIX 3): it
+            // may recall a write lease and fence a holder that misses the deadline, and the
+            // fence moves the holder's blocks away — which needs free blocks, in a nearly full
+            // pool perhaps the very ones this write would be holding meanwhile (a deadlock).
+            // A relocation (copy-on-write for a write lease, a fence) is the observer's own
+            // move: it holds the range alone already.
+            let announce = reason != .fence && reason != .copyOnWrite
+            if announce { observer?.beginMove(volume: id, first: first, count: UInt64(count)) }
+            defer { if announce { observer?.endMove(volume: id, first: first, count: UInt64(count)) } }
             // Every block the write needs, data and map nodes, is reserved before anything is
             // touched: a full pool answers ENOSPC and changes nothing.
             _ = try engine.reserveBlocks(blocks)
@@ -172,16 +182,11 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             defer { if published < count { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published...])) } }
             var spares = try NodeSpares(engine, count: leaves * depth + 1)
             let end = offset + UInt64(length)
-            // The whole payload first, into the reserved blocks, before any lock is taken or any
-            // move announced: the source may be a client's socket that delivers slowly, and
-            // nothing other connections (or feed clients) wait for may wait on it.
+            // The whole payload first, into the reserved blocks, before any lock is taken: the
+            // source may be a client's socket that delivers slowly, and nothing other
+            // connections wait for may wait on it. (The feed's move of the range is announced
+            // already: only a write lease asked for over this very range waits meanwhile.)
             try fill(offset, end, &source, UnsafeBufferPointer(blocks))
-            let observer = pool.observer
-            // A relocation (copy-on-write for a write lease, a fence) is the observer's own
-            // move: it holds the range alone already.
-            let announce = reason != .fence && reason != .copyOnWrite
-            if announce { observer?.beginMove(volume: id, first: first, count: UInt64(count)) }
-            defer { if announce { observer?.endMove(volume: id, first: first, count: UInt64(count)) } }
             var pos = offset
             while pos < end {
                 // One metadata group per leaf: bounded size, at most `depth` new map nodes.

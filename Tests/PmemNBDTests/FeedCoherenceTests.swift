@@ -99,6 +99,38 @@ func eventually(timeout: Double = 10, _ condition: () throws -> Bool) rethrows -
         return probe.events.dropFirst(before).contains { $0.kind == .remap && $0.entries.contains { $0.1 == block } }
     }
 
+    /// The lease ids of the FENCED frames the probe has received (0: the session itself).
+    func fencedLeases(_ probe: FeedProbe) -> [UInt64] {
+        probe.other.filter { $0.0 == FeedMessage.fenced.rawValue }.compactMap { frame in
+            var r = FeedReader(frame.1)
+            return try? r.u64()
+        }
+    }
+
+    /// Fills the pool with a new volume `name`: big writes, then block by block until not
+    /// one block is left — also once every freed block waiting for a commit or for readers has
+    /// come back (on a slow machine, under a sanitizer, a write may fail before they have).
+    func fillPool(_ s: TestServer, name: String = "fill") throws {
+        perform(s, ["op": "volume-create", "name": name, "size": 64 << 20])
+        let fill = try s.client { try $0.setExportName(name) }
+        var offset: UInt64 = 0
+        while offset < 64 << 20 {
+            do { try fill.pwrite(pattern(256 << 12, seed: 41), offset: offset) } catch { break }
+            offset += 256 << 12
+        }
+        while offset < 64 << 20 {
+            do {
+                try fill.pwrite(pattern(4096, seed: 42), offset: offset)
+            } catch {
+                try? fill.flush()
+                _ = eventually(timeout: 10) { s.pool.engine.space.held == 0 }
+                if (try? fill.pwrite(pattern(4096, seed: 42), offset: offset)) == nil { break }
+            }
+            offset += 4096
+        }
+        try fill.shutdown()
+    }
+
     /// A small pool (freed blocks are reused within a few hundred writes): `vol0` with block 0
     /// written, snapshot `vol0@a` of it, block 0 overwritten (so the snapshot alone holds the
     /// old block), and a volume `other` to churn through.
@@ -337,20 +369,7 @@ func eventually(timeout: Double = 10, _ condition: () throws -> Bool) rethrows -
         try c.pwrite(pattern(4 << 12, seed: 40), offset: 0)
         let probe = try FeedProbe(s.feedPath, subscribe: false)
         let lease = try probe.lease(.write, volume: id(s, "vol0"), first: 0, count: 4)
-        // Fill the pool.
-        perform(s, ["op": "volume-create", "name": "fill", "size": 64 << 20])
-        let fill = try s.client { try $0.setExportName("fill") }
-        var offset: UInt64 = 0
-        while offset < 64 << 20 {
-            do { try fill.pwrite(pattern(256 << 12, seed: 41), offset: offset) } catch { break }
-            offset += 256 << 12
-        }
-        // Then block by block: not one block left.
-        while offset < 64 << 20 {
-            do { try fill.pwrite(pattern(4096, seed: 42), offset: offset) } catch { break }
-            offset += 4096
-        }
-        try fill.shutdown()
+        try fillPool(s)
         let pool = s.pool
         let snapshot = Background("snapshot") {
             let r = VolumeRequests.perform(["op": "snapshot-create", "name": "vol0@s"], on: pool)
@@ -359,11 +378,13 @@ func eventually(timeout: Double = 10, _ condition: () throws -> Bool) rethrows -
         // The recall is ignored; past the deadline there is no room to move the blocks.
         usleep(1_500_000)
         _ = try probe.reply(.recall)
-        #expect(!probe.other.contains { $0.0 == FeedMessage.fenced.rawValue } && !probe.c.hasPendingInput,
-                "FENCED was sent though the volume still uses the lease's blocks")
+        // (The session-wide FENCED, lease 0, goes out at once: its reads are unprotected.)
+        try probe.pump { !probe.c.hasPendingInput }
+        #expect(!fencedLeases(probe).contains(lease.id), "FENCED was sent though the volume still uses the lease's blocks")
         // Space comes back: the blocks move, FENCED follows, the snapshot completes.
         perform(s, ["op": "volume-delete", "name": "fill"])
-        _ = try probe.reply(.fenced)
+        try probe.pump { fencedLeases(probe).contains(lease.id) }
+        #expect(fencedLeases(probe).contains(lease.id), "FENCED for the write lease")
         #expect(snapshot.join() == nil)
         guard let poolFD = probe.c.poolFD else { Issue.record("no pool descriptor"); return }
         let w = probe.c.welcome!
@@ -373,6 +394,113 @@ func eventually(timeout: Double = 10, _ condition: () throws -> Bool) rethrows -
         let volume = try c.pread(count: 4 << 12, offset: 0) == pattern(4 << 12, seed: 40)
         let snap = try s.client { try $0.setExportName("vol0@s") }.pread(count: 4 << 12, offset: 0) == pattern(4 << 12, seed: 40)
         #expect(volume && snap, "stores after FENCED reached the volume (\(!volume)) or the snapshot (\(!snap))")
+    }
+
+    // MARK: 7. found by the protocol model (Docs/FEED.md "The model", FIX 1-3)
+
+    /// Guarantee G5 (the model's FIX 1, `BUG_DOUBLE_GRANT`): two sessions ask for a write lease
+    /// on the same block at once. The second asks while the first's copy-on-write is under way
+    /// (no write lease granted yet, so it passes the check for one) and waits for that copy's
+    /// move; once the move ends, it must not be granted a second write lease on the block.
+    @Test(.timeLimit(.minutes(2)))
+    func twoWriteLeaseRequestsForOneBlockAreNotBothGranted() throws {
+        let s = try TestServer(withFeed: true)
+        let c = try s.client()
+        try c.pwrite(pattern(4096, seed: 50), offset: 0)
+        perform(s, ["op": "snapshot-create", "name": "vol0@s"]) // block 0 is shared: a lease copies it
+        let vol = id(s, "vol0")
+        let first = try FeedProbe(s.feedPath, subscribe: false)
+        let second = Handed(try FeedProbe(s.feedPath, subscribe: false))
+        let secondWaits = Shared(false)
+        s.hub!.testHooks.withLock { $0.writeGrantWaitsForMove = { secondWaits.set(true) } }
+        let secondRequest = Shared<Background?>(nil)
+        let secondLease = Shared<UInt64?>(nil)
+        s.pool.testHooks.withLock {
+            $0.relocationCopied = { _, _, reason in
+                guard reason == .copyOnWrite, secondRequest.get == nil else { return }
+                secondRequest.set(Background("second-lease") {
+                    secondLease.set(try? second.value.lease(.write, volume: vol, first: 0, count: 1).id)
+                })
+                // The second request has passed the check and waits for this copy's move.
+                _ = eventually(timeout: 10) { secondWaits.get }
+            }
+        }
+        // (Either may be the one granted: the first's final check may see the second's copy
+        // under way and try again, after the second was granted.)
+        let firstLease = try? first.lease(.write, volume: vol, first: 0, count: 1).id
+        #expect(secondRequest.get != nil, "the first request copied the shared block")
+        #expect(secondWaits.get, "the second request waited for the first's copy-on-write")
+        #expect(secondRequest.get?.join() == nil)
+        let granted = [firstLease, secondLease.get].compactMap { $0 }
+        #expect(granted.count == 1, "write leases granted on block 0: \(granted)")
+        #expect(s.hub!.counts.writeLeases == granted.count)
+    }
+
+    /// Guarantee G7 (the model's FIX 2, `BUG_SILENT_FENCE`): a session whose lease a rollback
+    /// ended, and whose free hold stays outstanding because a loan holds its acknowledgements
+    /// back, is fenced at the ack deadline with no lease left to send FENCED for. It must be
+    /// told all the same (a session-wide FENCED): the library says `isFenced` — from then on
+    /// the lent block may be reused.
+    @Test(.timeLimit(.minutes(2)))
+    func aSessionFencedWithNoLeaseLeftIsTold() throws {
+        let s = try TestServer(withFeed: true, ackDeadline: 0.5)
+        let c = try s.client()
+        try c.pwrite(pattern(4096, seed: 60), offset: 0)
+        perform(s, ["op": "snapshot-create", "name": "vol0@s"])
+        try c.pwrite(pattern(4096, seed: 61), offset: 0)
+        let dax = try DAXPool(feed: s.feedPath, nbd: s.socketPath, name: "lender")
+        defer { dax.close() }
+        let vol = try dax.volume(named: "vol0")
+        let told = try vol.withMappedBlock(0) { _ -> Bool in
+            perform(s, ["op": "snapshot-rollback", "name": "vol0@s"])
+            // The loan keeps the rollback unacknowledged: past the deadline the session is fenced.
+            #expect(eventually(timeout: 10) { s.hub!.counts.fencedSubscribers == 1 }, "the server fenced the session")
+            #expect(s.hub!.counts.leases == 0, "the rollback ended the session's lease")
+            return eventually(timeout: 5) { dax.isFenced }
+        }
+        #expect(told == true, "the session was fenced, its hold on frees dropped, and the library never told")
+    }
+
+    /// The model's FIX 3 (`BUG_RESERVE_FIRST`, a deadlock): an NBD write into a write-leased
+    /// range of a nearly full pool. The holder ignores the recall; fencing it moves its blocks
+    /// away, which needs free blocks. The write must not hold its own reservation meanwhile
+    /// (room is left for the move or for the write, not both): it completes or fails with
+    /// ENOSPC, and the holder gets FENCED.
+    @Test(.timeLimit(.minutes(2)))
+    func aWriteThatFencesAHolderInANearlyFullPoolDoesNotHang() throws {
+        let s = try TestServer(size: 24 << 20, volumeSize: 2 << 20, withFeed: true, recallDeadline: 0.5)
+        let c = try s.client()
+        let n = 32
+        try c.pwrite(pattern(n << 12, seed: 70), offset: 0)
+        let probe = try FeedProbe(s.feedPath, subscribe: false)
+        let lease = try probe.lease(.write, volume: id(s, "vol0"), first: 0, count: UInt32(n))
+        // A full pool, then about 1.5 n blocks given back.
+        perform(s, ["op": "volume-create", "name": "pad", "size": 1 << 20])
+        try s.client { try $0.setExportName("pad") }.pwrite(pattern(48 << 12, seed: 71), offset: 0)
+        try fillPool(s)
+        perform(s, ["op": "volume-delete", "name": "pad"])
+        #expect(eventually { s.pool.deletionsPending == 0 })
+        try c.flush()
+        let free = s.pool.engine.space.free
+        #expect(free >= UInt64(n) + 8 && free < UInt64(2 * n), "\(free) blocks free: the window this test needs is missed")
+        let writer = Handed(try s.client())
+        let write = Background("nbd-write") { try writer.value.pwrite(pattern(n << 12, seed: 72), offset: 0) }
+        _ = try probe.reply(.recall) // ignored
+        let outcome = write.join(timeout: 15)
+        let hung = outcome?.contains("did not finish") == true
+        #expect(!hung, "the write hung: the fence it caused waits for space the write holds")
+        #expect(outcome == nil || outcome!.contains("space"), "the write: \(outcome ?? "done")")
+        if hung {
+            // Unwind: space for the move, then the write goes on.
+            perform(s, ["op": "volume-delete", "name": "fill"])
+            _ = write.join(timeout: 30)
+        }
+        try probe.pump { fencedLeases(probe).contains(lease.id) }
+        #expect(fencedLeases(probe).contains(lease.id), "FENCED for the write lease")
+        // Nothing lost: the old contents, or the write's if it completed.
+        let now = try c.pread(count: n << 12, offset: 0)
+        let whole = now == pattern(n << 12, seed: 70) || now == pattern(n << 12, seed: 72)
+        #expect(whole, "the volume holds neither its old contents nor the write's")
     }
 
     // MARK: 4. requests in flight together on one connection
