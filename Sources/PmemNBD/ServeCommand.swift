@@ -53,7 +53,8 @@ public enum ServeCommand {
             server?.disconnect { ($0 as? Volume)?.id == id }
         }
         let p = engine.persistence
-        Log.info("pool \(o.poolPath): \(engine.layout.poolSize) bytes, persistence \(p.domain.rawValue)\(p.synchronousMapping ? " (MAP_SYNC)" : "")")
+        Log.info("pool \(o.poolPath): \(engine.layout.poolSize) bytes, persistence \(p.domain.rawValue)\(p.synchronousMapping ? " (MAP_SYNC)" : "")"
+                 + (p.domain == .page ? " (\(p.usesPwrite ? "pwrite" : "stores through the mapping"), \(p.rangeSync == .range ? "range syncs" : "whole-file syncs"))" : ""))
 
         var sockets = o.socketActivation ? SocketActivation.inheritedSockets() : []
         if o.stdio {
