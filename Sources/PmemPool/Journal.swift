@@ -239,8 +239,9 @@ public final class Journal: @unchecked Sendable {
         // The pool counters join the batch as ordinary words.
         for (k, v) in extra where load(k) != v { store(k, v) }
         let batch = runningBatch.add(1, ordering: .acquiringAndReleasing).oldValue
-        runningCount.store(0, ordering: .relaxed)
+        let words = runningCount.exchange(0, ordering: .relaxed)
         var records: [(UInt64, UInt64)] = []
+        records.reserveCapacity(words)
         for i in 0..<Journal.shardCount {
             let s = shards + i
             pthread_mutex_lock(&s.pointee.lock)
@@ -398,9 +399,11 @@ public final class Journal: @unchecked Sendable {
             head = 0
             nextSequence += 1
         }
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Int(size), alignment: 64)
-        defer { buffer.deallocate() }
-        memset(buffer, 0, Int(size))
+        // Zeroed; a large batch's buffer is a mapping of its own, given back when it ends (from
+        // the heap, the buffers of large batches left their pages resident).
+        let block = AnonymousMemory.allocate(byteCount: Int(size))
+        defer { AnonymousMemory.release(block) }
+        let buffer = block.base
         var r = buffer + Journal.batchHeaderSize
         for (o, v) in records {
             r.storeBytes(of: o.littleEndian, toByteOffset: 0, as: UInt64.self)
@@ -644,26 +647,36 @@ public final class Journal: @unchecked Sendable {
 /// linear probing, no deletion except all at once, slots remembered in insertion order for
 /// iterating and clearing. Offsets are never 0 (the superblock is not journaled). Owned by a
 /// shard, used under its lock.
+///
+/// A table grows with the batch it holds; emptied after that batch's commit, one grown past
+/// `retainedCapacity` is released (large ones are mappings of their own, whose pages go back
+/// to the kernel) and starts small again. The overlay's memory follows the batches in flight,
+/// not the largest batch each of the 128 tables ever held: kept, those made a server's memory
+/// creep up for as long as it ran (Docs/RELIABILITY.md, "The long run").
 struct WordTable {
+    /// Slots an emptied table keeps (18 KiB); a larger one is released.
+    static let retainedCapacity = 1024
+    static let initialCapacity = 16
+    /// Keys, values and slot indexes, in one block.
+    private var block: AnonymousMemory.Block
     private var keys: UnsafeMutablePointer<UInt64>
     private var values: UnsafeMutablePointer<UInt64>
     private var slots: UnsafeMutablePointer<Int32>
     private var mask: Int
     private(set) var count = 0
+    /// Slots (a power of two).
+    var capacity: Int { mask + 1 }
 
-    init(capacity: Int = 16) {
-        keys = .allocate(capacity: capacity)
-        keys.initialize(repeating: 0, count: capacity)
-        values = .allocate(capacity: capacity)
-        slots = .allocate(capacity: capacity / 2 + 1)
+    init(capacity: Int = WordTable.initialCapacity) {
+        let indexes = capacity / 2 + 1
+        block = AnonymousMemory.allocate(byteCount: capacity * 16 + indexes * 4)
+        keys = block.base.bindMemory(to: UInt64.self, capacity: capacity)
+        values = (block.base + capacity * 8).bindMemory(to: UInt64.self, capacity: capacity)
+        slots = (block.base + capacity * 16).bindMemory(to: Int32.self, capacity: indexes)
         mask = capacity - 1
     }
 
-    func release() {
-        keys.deallocate()
-        values.deallocate()
-        slots.deallocate()
-    }
+    func release() { AnonymousMemory.release(block) }
 
     /// `h` is `Journal.hash(key)`.
     @inline(__always) private func slot(_ key: UInt64, _ h: UInt64) -> Int {
@@ -704,7 +717,14 @@ struct WordTable {
         }
     }
 
+    /// Empties the table; one grown past `retainedCapacity` is released and starts again at
+    /// `initialCapacity`.
     mutating func removeAll() {
+        if capacity > WordTable.retainedCapacity {
+            release()
+            self = WordTable()
+            return
+        }
         for n in 0..<count { keys[Int(slots[n])] = 0 }
         count = 0
     }

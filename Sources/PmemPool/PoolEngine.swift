@@ -457,7 +457,9 @@ public final class PoolEngine: @unchecked Sendable {
         ]
         let frozen = journal.freeze(extra: counters)
         let (runs, nodes) = writtenLock.withLock { () -> ([(block: UInt64, count: UInt64)], Bool) in
-            defer { writtenRuns.removeAll(keepingCapacity: true); writtenNodes = false }
+            // The commit takes the array; the next batch starts a new one (kept, it held the
+            // capacity of the largest batch, and was copied as the commit still shared it).
+            defer { writtenRuns = []; writtenNodes = false }
             return (writtenRuns, writtenNodes)
         }
         journal.gate.unlock()
