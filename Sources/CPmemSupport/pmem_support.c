@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <malloc.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <syslog.h>
@@ -256,6 +257,8 @@ int pmem_fallocate(int fd, int64_t offset, int64_t length) { return fallocate(fd
 #define MADV_POPULATE_WRITE 23
 #endif
 int pmem_populate_write(void *addr, size_t length) { return madvise(addr, length, MADV_POPULATE_WRITE); }
+
+int pmem_set_mmap_threshold(size_t bytes) { return mallopt(M_MMAP_THRESHOLD, (int)bytes); }
 
 int pmem_write_back(int fd, int64_t offset, int64_t length, int wait) {
   unsigned flags = wait ? SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER

@@ -29,6 +29,8 @@ public enum ServeCommand {
         let stopSignals = [SIGTERM, SIGINT, SIGHUP]
         if !o.stdio { SignalMask.block(stopSignals) }
         signal(SIGPIPE, SIG_IGN)
+        // Large transient buffers go back to the kernel when freed (see the function).
+        ProcessControl.keepLargeAllocationsMapped()
         let tls = try loadTLSCredentials(o)
         var st = stat()
         if stat(o.poolPath, &st) != 0, o.createSize != nil || o.createVolumeSize != nil {

@@ -225,6 +225,23 @@ public final class Journal: @unchecked Sendable {
     public var runningReservation: Int { runningCount.load(ordering: .relaxed) + reserved.load(ordering: .relaxed) }
     public var hasPendingWords: Bool { pending.load(ordering: .relaxed) != 0 }
 
+    /// Slots of the overlay's tables (running and committing, every shard) and of the largest
+    /// one: what the pending overlay holds in memory (tests check it stays bounded).
+    package var overlaySlots: (total: Int, largest: Int) {
+        var total = 0, largest = 0
+        for i in 0..<Journal.shardCount {
+            let s = shards + i
+            pthread_mutex_lock(&s.pointee.lock)
+            total += s.pointee.running.capacity + s.pointee.committing.capacity
+            largest = max(largest, s.pointee.running.capacity, s.pointee.committing.capacity)
+            pthread_mutex_unlock(&s.pointee.lock)
+        }
+        return (total, largest)
+    }
+
+    /// Slots a table keeps once its batch is committed (a larger one is released).
+    package static var retainedTableSlots: Int { WordTable.retainedCapacity }
+
 
     // MARK: commit
 

@@ -86,6 +86,10 @@ int pmem_fallocate(int fd, int64_t offset, int64_t length);
 /// madvise(MADV_POPULATE_WRITE) (Linux 5.14): faults pages in writable, without writing.
 int pmem_populate_write(void *addr, size_t length);
 
+/// mallopt(M_MMAP_THRESHOLD, bytes): heap blocks of `bytes` or more are always mappings of
+/// their own (and glibc stops raising the threshold as large blocks are freed). 1 on success.
+int pmem_set_mmap_threshold(size_t bytes);
+
 /// sync_file_range(2) over [offset, offset+length): with `wait`, WAIT_BEFORE|WRITE|WAIT_AFTER
 /// (the range's dirty pages are written and waited for), else WRITE (writing starts). Neither
 /// writes file metadata nor flushes the device's volatile cache. 0 or -1 with errno.
