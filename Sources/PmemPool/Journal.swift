@@ -666,14 +666,16 @@ public final class Journal: @unchecked Sendable {
 /// shard, used under its lock.
 ///
 /// A table grows with the batch it holds; emptied after that batch's commit, one grown past
-/// `retainedCapacity` is released (large ones are mappings of their own, whose pages go back
-/// to the kernel) and starts small again. The overlay's memory follows the batches in flight,
-/// not the largest batch each of the 128 tables ever held: kept, those made a server's memory
-/// creep up for as long as it ran (Docs/RELIABILITY.md, "The long run").
+/// `retainedCapacity` is released and starts small again. The overlay's memory follows the
+/// batches in flight, not the largest batch each of the 128 tables ever held: kept, those made
+/// a server's memory creep up for as long as it ran (Docs/RELIABILITY.md, "The long run").
+/// Tables are mappings of their own: a writer's thread grows one and the committer's releases
+/// it, which in the heap left the writers' arenas fragmented and growing.
 struct WordTable {
     /// Slots an emptied table keeps (18 KiB); a larger one is released.
     static let retainedCapacity = 1024
-    static let initialCapacity = 16
+    /// Slots of a new table (one page).
+    static let initialCapacity = 128
     /// Keys, values and slot indexes, in one block.
     private var block: AnonymousMemory.Block
     private var keys: UnsafeMutablePointer<UInt64>
@@ -686,7 +688,7 @@ struct WordTable {
 
     init(capacity: Int = WordTable.initialCapacity) {
         let indexes = capacity / 2 + 1
-        block = AnonymousMemory.allocate(byteCount: capacity * 16 + indexes * 4)
+        block = AnonymousMemory.allocate(byteCount: capacity * 16 + indexes * 4, mapped: true)
         keys = block.base.bindMemory(to: UInt64.self, capacity: capacity)
         values = (block.base + capacity * 8).bindMemory(to: UInt64.self, capacity: capacity)
         slots = (block.base + capacity * 16).bindMemory(to: Int32.self, capacity: indexes)

@@ -457,9 +457,15 @@ public final class PoolEngine: @unchecked Sendable {
         ]
         let frozen = journal.freeze(extra: counters)
         let (runs, nodes) = writtenLock.withLock { () -> ([(block: UInt64, count: UInt64)], Bool) in
-            // The commit takes the array; the next batch starts a new one (kept, it held the
+            // The commit takes the array; the next batch starts a new one, allocated here (by
+            // the committer, not a writer) and not larger than 64 KiB (kept, the array held the
             // capacity of the largest batch, and was copied as the commit still shared it).
-            defer { writtenRuns = []; writtenNodes = false }
+            defer {
+                let n = min(writtenRuns.count, 4096)
+                writtenRuns = []
+                writtenRuns.reserveCapacity(n)
+                writtenNodes = false
+            }
             return (writtenRuns, writtenNodes)
         }
         journal.gate.unlock()
