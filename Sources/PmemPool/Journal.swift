@@ -668,7 +668,7 @@ public final class Journal: @unchecked Sendable {
 /// A table grows with the batch it holds; emptied after that batch's commit, one grown past
 /// `retainedCapacity` is released and starts small again. The overlay's memory follows the
 /// batches in flight, not the largest batch each of the 128 tables ever held: kept, those made
-/// a server's memory creep up for as long as it ran (Docs/RELIABILITY.md, "The long run").
+/// a server's memory creep up for as long as it ran (Docs/RELIABILITY.md, "Load and soak").
 /// Tables are mappings of their own: a writer's thread grows one and the committer's releases
 /// it, which in the heap left the writers' arenas fragmented and growing.
 struct WordTable {

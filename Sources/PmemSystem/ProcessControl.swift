@@ -96,7 +96,7 @@ public enum ProcessControl {
     /// commit its transient buffers of 0.1 to 4 MiB (a batch's records, the runs of blocks it
     /// wrote, the blocks it freed) came from the threads' heaps, where freed memory stays
     /// resident unless it is at a heap's top: the server's memory crept up for as long as it
-    /// ran (Docs/RELIABILITY.md, "The long run"). Setting the threshold turns the adjustment
+    /// ran (Docs/RELIABILITY.md, "Load and soak"). Setting the threshold turns the adjustment
     /// off. Call before starting threads. False if the allocator refused (a sanitizer's).
     @discardableResult
     public static func keepLargeAllocationsMapped(threshold bytes: Int = 128 << 10) -> Bool {

@@ -7,7 +7,7 @@ import Testing
 /// The journal's pending overlay stays bounded over many commit and checkpoint cycles: a word
 /// table grown for a large batch is released once that batch is committed. (Format 4 kept every
 /// table at the largest batch it had held, and a server's memory crept up for as long as it
-/// ran: Docs/RELIABILITY.md, "The long run"; scripts/soak checks the whole server.)
+/// ran: Docs/RELIABILITY.md, "Load and soak"; scripts/soak checks the whole server.)
 @Suite(.timeLimit(.minutes(3))) struct JournalMemoryTests {
     @Test(arguments: [Persistence.Domain.cacheline, .page])
     func overlayTablesShrinkAfterLargeBatches(domain: Persistence.Domain) throws {
