@@ -957,7 +957,7 @@ def main():
             if tls_fds_end is not None and tls_fds_end > tls_fds_idle + 2:
                 failures.append(f"TLS server descriptors {tls_fds_idle} idle before, {tls_fds_end} after")
             # Connection buffers are unmapped when a connection ends; what malloc keeps levels
-            # off after a few rounds (Docs/RELIABILITY.md, "Load and soak": 17 -> 22 MiB over 20
+            # off after a few rounds (Docs/RELIABILITY.md, "The long run": 17 -> 22 MiB over 20
             # rounds). Before, each round of 1,000 concurrent connections left 10-30 MiB more.
             # A sanitizer build is not held to a memory bound: its runtime keeps per-thread state
             # and freed memory of its own (a CI run of 2026-11-29 went 407 -> 727 MiB over two

@@ -9,7 +9,7 @@ import Glibc
 /// and free heap memory is not given back (only the top of a heap is trimmed); the pages each
 /// round of connections touches there — chunk headers, a buffer's first bytes — stay resident,
 /// and they are different pages from round to round, so the process grew by about 12 KiB per
-/// concurrent connection per round (Docs/RELIABILITY.md, "Load and soak").
+/// concurrent connection per round (Docs/RELIABILITY.md, "The long run").
 public final class AnonymousRegion: @unchecked Sendable {
     /// Page-aligned; `length` bytes, zero until written.
     public let base: UnsafeMutableRawPointer

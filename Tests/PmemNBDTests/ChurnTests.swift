@@ -152,7 +152,7 @@ import Testing
     /// connection threads have ended: it must level off. Each connection's 256 KiB receive
     /// buffer and 80 KiB reply arena came from malloc's heaps, where the thousand freed blocks
     /// stayed and the pages each round touched in them stayed resident, other pages each round:
-    /// +10-13 MiB a round without end (Docs/RELIABILITY.md, "Load and soak"; issue 13).
+    /// +10-13 MiB a round without end (Docs/RELIABILITY.md, "The long run"; issue 13).
     @Test(.timeLimit(.minutes(2))) func concurrentConnectionsLeaveNoMemoryBehind() throws {
         signal(SIGPIPE, SIG_IGN)
         // Descriptors for a thousand clients here and in the server (which inherits the limit).
