@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <malloc.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <syslog.h>
@@ -16,6 +17,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -228,8 +230,6 @@ uint32_t pmem_crc32c(uint32_t crc, const void *data, size_t len) {
 
 uint64_t pmem_atomic_or64(uint64_t *word, uint64_t bits) { return __atomic_fetch_or(word, bits, __ATOMIC_SEQ_CST); }
 uint64_t pmem_atomic_and64(uint64_t *word, uint64_t bits) { return __atomic_fetch_and(word, bits, __ATOMIC_SEQ_CST); }
-uint64_t pmem_atomic_load64(const uint64_t *word) { return __atomic_load_n(word, __ATOMIC_ACQUIRE); }
-void pmem_atomic_store64(uint64_t *word, uint64_t value) { __atomic_store_n(word, value, __ATOMIC_RELEASE); }
 int pmem_atomic_cas64(uint64_t *word, uint64_t expected, uint64_t desired) {
   return __atomic_compare_exchange_n(word, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
@@ -257,6 +257,20 @@ int pmem_fallocate(int fd, int64_t offset, int64_t length) { return fallocate(fd
 #define MADV_POPULATE_WRITE 23
 #endif
 int pmem_populate_write(void *addr, size_t length) { return madvise(addr, length, MADV_POPULATE_WRITE); }
+
+int pmem_set_mmap_threshold(size_t bytes) { return mallopt(M_MMAP_THRESHOLD, (int)bytes); }
+
+int pmem_write_back(int fd, int64_t offset, int64_t length, int wait) {
+  unsigned flags = wait ? SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+                        : SYNC_FILE_RANGE_WRITE;
+  return sync_file_range(fd, offset, length, flags);
+}
+
+int64_t pmem_fs_type(int fd) {
+  struct statfs s;
+  if (fstatfs(fd, &s) != 0) return -1;
+  return (int64_t)(uint64_t)(unsigned long)s.f_type;
+}
 
 int64_t pmem_block_device_size(int fd) {
   uint64_t size = 0;

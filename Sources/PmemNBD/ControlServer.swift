@@ -127,8 +127,10 @@ public enum VolumeCommand {
     public static func run(_ request: [String: Any], pool path: String, control: String?, requireServer: Bool = false,
                            progress: (UInt64, UInt64) -> Void = { _, _ in }) throws -> [String: Any] {
         if let control { return try online(request, control) }
+        // A served pool answers on its control socket: ask there first. (Trying the pool's lock
+        // first would wait up to a second for it on every command against a served pool.)
+        if let answer = try? online(request, ControlClient.defaultPath(forPool: path)) { return answer }
         if requireServer {
-            if let answer = try? online(request, ControlClient.defaultPath(forPool: path)) { return answer }
             if heldShared(path) { throw ServeError("\(path) is served read-only (serve -r), which has no control socket") }
             throw ServeError("\(path) is not being served (or its server has no control socket at \(ControlClient.defaultPath(forPool: path)); pass --control PATH)")
         }

@@ -29,6 +29,8 @@ public enum ServeCommand {
         let stopSignals = [SIGTERM, SIGINT, SIGHUP]
         if !o.stdio { SignalMask.block(stopSignals) }
         signal(SIGPIPE, SIG_IGN)
+        // Large transient buffers go back to the kernel when freed (see the function).
+        ProcessControl.keepLargeAllocationsMapped()
         let tls = try loadTLSCredentials(o)
         var st = stat()
         if stat(o.poolPath, &st) != 0, o.createSize != nil || o.createVolumeSize != nil {
@@ -53,7 +55,8 @@ public enum ServeCommand {
             server?.disconnect { ($0 as? Volume)?.id == id }
         }
         let p = engine.persistence
-        Log.info("pool \(o.poolPath): \(engine.layout.poolSize) bytes, persistence \(p.domain.rawValue)\(p.synchronousMapping ? " (MAP_SYNC)" : "")")
+        Log.info("pool \(o.poolPath): \(engine.layout.poolSize) bytes, persistence \(p.domain.rawValue)\(p.synchronousMapping ? " (MAP_SYNC)" : "")"
+                 + (p.domain == .page ? " (\(p.usesPwrite ? "pwrite" : "stores through the mapping"), \(p.rangeSync == .range ? "range syncs" : "whole-file syncs"))" : ""))
 
         var sockets = o.socketActivation ? SocketActivation.inheritedSockets() : []
         if o.stdio {

@@ -99,7 +99,9 @@ public final class ReadGuard: @unchecked Sendable {
 /// - a scan cursor that walks the refcounts below the high-water mark seen at open, a chunk at
 ///   a time, only when the stack is empty,
 /// - blocks freed by an operation are held until the batch that freed them is durable and
-///   every reader that might still see them has moved on (then they return to the stack).
+///   every reader that might still see them has moved on (then they return to the stack);
+///   freed map nodes are held longer, until a checkpoint: until then recovery may replay an
+///   older batch that writes into them.
 package final class Allocator: @unchecked Sendable {
     let layout: PoolLayout
     let journal: Journal
@@ -112,6 +114,11 @@ package final class Allocator: @unchecked Sendable {
     private(set) var highWater: UInt64
     /// Blocks freed in a batch not yet durable: batch → blocks.
     private var quarantine: [UInt64: [UInt64]] = [:]
+    /// Map nodes freed in a batch not yet durable, and those of durable batches waiting for a
+    /// checkpoint.
+    private var nodeQuarantine: [UInt64: [UInt64]] = [:]
+    private var nodesCommitted: [UInt64] = []
+    let holdNodesUntilCheckpoint: Bool
     /// Durable frees waiting for readers: (epoch stamp, blocks).
     private var limbo: [(UInt64, [UInt64])] = []
     /// Blocks in quarantine or limbo (the scan must not hand them out).
@@ -125,7 +132,9 @@ package final class Allocator: @unchecked Sendable {
     /// Blocks on damaged media: never handed out again.
     private var bad: Set<UInt64> = []
 
-    init(layout: PoolLayout, journal: Journal, epochs: ReaderEpochs, highWater: UInt64, allocated: Int64) {
+    init(layout: PoolLayout, journal: Journal, epochs: ReaderEpochs, highWater: UInt64, allocated: Int64,
+         holdNodesUntilCheckpoint: Bool = true) {
+        self.holdNodesUntilCheckpoint = holdNodesUntilCheckpoint
         self.layout = layout
         self.journal = journal
         self.epochs = epochs
@@ -208,10 +217,14 @@ package final class Allocator: @unchecked Sendable {
         lock.withLock { free.append(b) }
     }
 
-    /// A block's refcount dropped to zero in `batch`.
-    func freed(_ b: UInt64, batch: UInt64) {
+    /// A block's refcount dropped to zero in `batch` (`node`: it was a map node).
+    func freed(_ b: UInt64, batch: UInt64, node: Bool = false) {
         lock.withLock {
-            quarantine[batch, default: []].append(b)
+            if node && holdNodesUntilCheckpoint {
+                nodeQuarantine[batch, default: []].append(b)
+            } else {
+                quarantine[batch, default: []].append(b)
+            }
             // Only the scan needs to know what is held, and only where it has yet to look.
             if b >= cursor && b < scanEnd { held.insert(b) }
         }
@@ -224,9 +237,37 @@ package final class Allocator: @unchecked Sendable {
             var blocks: [UInt64] = []
             for k in quarantine.keys where k <= batch { blocks += quarantine.removeValue(forKey: k)! }
             if !blocks.isEmpty { limbo.append((stamp, blocks)) }
+            for k in nodeQuarantine.keys where k <= batch { nodesCommitted += nodeQuarantine.removeValue(forKey: k)! }
         }
         reclaim()
     }
+
+    /// Data blocks freed together in `batch`.
+    func freed(_ blocks: UnsafeBufferPointer<UInt64>, batch: UInt64) {
+        lock.withLock {
+            quarantine[batch, default: []].append(contentsOf: blocks)
+            for b in blocks where b >= cursor && b < scanEnd { held.insert(b) }
+        }
+    }
+
+    /// Blocks freed in `batch` (it must be frozen: no more frees join it).
+    func freed(inBatch batch: UInt64) -> [UInt64] {
+        lock.withLock { (quarantine[batch] ?? []) + (nodeQuarantine[batch] ?? []) }
+    }
+
+    /// A checkpoint made every committed batch durable in place: their freed nodes wait only
+    /// for readers now.
+    func checkpointed() {
+        let stamp = epochs.advance()
+        lock.withLock {
+            if !nodesCommitted.isEmpty { limbo.append((stamp, nodesCommitted)) }
+            nodesCommitted = []
+        }
+        reclaim()
+    }
+
+    /// Freed map nodes of durable batches, waiting for a checkpoint.
+    package var heldUntilCheckpoint: Int { lock.withLock { nodesCommitted.count } }
 
     /// Moves blocks no reader can still see back to the free stack.
     package func reclaim() {
@@ -289,7 +330,12 @@ package final class Allocator: @unchecked Sendable {
     }
 
     /// Blocks waiting on a commit or on readers.
-    package var heldCount: Int { lock.withLock { quarantine.values.reduce(0) { $0 + $1.count } + limbo.reduce(0) { $0 + $1.1.count } } }
+    package var heldCount: Int {
+        lock.withLock {
+            quarantine.values.reduce(0) { $0 + $1.count } + limbo.reduce(0) { $0 + $1.1.count }
+                + nodeQuarantine.values.reduce(0) { $0 + $1.count } + nodesCommitted.count
+        }
+    }
     var knownFree: Int { lock.withLock { free.count } }
 
     /// Blocks that can be handed out without waiting: the free stack, the unscanned range and

@@ -2,8 +2,9 @@ import Glibc
 import PmemSystem
 import Synchronization
 
-/// Runs commits: on its own thread every second when anything is pending, and whenever a sync
-/// or a full batch asks; or inline on the caller's thread.
+/// Runs commits: on its own thread whenever a sync (FLUSH, FUA), free space or a full batch asks,
+/// and every few seconds while anything is pending; or inline on the caller's thread. After a
+/// commit that leaves the journal ring more than half used it runs a checkpoint.
 package final class Committer: @unchecked Sendable {
     let mode: PoolEngine.CommitMode
     /// Set right after the engine is built. The committer's thread holds the engine strongly
@@ -23,7 +24,9 @@ package final class Committer: @unchecked Sendable {
         guard failed.load(ordering: .acquiring) else { return nil }
         return cond.withLock { storedFailure }
     }
-    static let interval = 1.0
+    /// Seconds after which pending changes are committed although nobody asked (as a file
+    /// system commits its journal every few seconds).
+    static let interval = 5.0
 
     init(mode: PoolEngine.CommitMode) { self.mode = mode }
 
@@ -75,6 +78,14 @@ package final class Committer: @unchecked Sendable {
         if let storedFailure { throw storedFailure }
     }
 
+    /// Runs `body` holding the commit lock (nothing commits meanwhile).
+    func withCommitLock<T>(_ body: () throws(PoolError) -> T) throws(PoolError) -> T {
+        commitLock.lock()
+        defer { commitLock.unlock() }
+        if let failure { throw failure }
+        return try body()
+    }
+
     private func commitNow() throws(PoolError) {
         guard let engine else { return }
         if let failure { throw failure }
@@ -84,6 +95,8 @@ package final class Committer: @unchecked Sendable {
                 durable = max(durable, b)
                 cond.broadcast()
             }
+            // With the waiters released, make room in the ring if it is filling up.
+            if engine.journal.wantsCheckpoint { try engine.checkpointLocked() }
         } catch {
             Log.error("commit failed: \(error.message); the pool is now read-only")
             cond.withLock {
@@ -95,21 +108,36 @@ package final class Committer: @unchecked Sendable {
         }
     }
 
+    /// How often the thread looks for an idle running batch.
+    static let tick = 0.2
+
     private func loop() {
         defer { cond.withLock { running = false; cond.broadcast() } }
+        var lastWords = 0
+        var lastCommit = monotonicSeconds()
         while true {
             cond.lock()
-            if !(requested > durable || stopping) { _ = cond.wait(seconds: Committer.interval) }
+            if !(requested > durable || stopping) { _ = cond.wait(seconds: Committer.tick) }
             let stop = stopping
             // Read under the lock: syncs raise `requested` from other threads.
             let asked = requested > durable
             cond.unlock()
             guard let engine else { return }
-            if engine.journal.hasPendingWords || asked || stop {
+            // Pending words are committed when asked (FLUSH, FUA, space, a full batch), when no
+            // operation added any for a tick (readers then find the pool's words without the
+            // overlay), and at the latest `interval` after the last commit.
+            let words = engine.journal.runningWordCount
+            let now = monotonicSeconds()
+            let idle = words > 0 && words == lastWords
+            let due = engine.journal.hasPendingWords && now - lastCommit >= Committer.interval
+            if asked || stop || idle || due {
                 commitLock.lock()
                 try? commitNow()
                 commitLock.unlock()
+                lastCommit = now
+                lastWords = 0
             } else {
+                lastWords = words
                 engine.allocator.reclaim()
             }
             if stop || failure != nil { return }

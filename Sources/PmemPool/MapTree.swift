@@ -115,6 +115,26 @@ extension PoolEngine {
         return node
     }
 
+    /// Points entries `first`, `first + 1`, … of leaf `leaf` at `blocks` (new data blocks, each
+    /// gaining a reference) and drops a reference from the blocks they named: the entries under
+    /// one lock, the refcounts a page at a time. Gate and the map's lock are held.
+    package func remap(leaf: UInt64, first: Int, to blocks: UnsafeBufferPointer<UInt64>) {
+        let n = blocks.count
+        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: n) { old in
+            journal.withPage(entryOffset(node: leaf, index: first)) { page in
+                for i in 0..<n {
+                    old[i] = page.exchange(entryOffset(node: leaf, index: first + i), MapEntry.make(blocks[i], index: first + i, level: 0))
+                }
+            }
+            // A corrupt entry decodes as a hole: it never lowers another block's count.
+            for i in 0..<n { old[i] = decodedOrHole(old[i], node: leaf, index: first + i, level: 0) }
+            adjustDataRefcounts(blocks, 1)
+            var sorted = old
+            sorted.sort()
+            adjustDataRefcounts(UnsafeBufferPointer(old), -1)
+        }
+    }
+
     /// Calls `body(blocks, mapped)` for consecutive runs of mapped or unmapped blocks from
     /// `first` up to `end`, skipping absent subtrees whole; stops when `body` returns false.
     /// An entry that fails its check throws `.io` (as a read of it does).

@@ -1,3 +1,4 @@
+import CPmemSupport
 import Glibc
 import PmemSystem
 
@@ -13,9 +14,9 @@ public enum PersistenceMode: String, Sendable, CaseIterable {
 }
 
 /// The one place that knows how to make bytes of the pool durable. The engine states what it
-/// needs (`flush` + `drain` for ordered cache-line persistence, `syncRange`/`syncAll` as
-/// barriers); each domain implements that as the hardware needs, and the tracing domain
-/// records it so tests can enumerate crash states.
+/// needs (`flush` + `drain` for ordered cache-line persistence; `writeBack`, `flushDevice`,
+/// `syncRange` and `syncAll` as page-cache barriers); each domain implements that as the
+/// hardware needs, and the tracing domain records it so tests can enumerate crash states.
 public struct Persistence: @unchecked Sendable {
     public enum Domain: String, Sendable {
         /// CLWB/CLFLUSHOPT/CLFLUSH + SFENCE: stores are ordered by fences, cheap.
@@ -24,9 +25,31 @@ public struct Persistence: @unchecked Sendable {
         case page
     }
 
+    /// How the engine puts bytes into the pool in the page domain.
+    public enum PageWrites: String, Sendable {
+        /// Stores through the mapping (tmpfs and other memory-only files: nothing is written back).
+        case mapped
+        /// `pwrite` (files on a device). A store through a shared mapping dirties the whole page-cache
+        /// folio it falls in (up to 2 MiB with large folios), which writeback then writes whole;
+        /// `pwrite` dirties only the 4 KiB blocks it writes, and never reads a block it replaces.
+        case pwrite
+    }
+
+    /// What a range sync makes durable besides its range.
+    public enum RangeSync: String, Sendable {
+        /// `msync` of a range writes that range, then flushes the device's cache, which makes
+        /// everything already written (`writeBack`) durable too (ext4, XFS, block devices).
+        case range
+        /// Only a whole-file `fdatasync` is trusted to make written-back data durable (other
+        /// file systems): `flushDevice` is an `fdatasync`.
+        case wholeFile
+    }
+
     public let domain: Domain
     /// Whether the mapping is synchronous (stores reach media once flushed from the cache).
     public let synchronousMapping: Bool
+    public let pageWrites: PageWrites
+    public let rangeSync: RangeSync
     let base: UnsafeMutableRawPointer
     let length: Int
     let fd: FileDescriptor?
@@ -34,14 +57,20 @@ public struct Persistence: @unchecked Sendable {
     public let tracer: PersistenceTracer?
 
     public init(domain: Domain, synchronousMapping: Bool, base: UnsafeMutableRawPointer, length: Int,
-                fd: FileDescriptor?, tracer: PersistenceTracer? = nil) {
+                fd: FileDescriptor?, tracer: PersistenceTracer? = nil, pageWrites: PageWrites = .mapped,
+                rangeSync: RangeSync = .range) {
         self.domain = domain
         self.synchronousMapping = synchronousMapping
         self.base = base
         self.length = length
         self.fd = fd
         self.tracer = tracer
+        self.pageWrites = domain == .page ? pageWrites : .mapped
+        self.rangeSync = rangeSync
     }
+
+    /// Whether the engine writes the pool with `pwrite` (page domain, file on a device).
+    @inline(__always) public var usesPwrite: Bool { pageWrites == .pwrite }
 
     /// Starts writing back the cache lines of a range (cache-line domain); no ordering until `drain`.
     @inline(__always)
@@ -66,11 +95,62 @@ public struct Persistence: @unchecked Sendable {
         PersistentMemory.drain()
     }
 
-    /// Makes a byte range durable now.
+    /// Copies bytes into the pool with `pwrite` (only when `usesPwrite`; a traced image is
+    /// written directly).
+    public func pwrite(at offset: Int, _ source: UnsafeRawPointer, _ count: Int) throws(PoolError) {
+        precondition(offset >= 0 && offset + count <= length, "pwrite outside the pool")
+        if let tracer {
+            (tracer.volatile + offset).copyMemory(from: source, byteCount: count)
+            return
+        }
+        guard let fd else {
+            (base + offset).copyMemory(from: source, byteCount: count)
+            return
+        }
+        do { try fd.writeAll(at: offset, UnsafeRawBufferPointer(start: source, count: count)) } catch {
+            throw PoolError.system(error, "pwrite")
+        }
+    }
+
+    /// Page domain: writes a range's dirty pages to the device (its volatile cache, not yet
+    /// durable). Without `wait` it only starts the writing; with `wait` it returns once they
+    /// are written. `flushDevice` (or any range sync) then makes them durable.
+    public func writeBack(_ offset: Int, _ count: Int, wait: Bool) throws(PoolError) {
+        guard domain == .page, count > 0 else { return }
+        if let tracer {
+            if wait { tracer.writeBack(offset: offset, count: count) }
+            return
+        }
+        guard let fd, rangeSync == .range else { return }
+        do { try fd.writeBack(at: offset, count: count, wait: wait) } catch { throw PoolError.system(error, "sync_file_range") }
+    }
+
+    /// Page domain: makes everything written back so far durable (flushes the device's cache).
+    public func flushDevice() throws(PoolError) {
+        guard domain == .page else { return }
+        if let tracer { tracer.deviceFlush(); return }
+        guard let fd else { return }
+        switch rangeSync {
+        case .range:
+            // A clean page's msync writes nothing and flushes the device's cache (and commits
+            // the file system's metadata for blocks the file allocated, as fdatasync would).
+            if msync(base, 4096, MS_SYNC) != 0 { throw PoolError.system(.current, "msync") }
+        case .wholeFile:
+            do { try fd.dataSync() } catch { throw PoolError.system(error, "fdatasync") }
+        }
+    }
+
+    /// Makes a byte range durable now (page domain: written, then the device's cache flushed,
+    /// which makes whatever was written back before durable too).
     public func syncRange(_ offset: Int, _ count: Int) throws(PoolError) {
         if let tracer {
-            tracer.flush(offset: offset, count: count)
-            tracer.fence()
+            if domain == .page {
+                tracer.writeBack(offset: offset, count: count)
+                tracer.deviceFlush()
+            } else {
+                tracer.flush(offset: offset, count: count)
+                tracer.fence()
+            }
             return
         }
         switch domain {
@@ -78,7 +158,11 @@ public struct Persistence: @unchecked Sendable {
             PersistentMemory.flush(base + offset, count: count)
             PersistentMemory.drain()
         case .page:
-            guard fd != nil else { return }  // an in-memory image (tests)
+            guard let fd else { return }  // an in-memory image (tests)
+            if rangeSync == .wholeFile {
+                do { try fd.dataSync() } catch { throw PoolError.system(error, "fdatasync") }
+                return
+            }
             let page = 4096
             let start = offset & ~(page - 1)
             let end = min(length, offset + count)

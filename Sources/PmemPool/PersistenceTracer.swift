@@ -11,8 +11,15 @@ import PmemSystem
 /// crash state is the durable image plus any subset of those words. Hardware guarantees no
 /// more than 8-byte atomicity, and the model assumes no more.
 ///
-/// At each fence and sync the tracer calls `crashPoint` (before making anything durable), so
-/// a test can freeze crash states there.
+/// The page domain is modelled the same way: the kernel may write back any dirty page (here:
+/// any word) at any moment, in any order. `writeBack` (sync_file_range) snapshots a range as
+/// written to the device, which is not durable: the device's volatile cache may still lose
+/// it, or keep it; `deviceFlush` (the flush an msync or fdatasync ends with) makes every
+/// written snapshot durable. A range sync is a write-back of the range and a device flush;
+/// `syncAll` (fdatasync) makes everything durable.
+///
+/// At each fence, device flush and sync the tracer calls `crashPoint` (before making anything
+/// durable), so a test can freeze crash states there.
 public final class PersistenceTracer: @unchecked Sendable {
     public let length: Int
     /// The image the engine reads and writes.
@@ -23,6 +30,8 @@ public final class PersistenceTracer: @unchecked Sendable {
     /// Flushed-but-unfenced lines per thread (a fence orders only its own thread's flushes):
     /// thread → line offset → contents at flush time.
     private var pending: [Int32: [Int: Line]] = [:]
+    /// Lines written to the device (page domain) but not yet flushed from its cache.
+    private var written: [Int: Line] = [:]
     private let lock = PosixMutex()
     /// Incremental hash of the durable image (XOR of a hash per word), for counting distinct states.
     public private(set) var durableHash: UInt64 = 0
@@ -70,19 +79,54 @@ public final class PersistenceTracer: @unchecked Sendable {
         return h
     }
 
+    private func snapshot(_ line: Int) -> Line {
+        let p = volatile + line
+        return (p.load(fromByteOffset: 0, as: UInt64.self), p.load(fromByteOffset: 8, as: UInt64.self),
+                p.load(fromByteOffset: 16, as: UInt64.self), p.load(fromByteOffset: 24, as: UInt64.self),
+                p.load(fromByteOffset: 32, as: UInt64.self), p.load(fromByteOffset: 40, as: UInt64.self),
+                p.load(fromByteOffset: 48, as: UInt64.self), p.load(fromByteOffset: 56, as: UInt64.self))
+    }
+
     func flush(offset: Int, count: Int) {
         guard count > 0 else { return }
         let thread = pmem_gettid()
         lock.withLock {
             var line = offset & ~63
             while line < offset + count && line < length {
-                let p = volatile + line
-                pending[thread, default: [:]][line] = (p.load(fromByteOffset: 0, as: UInt64.self), p.load(fromByteOffset: 8, as: UInt64.self),
-                                 p.load(fromByteOffset: 16, as: UInt64.self), p.load(fromByteOffset: 24, as: UInt64.self),
-                                 p.load(fromByteOffset: 32, as: UInt64.self), p.load(fromByteOffset: 40, as: UInt64.self),
-                                 p.load(fromByteOffset: 48, as: UInt64.self), p.load(fromByteOffset: 56, as: UInt64.self))
+                pending[thread, default: [:]][line] = snapshot(line)
                 line += 64
             }
+        }
+    }
+
+    /// Page domain: the range's pages are written to the device as they are now (whole pages,
+    /// as writeback works), not yet durable.
+    func writeBack(offset: Int, count: Int) {
+        guard count > 0 else { return }
+        lock.withLock {
+            var line = offset & ~4095
+            let end = min(length, (offset + count + 4095) & ~4095)
+            while line < end {
+                if memcmp(volatile + line, durable + line, 64) != 0 || written[line] != nil { written[line] = snapshot(line) }
+                line += 64
+            }
+        }
+    }
+
+    /// Page domain: the device's cache is flushed: everything written back is durable.
+    func deviceFlush() {
+        crashPoint?(self, "device flush")
+        lock.withLock {
+            fences += 1
+            var pages = Set<Int>()
+            for (line, words) in written {
+                pages.insert(line >> 12)
+                withUnsafeBytes(of: words) { w in
+                    for i in 0..<8 { makeDurable(line + 8 * i, w.load(fromByteOffset: 8 * i, as: UInt64.self)) }
+                }
+            }
+            durableBytes += 4096 * pages.count
+            written.removeAll(keepingCapacity: true)
         }
     }
 
@@ -114,6 +158,7 @@ public final class PersistenceTracer: @unchecked Sendable {
         lock.withLock {
             fences += 1
             pending.removeAll(keepingCapacity: true)
+            written.removeAll(keepingCapacity: true)
             var off = 0
             var lastPage = -1
             while off < length {
@@ -139,6 +184,7 @@ public final class PersistenceTracer: @unchecked Sendable {
             // Flush-time snapshots by line, from every thread.
             var snapshots: [Int: [Line]] = [:]
             for lines in pending.values { for (line, words) in lines { snapshots[line, default: []].append(words) } }
+            for (line, words) in written { snapshots[line, default: []].append(words) }
             var out: [(Int, [UInt64])] = []
             var off = 0
             while off < length {

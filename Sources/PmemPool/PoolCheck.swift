@@ -133,24 +133,33 @@ public enum PoolCheck {
         let layout = sb.layout
         report.blocks = layout.blockCount
 
-        // Journal: a committed batch is part of the pool's state (open replays it).
+        // Journal: the ring's committed batches are part of the pool's state (open replays them).
         var overlay: [UInt64: UInt64] = [:]
-        switch Journal.inspect(base: base, area: layout.journalOffset, areaSize: layout.journalSize) {
-        case .empty:
-            report.journal = "empty"
-        case .invalid(let why):
-            report.journal = "torn (ignored): \(why)"
-        case .committed(let seq, let count):
-            report.journal = "committed batch \(seq) with \(count) words (replayed on open)"
-            let recs = Journal.records(base: base, area: layout.journalOffset, count: count)
+        let scan = Journal.scan(base: base, layout: layout)
+        var ringEnd = scan.end
+        if scan.tail == nil {
+            report.journal = "header damaged"
+            var p = CheckReport.Problem(area: "journal", message: "both copies of the journal header are damaged (changes committed since the last checkpoint, if any, are lost)", repaired: false)
+            if repair {
+                ringEnd = Journal.freshTail(base: base, layout: layout)
+                Journal.writeHeader(base: base, area: layout.journalOffset, tail: ringEnd)
+                try media.persistence.syncAll()
+                p.repaired = true
+            }
+            report.problems.append(p)
+        } else {
+            report.journal = scan.summary
+            let recs = scan.batches.flatMap(\.records)
             let bad = recs.filter { !PoolEngine.isMetadataWord($0.0, layout) }
             if bad.isEmpty {
                 for (off, v) in recs { overlay[off] = v }
-                if repair {
-                    // What open would do: replay the batch, so repairs start from the same state.
+                if repair && (!recs.isEmpty || !scan.damagedCopies.isEmpty || scan.droppedUnverified) {
+                    // What open would do: replay the batches, so repairs start from the same state.
                     for (off, v) in recs { base.storeBytes(of: v, toByteOffset: Int(off), as: UInt64.self) }
                     try media.persistence.syncAll()
-                    report.journal += "; replayed"
+                    Journal.writeHeader(base: base, area: layout.journalOffset, tail: scan.end)
+                    try media.persistence.syncAll()
+                    if !recs.isEmpty { report.journal += "; replayed" }
                 }
             } else {
                 report.problems.append(.init(area: "journal", message: "\(bad.count) records name offsets outside the metadata areas (first \(bad[0].0)); the journal is corrupt", repaired: false))
@@ -300,9 +309,10 @@ public enum PoolCheck {
         }
 
         if repair && report.problems.contains(where: { $0.repaired }) {
-            // Everything repaired is in place now; the journal's batch (if any) was included.
-            let h = base + Int(layout.journalOffset)
-            for i in 0..<4 { h.storeBytes(of: UInt64(0), toByteOffset: 8 * i, as: UInt64.self) }
+            // Everything repaired is in place now, the journal's batches (if any) included:
+            // nothing is left to replay.
+            try media.persistence.syncAll()
+            Journal.writeHeader(base: base, area: layout.journalOffset, tail: ringEnd)
             try media.persistence.syncAll()
         }
         progress(2 * layout.blockCount, 2 * layout.blockCount)

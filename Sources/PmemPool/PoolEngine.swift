@@ -3,10 +3,13 @@ import Glibc
 import PmemSystem
 import Synchronization
 
-/// The crash-consistent pool engine (format version 3): out-of-place 4 KiB block writes, a
-/// per-volume copy-on-write radix map with reference-counted blocks, and a redo journal that
-/// commits metadata changes in atomic batches. See Docs/FORMAT.md.
+/// The crash-consistent pool engine (format version 4): out-of-place 4 KiB block writes, a
+/// per-volume copy-on-write radix map with reference-counted blocks, and a redo journal (a ring
+/// of batches with lazy checkpoints) that commits metadata changes in atomic batches. See
+/// Docs/FORMAT.md.
 public final class PoolEngine: @unchecked Sendable {
+    deinit { for p in scratchBuffers { p.deallocate() } }
+
     public let media: PoolMedia
     public let superblock: Superblock
     public let layout: PoolLayout
@@ -40,6 +43,31 @@ public final class PoolEngine: @unchecked Sendable {
         public static let skipDataSync = Faults(rawValue: 2)
         /// Commits apply words in place before the journal is durable.
         public static let applyBeforeJournal = Faults(rawValue: 4)
+        /// Page domain: the data a batch wrote is written back but the device's cache is not
+        /// flushed before the journal is written (the flush that orders them is missing).
+        public static let skipFlushBeforeJournal = Faults(rawValue: 8)
+        /// Page domain: small batches write their data alongside the journal without check
+        /// records (nothing tells recovery that the data never arrived).
+        public static let skipDataChecks = Faults(rawValue: 16)
+        /// Checkpoints move the ring's tail without making the applied words durable first.
+        public static let tailBeforeSync = Faults(rawValue: 32)
+        /// Map nodes freed in a batch are reused once it commits, before a checkpoint (replaying
+        /// an older batch then writes into their new contents).
+        public static let reuseNodesBeforeCheckpoint = Faults(rawValue: 64)
+        /// Page domain: the checks of a batch also cover blocks it wrote and freed again (which
+        /// are reused, and change, once it commits).
+        public static let checkBlocksFreedInBatch = Faults(rawValue: 128)
+        /// FLUSH and FUA return without committing (the acknowledged words stay in the running
+        /// batch, in DRAM): what `ProcessCrashTests` must catch with SIGKILL.
+        public static let syncWithoutCommit = Faults(rawValue: 256)
+
+        /// Faults a test sets in a server it starts: `PMEM_NBD_TEST_FAULTS` (the raw value).
+        /// Nothing else reads it; unset, no fault.
+        public static var fromEnvironment: Faults {
+            guard let v = getenv("PMEM_NBD_TEST_FAULTS"), let n = Int(String(cString: v)), n > 0 else { return [] }
+            Log.warning("PMEM_NBD_TEST_FAULTS=\(n): deliberate ordering bugs for a test; acknowledged data may be lost")
+            return Faults(rawValue: n)
+        }
     }
 
     public let faults: Faults
@@ -52,8 +80,8 @@ public final class PoolEngine: @unchecked Sendable {
     /// state, an empty journal and, optionally, a first volume. Everything after the
     /// superblocks must already read as zero (sparse file, zeroed device or fresh buffer).
     public static func format(base: UnsafeMutableRawPointer, poolSize: UInt64, volumeName: String?,
-                              volumeSize: UInt64? = nil) throws(PoolError) -> Superblock {
-        let layout = try PoolLayout.compute(poolSize: poolSize)
+                              volumeSize: UInt64? = nil, journalSize: UInt64? = nil) throws(PoolError) -> Superblock {
+        let layout = try PoolLayout.compute(poolSize: poolSize, journalSize: journalSize)
         let sb = Superblock.new(layout: layout)
         let bytes = sb.encode()
         bytes.withUnsafeBytes { b in
@@ -61,6 +89,7 @@ public final class PoolEngine: @unchecked Sendable {
             (base + PoolLayout.backupSuperblockOffset).copyMemory(from: b.baseAddress!, byteCount: b.count)
         }
         func put(_ off: UInt64, _ v: UInt64) { (base + Int(off)).storeBytes(of: v, as: UInt64.self) }
+        Journal.format(base: base, area: layout.journalOffset)
         put(PoolState.magicOffset, PoolState.magic)
         put(PoolState.highWaterOffset, 1)
         put(PoolState.generationOffset, 1)
@@ -159,7 +188,7 @@ public final class PoolEngine: @unchecked Sendable {
     public static func open(path: String, readOnly: Bool = false, persistence: PersistenceMode = .auto,
                             lock: Bool = true, commitMode: CommitMode = .background) throws(PoolError) -> PoolEngine {
         let (_, media) = try PoolFile.open(path: path, readOnly: readOnly, persistence: persistence, lock: lock)
-        return try PoolEngine(media: media, readOnly: readOnly, commitMode: commitMode)
+        return try PoolEngine(media: media, readOnly: readOnly, commitMode: commitMode, faults: .fromEnvironment)
     }
 
     /// Opens an engine on mapped media: validates the superblock, replays a committed journal
@@ -183,17 +212,18 @@ public final class PoolEngine: @unchecked Sendable {
         }
         let layout = self.layout
         if readOnly {
-            journal.overlayWithoutReplay()
+            journal.overlayWithoutReplay(layout: layout)
             recoveredWords = 0
         } else {
-            recoveredWords = try journal.recover(valid: { PoolEngine.isMetadataWord($0, layout) })
+            recoveredWords = try journal.recover(layout: layout, valid: { PoolEngine.isMetadataWord($0, layout) })
         }
         let highWater = journal.load(PoolState.highWaterOffset)
         let allocated = journal.load(PoolState.allocatedOffset)
         guard highWater >= 1, highWater <= layout.blockCount, allocated < layout.blockCount else {
             throw PoolError(.badPool, "\(media.file.map { "\($0.path): " } ?? "")pool counters are out of range (high water \(highWater), allocated \(allocated)); run 'pmem-nbd check --repair \(media.file?.path ?? "POOL")'")
         }
-        allocator = Allocator(layout: layout, journal: journal, epochs: epochs, highWater: highWater, allocated: Int64(allocated))
+        allocator = Allocator(layout: layout, journal: journal, epochs: epochs, highWater: highWater, allocated: Int64(allocated),
+                              holdNodesUntilCheckpoint: !faults.contains(.reuseNodesBeforeCheckpoint))
         rmwLocks = (0..<64).map { _ in PosixMutex() }
         let epochs = self.epochs
         rmwGuards = (0..<64).map { _ in ReadGuard(epochs: epochs) }
@@ -238,11 +268,8 @@ public final class PoolEngine: @unchecked Sendable {
         if !readOnly {
             try sync()
             committer.stop()
-            if persistence.domain == .page {
-                // The last batch is applied; once that is durable the journal is not needed.
-                try persistence.syncAll()
-                try journal.markEmpty()
-            }
+            // Every batch is applied; once that is durable the ring is not needed.
+            try checkpoint()
         }
         // Another process (or a later open) may have the pool now.
         media.file?.fd.unlock()
@@ -277,7 +304,7 @@ public final class PoolEngine: @unchecked Sendable {
 
     /// Makes every completed operation durable (NBD FLUSH): commits the running batch and waits.
     public func sync() throws(PoolError) {
-        guard !readOnly else { return }
+        guard !readOnly, !faults.contains(.syncWithoutCommit) else { return }
         try committer.sync(through: journal.runningBatch.load(ordering: .acquiring))
     }
 
@@ -290,6 +317,7 @@ public final class PoolEngine: @unchecked Sendable {
             journal.gate.readLock()
             if journal.tryReserve(words) {
                 defer {
+                    journal.release(words)
                     // The data blocks and map nodes this thread wrote for the group are durable
                     // before a commit (which needs the gate) can name them.
                     if !faults.contains(.skipWriterFence) { persistence.drain() }
@@ -314,6 +342,8 @@ public final class PoolEngine: @unchecked Sendable {
         var waited = 0.0
         while allocator.heldCount > 0 && waited < 5 {
             try committer.sync(through: journal.runningBatch.load(ordering: .acquiring))
+            // Freed map nodes come back only at a checkpoint.
+            if allocator.heldUntilCheckpoint > 0 { try checkpoint() }
             allocator.reclaim()
             if let b = allocator.reserve() { return b }
             usleep(2000)
@@ -371,7 +401,54 @@ public final class PoolEngine: @unchecked Sendable {
     package let rmwGuards: [ReadGuard]
     package let rmwLocks: [PosixMutex]
 
-    /// One commit: freeze, make data durable, write the journal, apply. Called by the committer.
+    // MARK: buffers for pwrite
+
+    /// Blocks a scratch buffer holds (writes assemble blocks there before `pwrite`).
+    package static let scratchBlocks = 64
+    private let scratchLock = PosixMutex()
+    private var scratchBuffers: [UnsafeMutableRawPointer] = []
+
+    /// A buffer of `scratchBlocks` blocks for the caller's exclusive use (return it).
+    package func takeScratch() -> UnsafeMutableRawPointer {
+        scratchLock.withLock { scratchBuffers.popLast() }
+            ?? UnsafeMutableRawPointer.allocate(byteCount: PoolEngine.scratchBlocks << 12, alignment: 4096)
+    }
+
+    package func returnScratch(_ p: UnsafeMutableRawPointer) {
+        scratchLock.withLock { scratchBuffers.append(p) }
+    }
+
+    // MARK: committing
+
+    /// Blocks the running batch wrote directly (data blocks and new map nodes), page domain:
+    /// its commit makes them durable first. Appended inside the gate, taken at the freeze.
+    private let writtenLock = PosixMutex()
+    private var writtenRuns: [(block: UInt64, count: UInt64)] = []
+    private var writtenNodes = false
+
+    /// Records that the current metadata group wrote `count` blocks from `block` directly
+    /// (page domain; the gate is held). In the cache-line domain the writer flushes and fences
+    /// its own stores instead.
+    package func noteWritten(_ block: UInt64, count: Int, node: Bool = false) {
+        guard persistence.domain == .page else { return }
+        writtenLock.withLock {
+            if let last = writtenRuns.last, last.block + last.count == block {
+                writtenRuns[writtenRuns.count - 1].count += UInt64(count)
+            } else {
+                writtenRuns.append((block, UInt64(count)))
+            }
+            if node { writtenNodes = true }
+        }
+    }
+
+    /// Batches with more runs of data than this make it durable with one `fdatasync`.
+    static let rangeSyncRuns = 1024
+    /// Batches of at most this many data blocks (and no new map nodes) write them alongside
+    /// the journal, with check records, and need one device flush instead of two.
+    static let checkedBlocks: UInt64 = 1024
+
+    /// One commit: freeze, make data durable, append the batch to the ring, apply. Called by
+    /// the committer (under its commit lock).
     package func commitOnce() throws(PoolError) -> UInt64 {
         journal.gate.writeLock()
         let counters: [(UInt64, UInt64)] = [
@@ -379,24 +456,116 @@ public final class PoolEngine: @unchecked Sendable {
             (PoolState.highWaterOffset, allocator.highWaterNow),
         ]
         let frozen = journal.freeze(extra: counters)
+        let (runs, nodes) = writtenLock.withLock { () -> ([(block: UInt64, count: UInt64)], Bool) in
+            // The commit takes the array; the next batch starts a new one, allocated here (by
+            // the committer, not a writer) and not larger than 64 KiB (kept, the array held the
+            // capacity of the largest batch, and was copied as the commit still shared it).
+            defer {
+                let n = min(writtenRuns.count, 4096)
+                writtenRuns = []
+                writtenRuns.reserveCapacity(n)
+                writtenNodes = false
+            }
+            return (writtenRuns, writtenNodes)
+        }
         journal.gate.unlock()
         if !frozen.records.isEmpty {
             persistence.tracer?.phase = "commit"
             let t0 = Log.enabled(.debug) ? monotonicSeconds() : 0
             defer {
                 if Log.enabled(.debug) {
-                    Log.debug("commit \(frozen.batch): \(frozen.records.count) words in \(Int((monotonicSeconds() - t0) * 1e6)) µs")
+                    Log.debug("commit \(frozen.batch): \(frozen.records.count) words, \(runs.count) data runs in \(Int((monotonicSeconds() - t0) * 1e6)) µs")
                 }
             }
-            if persistence.domain == .page && !faults.contains(.skipDataSync) { try persistence.syncAll() }
-            if faults.contains(.applyBeforeJournal) {
-                for (off, v) in frozen.records { media.base.storeBytes(of: v, toByteOffset: Int(off), as: UInt64.self) }
-            }
-            try journal.writeJournal(frozen)
-            try journal.apply(frozen)
+            try commit(frozen, runs: runs, nodes: nodes)
         }
         allocator.committed(through: frozen.batch)
         return frozen.batch
+    }
+
+    /// Makes a frozen batch durable: its data first (or alongside, checked), then the ring.
+    private func commit(_ frozen: Journal.Frozen, runs: [(block: UInt64, count: UInt64)], nodes: Bool) throws(PoolError) {
+        var checks: [Journal.Check] = []
+        var pendingData: [(offset: Int, count: Int)] = []
+        if persistence.domain == .page && !runs.isEmpty && !faults.contains(.skipDataSync) {
+            // Runs sorted and merged: write-back in ascending order, one call per run.
+            var merged: [(offset: Int, count: Int)] = []
+            var blocks: UInt64 = 0
+            for r in runs.sorted(by: { $0.block < $1.block }) {
+                blocks += r.count
+                let off = Int(layout.blockOffset(r.block)), n = Int(r.count << 12)
+                if let last = merged.last, last.offset + last.count == off {
+                    merged[merged.count - 1].count += n
+                } else {
+                    merged.append((off, n))
+                }
+            }
+            if merged.count > PoolEngine.rangeSyncRuns || persistence.rangeSync == .wholeFile {
+                try persistence.syncAll()
+            } else {
+                for r in merged { try persistence.writeBack(r.offset, r.count, wait: false) }
+                let checked = !nodes && blocks <= PoolEngine.checkedBlocks
+                    && frozen.records.count + merged.count <= journal.capacity
+                if checked {
+                    // The data goes to the device alongside the journal; the checks let recovery
+                    // tell whether it arrived. Blocks the batch wrote and freed again are left
+                    // out: nothing in it refers to them, and they are reused after its commit.
+                    if !faults.contains(.skipDataChecks) {
+                        let dropped = faults.contains(.checkBlocksFreedInBatch) ? [] : Set(allocator.freed(inBatch: frozen.batch))
+                        for r in merged {
+                            var off = r.offset
+                            let end = r.offset + r.count
+                            while off < end {
+                                var block = (UInt64(off) - layout.blockAreaOffset) >> 12
+                                while off < end && dropped.contains(block) { off += 4096; block += 1 }
+                                var n = 0
+                                while off + n < end && n < Int(Journal.Check.maxCount) << 12 && !dropped.contains(block + UInt64(n >> 12)) { n += 4096 }
+                                if n > 0 {
+                                    checks.append(Journal.Check(block: block, count: UInt64(n >> 12),
+                                                                crc: PersistentMemory.crc32c(media.base + off, count: n)))
+                                }
+                                off += n
+                            }
+                        }
+                    }
+                    pendingData = merged
+                } else {
+                    for r in merged { try persistence.writeBack(r.offset, r.count, wait: true) }
+                    if !faults.contains(.skipFlushBeforeJournal) { try persistence.flushDevice() }
+                }
+            }
+        }
+        if !journal.fits(records: frozen.records.count + checks.count) { try checkpointLocked() }
+        if faults.contains(.applyBeforeJournal) {
+            for (off, v) in frozen.records { media.base.storeBytes(of: v, toByteOffset: Int(off), as: UInt64.self) }
+        }
+        let range = try journal.append(frozen.records, checks: checks)
+        if !pendingData.isEmpty {
+            try persistence.writeBack(range.offset, range.count, wait: false)
+            for r in pendingData { try persistence.writeBack(r.offset, r.count, wait: true) }
+        }
+        try journal.makeDurable(range)
+        try journal.apply(frozen)
+    }
+
+    private let checkpointCount = Atomic<Int>(0)
+    /// Checkpoints since open (the ring's wrap-arounds are paid for by these).
+    public var checkpoints: Int { checkpointCount.load(ordering: .relaxed) }
+
+    /// Makes everything applied durable and empties the ring (a checkpoint). Nodes freed in
+    /// committed batches can be reused afterwards: no replay reaches them any more.
+    public func checkpoint() throws(PoolError) {
+        guard !readOnly else { return }
+        try committer.withCommitLock { () throws(PoolError) in try checkpointLocked() }
+    }
+
+    /// The same, the caller holding the committer's commit lock (or being the only user).
+    package func checkpointLocked() throws(PoolError) {
+        persistence.tracer?.phase = "checkpoint"
+        checkpointCount.add(1, ordering: .relaxed)
+        if !faults.contains(.tailBeforeSync) { try persistence.syncAll() }
+        try journal.advanceTail()
+        allocator.checkpointed()
     }
 
     // MARK: refcounts
@@ -406,22 +575,14 @@ public final class PoolEngine: @unchecked Sendable {
     /// Adds `delta` to a block's refcount (gate held). At zero the block is freed; a freed map
     /// node releases its children. `level` is the node level (0 = leaf node), or -1 for data.
     package func adjustRefcount(_ b: UInt64, _ delta: Int32, level: Int) {
-        var underflow = false, damaged = false
-        let (old, new) = journal.update(layout.refcountWordOffset(b)) { w in
-            let cur = RefcountSlot.decode(b, slot: RefcountSlot.slot(b, in: w))
-            if cur == RefcountSlot.damaged { damaged = true; return w }
-            var next = Int64(cur) + Int64(delta)
-            if next < 0 { underflow = true; next = 0 }
-            return RefcountSlot.word(w, b, slot: RefcountSlot.encode(b, count: UInt32(min(next, Int64(RefcountSlot.maxCount)))))
-        }
-        if damaged {
+        let off = layout.refcountWordOffset(b)
+        let change = journal.withPage(off) { page in PoolEngine.changeRefcount(page, off, b, delta) }
+        switch change {
+        case .damaged:
             Log.error("the refcount of block \(b) fails its check: the block stays in use; run 'pmem-nbd check --repair'")
-            return
-        }
-        if underflow { Log.error("refcount underflow on block \(b): the pool is inconsistent; run 'pmem-nbd check'") }
-        let before = RefcountSlot.decode(b, slot: RefcountSlot.slot(b, in: old)), after = RefcountSlot.decode(b, slot: RefcountSlot.slot(b, in: new))
-        if before == 0 && after > 0 { allocator.allocated.add(1, ordering: .relaxed) }
-        if before > 0 && after == 0 {
+        case .allocated:
+            allocator.allocated.add(1, ordering: .relaxed)
+        case .freed:
             allocator.allocated.subtract(1, ordering: .relaxed)
             if level >= 0 {
                 for i in 0..<512 {
@@ -429,7 +590,63 @@ public final class PoolEngine: @unchecked Sendable {
                     if child != 0 { adjustRefcount(child, -1, level: level - 1) }
                 }
             }
-            allocator.freed(b, batch: journal.runningBatch.load(ordering: .relaxed))
+            allocator.freed(b, batch: journal.runningBatch.load(ordering: .relaxed), node: level >= 0)
+        case .counted:
+            break
+        }
+    }
+
+    enum RefcountChange { case counted, allocated, freed, damaged }
+
+    /// Adds `delta` to block `b`'s slot in the refcount word at `off` (its page locked).
+    @inline(__always)
+    static func changeRefcount(_ page: Journal.PageWords, _ off: UInt64, _ b: UInt64, _ delta: Int32) -> RefcountChange {
+        let w = page.get(off)
+        let cur = RefcountSlot.decode(b, slot: RefcountSlot.slot(b, in: w))
+        if cur == RefcountSlot.damaged { return .damaged }
+        var next = Int64(cur) + Int64(delta)
+        if next < 0 {
+            Log.error("refcount underflow on block \(b): the pool is inconsistent; run 'pmem-nbd check'")
+            next = 0
+        }
+        let count = UInt32(min(next, Int64(RefcountSlot.maxCount)))
+        page.set(off, RefcountSlot.word(w, b, slot: RefcountSlot.encode(b, count: count)))
+        if cur == 0 && count > 0 { return .allocated }
+        if cur > 0 && count == 0 { return .freed }
+        return .counted
+    }
+
+    /// Adds `delta` to the refcounts of data blocks, sorted ascending (zeroes, holes, are
+    /// skipped): one lock per refcount page, one allocator call for all the blocks freed.
+    package func adjustDataRefcounts(_ blocks: UnsafeBufferPointer<UInt64>, _ delta: Int32) {
+        var allocated: Int64 = 0
+        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: blocks.count) { freed in
+            var nfreed = 0
+            var i = 0
+            while i < blocks.count {
+                if blocks[i] == 0 { i += 1; continue }
+                let page = layout.refcountWordOffset(blocks[i]) & ~4095
+                journal.withPage(page) { words in
+                    while i < blocks.count && layout.refcountWordOffset(blocks[i]) & ~4095 == page {
+                        let b = blocks[i]
+                        switch PoolEngine.changeRefcount(words, layout.refcountWordOffset(b), b, delta) {
+                        case .damaged:
+                            Log.error("the refcount of block \(b) fails its check: the block stays in use; run 'pmem-nbd check --repair'")
+                        case .allocated: allocated += 1
+                        case .freed:
+                            allocated -= 1
+                            freed[nfreed] = b
+                            nfreed += 1
+                        case .counted: break
+                        }
+                        i += 1
+                    }
+                }
+            }
+            if allocated != 0 { allocator.allocated.add(allocated, ordering: .relaxed) }
+            if nfreed > 0 {
+                allocator.freed(UnsafeBufferPointer(rebasing: freed[0..<nfreed]), batch: journal.runningBatch.load(ordering: .relaxed))
+            }
         }
     }
 
@@ -437,8 +654,16 @@ public final class PoolEngine: @unchecked Sendable {
     package func newNode(_ spares: inout NodeSpares) throws(PoolError) -> UInt64 {
         let b = try spares.take()
         let p = media.base + Int(layout.blockOffset(b))
-        PersistentMemory.zeroNonTemporal(p, count: 4096)
-        persistence.didStoreNonTemporal(p, 4096)
+        if persistence.usesPwrite {
+            try withUnsafeTemporaryAllocation(byteCount: 4096, alignment: 4096) { (page) throws(PoolError) in
+                memset(page.baseAddress!, 0, 4096)
+                try persistence.pwrite(at: Int(layout.blockOffset(b)), page.baseAddress!, 4096)
+            }
+        } else {
+            PersistentMemory.zeroNonTemporal(p, count: 4096)
+            persistence.didStoreNonTemporal(p, 4096)
+        }
+        noteWritten(b, count: 1, node: true)
         adjustRefcount(b, 1, level: 0)
         return b
     }
@@ -449,14 +674,22 @@ public final class PoolEngine: @unchecked Sendable {
         let b = try spares.take()
         copyCounters.addShared(CopyCounter.mapNodes)
         let src = layout.blockOffset(old)
-        let dst = media.base + Int(layout.blockOffset(b))
-        for i in 0..<512 {
-            let e = journal.load(src + UInt64(8 * i))
-            dst.storeBytes(of: e, toByteOffset: 8 * i, as: UInt64.self)
-            let child = decodedOrHole(e, node: old, index: i, level: level)
-            if child != 0 { adjustRefcount(child, 1, level: level - 1) }
+        let mapped = media.base + Int(layout.blockOffset(b))
+        try withUnsafeTemporaryAllocation(byteCount: persistence.usesPwrite ? 4096 : 0, alignment: 4096) { (scratch) throws(PoolError) in
+            let dst = persistence.usesPwrite ? scratch.baseAddress! : mapped
+            for i in 0..<512 {
+                let e = journal.load(src + UInt64(8 * i))
+                dst.storeBytes(of: e, toByteOffset: 8 * i, as: UInt64.self)
+                let child = decodedOrHole(e, node: old, index: i, level: level)
+                if child != 0 { adjustRefcount(child, 1, level: level - 1) }
+            }
+            if persistence.usesPwrite {
+                try persistence.pwrite(at: Int(layout.blockOffset(b)), dst, 4096)
+            } else {
+                persistence.flush(dst, 4096)
+            }
         }
-        persistence.flush(dst, 4096)
+        noteWritten(b, count: 1, node: true)
         adjustRefcount(b, 1, level: level)
         adjustRefcount(old, -1, level: level)
         return b
@@ -480,24 +713,49 @@ public enum CopyCounter {
 }
 
 package struct NodeSpares: ~Copyable {
-    let allocator: Allocator
-    private var blocks: [UInt64]
+    unowned(unsafe) let allocator: Allocator
+    /// Up to 16 blocks in place (no allocation for ordinary writes), more on the heap.
+    private var inline: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
+                         UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    private var heap: UnsafeMutablePointer<UInt64>?
+    private var count: Int
 
     /// Reserves `count` blocks (waiting for commits if needed; throws ENOSPC).
     package init(_ engine: PoolEngine, count: Int) throws(PoolError) {
         allocator = engine.allocator
-        blocks = []
-        blocks.reserveCapacity(count)
-        // On failure the value is already whole, so its deinit gives back what was reserved:
-        // giving it back here too would put the blocks on the free list twice, and they would
-        // be handed out twice (two map entries, one block).
-        for _ in 0..<count { blocks.append(try engine.reserveBlock()) }
+        self.count = 0
+        heap = count > 16 ? .allocate(capacity: count) : nil
+        let got = try withBlocks(capacity: count) { (p) throws(PoolError) in
+            try engine.reserveBlocks(UnsafeMutableBufferPointer(start: p, count: count))
+        }
+        // On failure reserveBlocks gave back what it had reserved and `count` is still 0, so
+        // the deinit gives back nothing (giving them back twice would hand them out twice).
+        self.count = got
+    }
+
+    private mutating func withBlocks<T>(capacity: Int, _ body: (UnsafeMutablePointer<UInt64>) throws(PoolError) -> T) throws(PoolError) -> T {
+        if let heap { return try body(heap) }
+        return try withUnsafeMutableBytes(of: &inline) { (raw) throws(PoolError) in try body(raw.baseAddress!.assumingMemoryBound(to: UInt64.self)) }
     }
 
     mutating func take() throws(PoolError) -> UInt64 {
-        guard let b = blocks.popLast() else { throw PoolError(.noSpace, "the pool is full (no block for a map node)") }
-        return b
+        guard count > 0 else { throw PoolError(.noSpace, "the pool is full (no block for a map node)") }
+        count -= 1
+        let n = count
+        return try withBlocks(capacity: n) { p in p[n] }
     }
 
-    deinit { for b in blocks { allocator.unreserve(b) } }
+    deinit {
+        if count > 0 {
+            if let heap {
+                allocator.unreserve(UnsafeBufferPointer(start: heap, count: count))
+            } else {
+                let n = count
+                withUnsafeBytes(of: inline) { raw in
+                    allocator.unreserve(UnsafeBufferPointer(start: raw.baseAddress!.assumingMemoryBound(to: UInt64.self), count: n))
+                }
+            }
+        }
+        heap?.deallocate()
+    }
 }

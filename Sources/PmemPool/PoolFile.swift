@@ -18,11 +18,13 @@ public struct PoolMedia: @unchecked Sendable {
         self.file = file
     }
 
-    /// A crash-test image: the engine works on the tracer's volatile image, emulating `domain`.
-    public init(tracer: PersistenceTracer, domain: Persistence.Domain) {
+    /// A crash-test image: the engine works on the tracer's volatile image, emulating `domain`
+    /// (and, in the page domain, writing the way it would to a file on a device or on tmpfs).
+    public init(tracer: PersistenceTracer, domain: Persistence.Domain, pageWrites: Persistence.PageWrites = .mapped) {
         self.init(base: tracer.volatile, length: tracer.length,
                   persistence: Persistence(domain: domain, synchronousMapping: domain == .cacheline,
-                                           base: tracer.volatile, length: tracer.length, fd: nil, tracer: tracer))
+                                           base: tracer.volatile, length: tracer.length, fd: nil, tracer: tracer,
+                                           pageWrites: pageWrites))
     }
 }
 
@@ -85,7 +87,9 @@ public final class PoolFile: @unchecked Sendable {
             case .page: domain = .page
             }
             let file = PoolFile(path: path, fd: fd, region: region, superblock: sb, readOnly: readOnly, backing: backing)
-            let persistence = Persistence(domain: domain, synchronousMapping: sync, base: region.base, length: region.length, fd: fd)
+            let (writes, rangeSync) = pageCacheBehaviour(fd, backing)
+            let persistence = Persistence(domain: domain, synchronousMapping: sync, base: region.base, length: region.length, fd: fd,
+                                          pageWrites: writes, rangeSync: rangeSync)
             return (file, PoolMedia(base: region.base, length: region.length, persistence: persistence, file: file))
         } catch {
             fd.close()
@@ -136,6 +140,31 @@ public final class PoolFile: @unchecked Sendable {
             fd.close()
             throw error
         }
+    }
+
+    /// How the page domain should write a pool's backing and what its range syncs promise:
+    /// memory-only files are written through the mapping; files on a device and block devices
+    /// with `pwrite`; ext4, XFS and block devices flush the device's cache on a range sync.
+    /// `PMEM_NBD_PAGE_WRITES=mapped|pwrite` overrides the first (tests, benchmarks).
+    static func pageCacheBehaviour(_ fd: FileDescriptor, _ backing: Backing) -> (Persistence.PageWrites, Persistence.RangeSync) {
+        var writes: Persistence.PageWrites
+        let rangeSync: Persistence.RangeSync
+        switch backing {
+        case .blockDevice:
+            (writes, rangeSync) = (.pwrite, .range)
+        case .characterDevice:
+            (writes, rangeSync) = (.mapped, .range)
+        case .file:
+            switch fd.fileSystem {
+            case .memory: (writes, rangeSync) = (.mapped, .range)
+            case .ext4, .xfs: (writes, rangeSync) = (.pwrite, .range)
+            case .other: (writes, rangeSync) = (.pwrite, .wholeFile)
+            }
+        }
+        if let forced = getenv("PMEM_NBD_PAGE_WRITES").map({ String(cString: $0) }), let w = Persistence.PageWrites(rawValue: forced) {
+            writes = w
+        }
+        return (writes, rangeSync)
     }
 
     /// A superblock error that names the file and, when the backup copy at 4096 is good, says

@@ -1,7 +1,7 @@
 import Glibc
 import PmemSystem
 
-/// Where everything lives in a pool (format 3, see Docs/FORMAT.md). Computed from the pool size
+/// Where everything lives in a pool (format 4, see Docs/FORMAT.md). Computed from the pool size
 /// at creation and recorded in the superblock; never recomputed when opening.
 public struct PoolLayout: Equatable, Sendable {
     public static let blockSize = 4096
@@ -21,14 +21,16 @@ public struct PoolLayout: Equatable, Sendable {
     /// Blocks in the block area; block 0 is reserved (0 means "none" in maps).
     public var blockCount: UInt64
 
-    /// Lays out a pool of `poolSize` bytes.
-    public static func compute(poolSize: UInt64) throws(PoolError) -> PoolLayout {
+    /// Lays out a pool of `poolSize` bytes. `journalSize` (a multiple of 4 KiB, at least 64 KiB)
+    /// replaces the usual journal size: crash tests use a small ring to reach its wrap-around
+    /// and checkpoints quickly.
+    public static func compute(poolSize: UInt64, journalSize requested: UInt64? = nil) throws(PoolError) -> PoolLayout {
         guard poolSize >= 4 << 20 else { throw PoolError(.invalid, "pool size \(poolSize) is too small (minimum 4 MiB)") }
         let block = UInt64(blockSize)
         let tableEnd = UInt64(volumeTableOffset + volumeEntries * volumeEntrySize)
         let journalOffset = (tableEnd + 65535) & ~65535
-        // The journal holds one commit batch: 16 bytes per changed word.
-        let journalSize = min(16 << 20, max(256 << 10, (poolSize / 128) & ~(block - 1)))
+        // The journal: a header page and a ring of commit batches, 16 bytes per changed word.
+        let journalSize = requested.map { max(64 << 10, $0 & ~(block - 1)) } ?? min(16 << 20, max(256 << 10, (poolSize / 128) & ~(block - 1)))
         let refcountOffset = journalOffset + journalSize
         let align: UInt64 = 2 << 20
         var blocks = (poolSize - refcountOffset) / block
@@ -56,7 +58,7 @@ public struct PoolLayout: Equatable, Sendable {
 public struct Superblock: Equatable, Sendable {
     /// "PMEM-NBD" read as a little-endian 64-bit integer.
     public static let magic: UInt64 = 0x4442_4e2d_4d45_4d50
-    public static let currentVersion: UInt32 = 3
+    public static let currentVersion: UInt32 = 4
     public static let encodedSize = 256
 
     public var version: UInt32 = Superblock.currentVersion
@@ -156,7 +158,7 @@ public struct Superblock: Equatable, Sendable {
             throw PoolError(.badPool, "pool is truncated: the header says \(layout.poolSize) bytes but only \(available) are there")
         }
         let tableEnd = UInt64(PoolLayout.volumeTableOffset + PoolLayout.volumeEntries * PoolLayout.volumeEntrySize)
-        guard layout.journalOffset >= tableEnd, layout.journalSize >= 4096,
+        guard layout.journalOffset >= tableEnd, layout.journalSize >= 64 << 10, layout.journalSize & 4095 == 0,
               layout.refcountOffset >= layout.journalOffset + layout.journalSize,
               layout.refcountSize >= layout.blockCount * 4,
               layout.blockAreaOffset >= layout.refcountOffset + layout.refcountSize,

@@ -37,3 +37,35 @@ public final class AnonymousRegion: @unchecked Sendable {
         if fallback { base.deallocate() } else { munmap(base, length) }
     }
 }
+
+/// Zeroed memory for a structure that grows and shrinks (the journal's word tables, a batch's
+/// buffer): a block of its own mapping (with `mapped`, or when large), so that releasing it
+/// gives its pages back to the kernel — see `AnonymousRegion` for why the heap does not — else
+/// from the heap. The owner keeps the `Block` and releases it once.
+public enum AnonymousMemory {
+    /// Blocks of at least this many bytes get their own mapping.
+    public static let mappingThreshold = 64 << 10
+
+    public struct Block {
+        public let base: UnsafeMutableRawPointer
+        public let byteCount: Int
+        let mapped: Bool
+    }
+
+    /// `byteCount` zeroed bytes, 64-byte aligned (page-aligned when mapped). `mapped`: a mapping
+    /// whatever the size (memory allocated by one thread and freed by another, which in the
+    /// heap fragments the allocating thread's arena).
+    public static func allocate(byteCount: Int, mapped: Bool = false) -> Block {
+        if byteCount >= mappingThreshold || mapped,
+           let p = mmap(nil, byteCount, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED {
+            return Block(base: p, byteCount: byteCount, mapped: true)
+        }
+        let p = UnsafeMutableRawPointer.allocate(byteCount: byteCount, alignment: 64)
+        p.initializeMemory(as: UInt8.self, repeating: 0, count: byteCount)
+        return Block(base: p, byteCount: byteCount, mapped: false)
+    }
+
+    public static func release(_ block: Block) {
+        if block.mapped { munmap(block.base, block.byteCount) } else { block.base.deallocate() }
+    }
+}

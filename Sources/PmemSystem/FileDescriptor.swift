@@ -1,4 +1,5 @@
 import Glibc
+import CPmemSupport
 
 /// An owned-by-convention file descriptor: a thin typed wrapper over the C calls.
 /// Closing is explicit (`close()`), as in swift-system.
@@ -109,6 +110,25 @@ public struct FileDescriptor: Hashable, Sendable {
 
     /// `fdatasync(2)`.
     public func dataSync() throws(Errno) { _ = try retryOnInterrupt { Glibc.fdatasync(rawValue) } }
+
+    /// `sync_file_range(2)`: with `wait`, writes the range's dirty pages and waits until they
+    /// are written; without, only starts writing them. No file metadata is written and the
+    /// device's volatile cache is not flushed (an `fsync`/`msync` afterwards does that).
+    public func writeBack(at offset: Int, count: Int, wait: Bool) throws(Errno) {
+        _ = try retryOnInterrupt { pmem_write_back(rawValue, Int64(offset), Int64(count), wait ? 1 : 0) }
+    }
+
+    /// The kind of file system the (regular) file lives on, from `fstatfs`.
+    public var fileSystem: FileSystemKind {
+        switch pmem_fs_type(rawValue) {
+        case 0x0102_1994, 0x8584_58f6: return .memory      // tmpfs, ramfs
+        case 0xEF53: return .ext4
+        case 0x5846_5342: return .xfs
+        default: return .other
+        }
+    }
+
+    public enum FileSystemKind: Sendable { case memory, ext4, xfs, other }
 
     /// `ftruncate(2)`.
     public func truncate(to size: Int) throws(Errno) { _ = try retryOnInterrupt { Glibc.ftruncate(rawValue, size) } }

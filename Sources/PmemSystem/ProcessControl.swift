@@ -90,6 +90,19 @@ public enum ProcessControl {
 
     /// `_exit(2)`: ends the process at once, without atexit handlers or stdio flushing (a
     /// forked parent must not flush buffers its child also holds).
+    /// Makes heap blocks of `bytes` or more mappings of their own, always: freeing one gives its
+    /// pages back to the kernel. glibc starts at 128 KiB but raises the threshold to the size
+    /// of each larger mapped block freed (up to 32 MiB), so after a server's first large
+    /// commit its transient buffers of 0.1 to 4 MiB (a batch's records, the runs of blocks it
+    /// wrote, the blocks it freed) came from the threads' heaps, where freed memory stays
+    /// resident unless it is at a heap's top: the server's memory crept up for as long as it
+    /// ran (Docs/RELIABILITY.md, "Load and soak"). Setting the threshold turns the adjustment
+    /// off. Call before starting threads. False if the allocator refused (a sanitizer's).
+    @discardableResult
+    public static func keepLargeAllocationsMapped(threshold bytes: Int = 128 << 10) -> Bool {
+        pmem_set_mmap_threshold(bytes) == 1
+    }
+
     public static func exitImmediately(_ status: Int32) -> Never { _exit(status) }
 
     /// Points standard input and output (and error, when `includingError`) at /dev/null with

@@ -157,6 +157,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         guard !readOnly else { throw PoolError(.readOnly, "\(name) is read-only") }
         guard offset <= size, UInt64(length) <= size - offset else { throw PoolError(.noSpace, "write beyond the end") }
         guard length > 0 else { return }
+        let engine = self.engine
         let first = offset >> 12
         let count = Int(((offset + UInt64(length) - 1) >> 12) - first + 1)
         let leaves = Int(((offset + UInt64(length) - 1) >> 21) - (offset >> 21) + 1)
@@ -207,30 +208,44 @@ public final class Volume: BlockVolume, @unchecked Sendable {
     /// Fills the reserved `blocks` with the payload of [start, end): each byte where it belongs
     /// in its block (the rest of a partial block is filled when it is published).
     private func fill(_ start: UInt64, _ end: UInt64, _ source: inout some ByteSource, _ blocks: UnsafeBufferPointer<UInt64>) throws(PoolError) {
+        // One strong reference for the whole payload: every call through `self.engine` would
+        // otherwise retain and release the engine, whose count every connection shares.
+        let engine = self.engine
         let first = start >> 12
         let count = blocks.count
         let base = engine.media.base
         let persistence = engine.persistence
         let nt = persistence.prefersNonTemporal
+        // Page mode on a file on a device: blocks are assembled in a buffer and written with
+        // pwrite (see Persistence.PageWrites), at most `scratchBlocks` at a time.
+        let pw = persistence.usesPwrite
+        let scratch = pw ? engine.takeScratch() : nil
+        defer { if let scratch { engine.returnScratch(scratch) } }
         var i = 0
         while i < count {
             let vb = first + UInt64(i)
             let blockStart = vb << 12
             let a = max(start, blockStart), b = min(end, blockStart + 4096)
-            let dst = base + Int(engine.layout.blockOffset(blocks[i]))
+            let dst = scratch ?? base + Int(engine.layout.blockOffset(blocks[i]))
             var run = 1
             if b - a == 4096 {
                 // Whole blocks that follow each other in the pool are filled by one call, so a
                 // large payload can go from the socket straight into them.
-                while i + run < count && blocks[i + run] == blocks[i] + UInt64(run) && (vb + UInt64(run) + 1) << 12 <= end { run += 1 }
+                while i + run < count && blocks[i + run] == blocks[i] + UInt64(run) && (vb + UInt64(run) + 1) << 12 <= end
+                    && (!pw || run < PoolEngine.scratchBlocks) { run += 1 }
             }
+            let n = run == 1 ? Int(b - a) : run << 12
             do throws(Errno) {
-                let n = run == 1 ? Int(b - a) : run << 12
                 try source.fill(UnsafeMutableRawBufferPointer(start: dst + Int(a - blockStart), count: n), nonTemporal: nt)
             } catch {
                 throw PoolError(.source(error), "payload: \(error)")
             }
-            if b - a == 4096 { persistence.didStoreNonTemporal(dst, run << 12) }
+            if pw {
+                // A partial block gets only the payload's bytes now (the rest when published).
+                try persistence.pwrite(at: Int(engine.layout.blockOffset(blocks[i]) + (a - blockStart)), dst + Int(a - blockStart), n)
+            } else if b - a == 4096 {
+                persistence.didStoreNonTemporal(dst, run << 12)
+            }
             i += run
         }
     }
@@ -240,6 +255,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
     private func publishChunk(_ start: UInt64, _ end: UInt64,
                               _ blocks: UnsafeMutableBufferPointer<UInt64>, _ spares: inout NodeSpares,
                               _ observer: (any MappingObserver)?, _ reason: MappingChangeReason) throws(PoolError) {
+        let engine = self.engine
         let first = start >> 12
         let count = blocks.count
         let base = engine.media.base
@@ -258,11 +274,13 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         locked.sort()
         for s in locked { engine.rmwLocks[s].lock() }
         defer { for s in locked { engine.rmwLocks[s].unlock() } }
+        let pw = persistence.usesPwrite
         for k in partial {
             let vb = first + UInt64(k)
             let blockStart = vb << 12
             let head = Int(max(start, blockStart) - blockStart), tail = Int(min(end, blockStart + 4096) - blockStart)
-            let dst = base + Int(engine.layout.blockOffset(blocks[k]))
+            let at = Int(engine.layout.blockOffset(blocks[k]))
+            let dst = base + at
             let readGuard = engine.rmwGuards[stripe(vb)]
             readGuard.enter()
             defer { readGuard.exit() }
@@ -270,14 +288,26 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             if old != 0 {
                 guard engine.validBlock(old) else { throw PoolError(.io, "map entry for block \(vb) is out of range (corrupt map)") }
                 let src = UnsafeRawPointer(base + Int(engine.layout.blockOffset(old)))
-                if head > 0 { PersistentMemory.copyNonTemporal(to: dst, from: src, count: head) }
-                if tail < 4096 { PersistentMemory.copyNonTemporal(to: dst + tail, from: src + tail, count: 4096 - tail) }
+                if pw {
+                    // Page mode with pwrite: the old bytes go through the file as the payload did.
+                    if head > 0 { try persistence.pwrite(at: at, src, head) }
+                    if tail < 4096 { try persistence.pwrite(at: at + tail, src + tail, 4096 - tail) }
+                } else {
+                    if head > 0 { PersistentMemory.copyNonTemporal(to: dst, from: src, count: head) }
+                    if tail < 4096 { PersistentMemory.copyNonTemporal(to: dst + tail, from: src + tail, count: 4096 - tail) }
+                }
                 engine.copyCounters.addShared(CopyCounter.partialBlocks)
+            } else if pw {
+                try withUnsafeTemporaryAllocation(byteCount: 4096, alignment: 64) { (zero) throws(PoolError) in
+                    memset(zero.baseAddress!, 0, 4096)
+                    if head > 0 { try persistence.pwrite(at: at, zero.baseAddress!, head) }
+                    if tail < 4096 { try persistence.pwrite(at: at + tail, zero.baseAddress!, 4096 - tail) }
+                }
             } else {
                 if head > 0 { PersistentMemory.zeroNonTemporal(dst, count: head) }
                 if tail < 4096 { PersistentMemory.zeroNonTemporal(dst + tail, count: 4096 - tail) }
             }
-            persistence.didStoreNonTemporal(dst, 4096)
+            if !pw { persistence.didStoreNonTemporal(dst, 4096) }
         }
         // The metadata group fences this thread's data before its gate is released, so the
         // blocks are durable before any commit names them.
@@ -288,6 +318,14 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                                                      create: true, spares: &spares) else {
                 throw PoolError(.io, "map walk failed")
             }
+            // Page domain: the commit of this group's batch makes these blocks durable first.
+            var r = 0
+            while r < count {
+                var n = 1
+                while r + n < count && blocks[r + n] == blocks[r] + UInt64(n) { n += 1 }
+                engine.noteWritten(blocks[r], count: n)
+                r += n
+            }
             if let observer {
                 // Announced before the map changes (the feed raises its sequence number first).
                 withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count) { old in
@@ -297,14 +335,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
                     observer.willRemap(volume: id, first: first, old: UnsafeBufferPointer(old), new: UnsafeBufferPointer(blocks), reason: reason)
                 }
             }
-            for i in 0..<count {
-                let index = Int((first + UInt64(i)) & 511)
-                let off = engine.entryOffset(node: leaf, index: index)
-                let raw = engine.journal.exchange(off, MapEntry.make(blocks[i], index: index, level: 0))
-                let old = engine.decodedOrHole(raw, node: leaf, index: index, level: 0)
-                engine.adjustRefcount(blocks[i], 1, level: -1)
-                if old != 0 { engine.adjustRefcount(old, -1, level: -1) }
-            }
+            engine.remap(leaf: leaf, first: Int(first & 511), to: UnsafeBufferPointer(blocks))
         }
     }
 

@@ -179,6 +179,32 @@ import Testing
         let second = try run([pmemNBDBinary, "serve", pool, "-U", d.file("b.sock")], timeout: 20)
         #expect(second.status != 0 && second.stderr.contains("in use"))
     }
+
+    /// A command against a served pool goes to its control socket without first waiting for
+    /// the pool's lock (it waited a full second for it: `lockExclusive(patience: 1)`). The real
+    /// figure (a few milliseconds) is in PERFORMANCE.md, measured by `scripts/bench
+    /// --page-speed`; the bound here only has to fail when the command waits for the lock.
+    @Test func commandsAgainstAServedPoolDoNotWaitForItsLock() throws {
+        let d = ScratchDirectory()
+        let pool = d.file("p.pool"), sock = d.file("s.sock")
+        let server = try ServerProcess(["serve", pool, "--create", "64M", "-U", sock])
+        #expect(server.waitForSocket(sock))
+        let c = try connectWhenReady(sock)
+        var times: [Double] = []
+        for i in 0..<5 {
+            try c.pwrite(pattern(65_536, seed: UInt64(i)), offset: UInt64(i) << 16)
+            let start = Date()
+            let r = try run([pmemNBDBinary, "snapshot", "create", "--pool", pool, "pmem0@s\(i)"])
+            times.append(Date().timeIntervalSince(start))
+            #expect(r.status == 0, "\(r.stderr)")
+        }
+        let list = try run([pmemNBDBinary, "volume", "list", "--pool", pool])
+        #expect(list.status == 0 && list.stdout.contains("pmem0@s4"), "\(list.stdout) \(list.stderr)")
+        times.sort()
+        print("snapshot create against a served pool: median \(Int(times[2] * 1000)) ms, \(times.map { Int($0 * 1000) }) ms")
+        #expect(times[2] < 0.5, "median \(times[2]) s: the command waited for the pool's lock")
+        #expect(server.stop() == 0)
+    }
 }
 
 func patch(_ path: String, at offset: Int, _ bytes: [UInt8]) throws {

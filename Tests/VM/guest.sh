@@ -465,7 +465,7 @@ scenario_4() {
 
 # Brings up /dev/pmem0 in fsdax mode and mounts it with -o dax on /tmp/pmem. mkfs only when
 # told to (first boot on a backing file).
-setup_dax() { # setup_dax fresh|existing
+setup_dax() { # setup_dax fresh|existing [nodax]: with nodax, ext4 on /dev/pmem0 through the page cache
   local i
   for ((i = 0; i < 100; i++)); do [ -e /sys/bus/nd/devices/namespace0.0 ] && break; sleep 0.1; done
   [ -e /sys/bus/nd/devices/namespace0.0 ] || fail "no NVDIMM namespace (is nfit loaded?)" "$(ls /sys/bus/nd/devices 2>&1)"
@@ -484,9 +484,31 @@ setup_dax() { # setup_dax fresh|existing
     [ "$mode" = '"mode":"fsdax"' ] || fail "namespace0.0 came back as $mode, not fsdax" "$(ndctl list -N 2>&1)"
     wait_for 10 /dev/pmem0 test -b /dev/pmem0
   fi
+  if [ "${2:-}" = nodax ]; then
+    step "mount -o nodax /dev/pmem0 (the page cache in front of it)"
+    run mount -t ext4 -o dax=never /dev/pmem0 /tmp/pmem
+    return
+  fi
   step "mount -o dax /dev/pmem0"
   run mount -t ext4 -o dax /dev/pmem0 /tmp/pmem
   grep -q ' /tmp/pmem .*dax' /proc/mounts || fail "/tmp/pmem is not mounted with dax" "$(grep pmem /proc/mounts)"
+}
+
+# Scenario 7 is scenario 6 in page mode: the pool file on ext4 without DAX on the NVDIMM's
+# block device, served with --persistence page. A power cut loses the guest's page cache:
+# only what the server made durable (pwrite, sync_file_range, msync, fdatasync) is there.
+PAGE_MODE=0
+[ "$SCENARIO" = 7 ] && PAGE_MODE=1
+powercut_mount() { if [ "$PAGE_MODE" = 1 ]; then setup_dax "$1" nodax; else setup_dax "$1"; fi; }
+powercut_serve() {
+  if [ "$PAGE_MODE" = 1 ]; then
+    start_server "$1" --persistence page
+    grep -q 'persistence page (pwrite' "$W/server.log" ||
+      fail "the pool on ext4 without DAX is not served in page mode with pwrite" "$(grep -i persistence "$W/server.log" | tail -n 2)"
+    log "persistence: page (pwrite)"
+  else
+    start_server "$1"
+  fi
 }
 
 expect_cacheline() { # the served pool must be mapped with MAP_SYNC
@@ -523,7 +545,7 @@ scenario_5() {
 scenario_6_run() {
   local cycle=${VMTEST_CYCLE:-1} pool=/tmp/pmem/pool.pmem fresh=existing
   [ "$cycle" = 1 ] && fresh=fresh
-  setup_dax "$fresh"
+  powercut_mount "$fresh"
   if [ "$fresh" = fresh ]; then
     step "create the pool on DAX"
     run "$BIN" create "$pool" --size 768M --prefault
@@ -531,7 +553,7 @@ scenario_6_run() {
     step "pmem-nbd check (after the previous cycle's verification)"
     check_pool "$pool"
   fi
-  start_server "$pool"
+  powercut_serve "$pool"
   attach /dev/nbd0 pmem0
   if [ "$fresh" = fresh ]; then
     mkfs_dev ext4 /dev/nbd0
@@ -580,14 +602,14 @@ scenario_6_run() {
 # of every cycle so far must be there.
 scenario_6_verify() {
   local pool=/tmp/pmem/pool.pmem acks=${VMTEST_ACKS:?VMTEST_ACKS}
-  setup_dax existing
+  powercut_mount existing
   step "pmem-nbd check after the power cut"
   CMDN=$((CMDN + 1))
   "$BIN" check "$pool" > "$W/check.log" 2>&1
   local rc=$?
   sed 's/^/  check: /' "$W/check.log" | head -n 20
   [ $rc -eq 0 ] || fail "pmem-nbd check exited $rc after the power cut" "$(cat "$W/check.log")"
-  start_server "$pool"
+  powercut_serve "$pool"
   grep -E 'recovered' "$W/server.log" | sed 's/^/  /'
   attach /dev/nbd0 pmem0
   step "mount (journal replay), verify every acknowledged write"
@@ -637,8 +659,8 @@ if [ "${VMTEST_WATCHDOG:-0}" -gt 0 ]; then
 fi
 case $ID in
   1 | 2 | 3 | 4 | 5) "scenario_$SCENARIO" ;;
-  6:run) scenario_6_run ;;
-  6:verify) scenario_6_verify ;;
+  6:run | 7:run) scenario_6_run ;;
+  6:verify | 7:verify) scenario_6_verify ;;
   *) fail "unknown scenario '$ID'" ;;
 esac
 step "done"

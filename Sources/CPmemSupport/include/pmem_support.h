@@ -66,8 +66,8 @@ uint32_t pmem_crc32c(uint32_t crc, const void *data, size_t len);
 /// Atomic fetch-or / fetch-and / load / store / compare-exchange on a 64-bit word in mapped memory.
 uint64_t pmem_atomic_or64(uint64_t *word, uint64_t bits);
 uint64_t pmem_atomic_and64(uint64_t *word, uint64_t bits);
-uint64_t pmem_atomic_load64(const uint64_t *word);
-void pmem_atomic_store64(uint64_t *word, uint64_t value);
+static inline uint64_t pmem_atomic_load64(const uint64_t *word) { return __atomic_load_n(word, __ATOMIC_ACQUIRE); }
+static inline void pmem_atomic_store64(uint64_t *word, uint64_t value) { __atomic_store_n(word, value, __ATOMIC_RELEASE); }
 int pmem_atomic_cas64(uint64_t *word, uint64_t expected, uint64_t desired);
 uint32_t pmem_atomic_load32(const uint32_t *word);
 /// Sequentially consistent store (a store that later loads of this thread cannot pass).
@@ -85,6 +85,18 @@ int pmem_fallocate(int fd, int64_t offset, int64_t length);
 
 /// madvise(MADV_POPULATE_WRITE) (Linux 5.14): faults pages in writable, without writing.
 int pmem_populate_write(void *addr, size_t length);
+
+/// mallopt(M_MMAP_THRESHOLD, bytes): heap blocks of `bytes` or more are always mappings of
+/// their own (and glibc stops raising the threshold as large blocks are freed). 1 on success.
+int pmem_set_mmap_threshold(size_t bytes);
+
+/// sync_file_range(2) over [offset, offset+length): with `wait`, WAIT_BEFORE|WRITE|WAIT_AFTER
+/// (the range's dirty pages are written and waited for), else WRITE (writing starts). Neither
+/// writes file metadata nor flushes the device's volatile cache. 0 or -1 with errno.
+int pmem_write_back(int fd, int64_t offset, int64_t length, int wait);
+
+/// The f_type of the file system holding `fd` (fstatfs), or -1 with errno.
+int64_t pmem_fs_type(int fd);
 
 /// Size in bytes of a block device (BLKGETSIZE64), or -1.
 int64_t pmem_block_device_size(int fd);

@@ -13,7 +13,7 @@ final class CrashHarness {
         var domain: Persistence.Domain
         var poolSize: UInt64 = 6 << 20
         var volumeSize: UInt64 = 640 << 12
-        var operations = 120
+        var operations = 400
         /// Random subsets of uncertain words tried per crash point.
         var subsetsPerPoint = 8
         /// One crash image in this many also gets crash points enumerated inside its recovery.
@@ -23,6 +23,11 @@ final class CrashHarness {
         var faults: PoolEngine.Faults = []
         /// Mix snapshot create/delete, clone and rollback into the workload.
         var snapshots = false
+        /// Page domain: write the pool the way the engine writes a file on a device (`pwrite`)
+        /// or tmpfs (stores through the mapping).
+        var pageWrites: Persistence.PageWrites = .mapped
+        /// A small journal, so that runs reach the ring's wrap-around and its checkpoints.
+        var journalSize: UInt64? = 96 << 10
     }
 
     let config: Config
@@ -74,12 +79,14 @@ final class CrashHarness {
         let image = UnsafeMutableRawPointer.allocate(byteCount: Int(config.poolSize), alignment: 4096)
         defer { image.deallocate() }
         memset(image, 0, Int(config.poolSize))
-        _ = try PoolEngine.format(base: image, poolSize: config.poolSize, volumeName: "vol", volumeSize: config.volumeSize)
+        _ = try PoolEngine.format(base: image, poolSize: config.poolSize, volumeName: "vol", volumeSize: config.volumeSize,
+                                  journalSize: config.journalSize)
         let tracer = PersistenceTracer(image: UnsafeRawBufferPointer(start: image, count: Int(config.poolSize)))
         tracer.crashPoint = { [unowned self] t, _ in
             if distinct.count < maxStates { crashPoint(t) }
         }
-        let engine = try PoolEngine(media: PoolMedia(tracer: tracer, domain: config.domain), commitMode: .inline, faults: config.faults)
+        let engine = try PoolEngine(media: PoolMedia(tracer: tracer, domain: config.domain, pageWrites: config.pageWrites),
+                                    commitMode: .inline, faults: config.faults)
         let pool = Pool(engine: engine)
         for i in 0..<config.operations {
             if distinct.count >= maxStates || (!config.faults.isEmpty && !violations.isEmpty) { break }
@@ -90,7 +97,11 @@ final class CrashHarness {
         try engine.sync()
         crashPoint(tracer)
         tracer.crashPoint = nil
+        checkpoints = engine.checkpoints
     }
+
+    /// Checkpoints the engine made during the run (the ring filled up).
+    private(set) var checkpoints = 0
 
     // MARK: workload
 
@@ -304,7 +315,7 @@ final class CrashHarness {
             }
         }
         do {
-            let e = try PoolEngine(media: PoolMedia(tracer: t, domain: config.domain), commitMode: .inline)
+            let e = try PoolEngine(media: PoolMedia(tracer: t, domain: config.domain, pageWrites: config.pageWrites), commitMode: .inline)
             try e.close()
         } catch {
             violations.append("recovery (traced) failed at \(phase) point \(points): \(error)")
@@ -319,7 +330,15 @@ final class CrashHarness {
         let copy = inPlace ? image : verifyCopy
         if !inPlace { copy.copyMemory(from: image, byteCount: size) }
         let media = PoolMedia(base: copy, length: size,
-                              persistence: Persistence(domain: config.domain, synchronousMapping: false, base: copy, length: size, fd: nil))
+                              persistence: Persistence(domain: config.domain, synchronousMapping: false, base: copy, length: size, fd: nil,
+                                                       pageWrites: config.pageWrites))
+        let layoutForDebug = try? PoolLayout.compute(poolSize: config.poolSize, journalSize: config.journalSize)
+        let scanBefore = layoutForDebug.map { Journal.scan(base: copy, layout: $0) }
+        defer {
+            if ProcessInfo.processInfo.environment["PMEM_NBD_CRASH_DEBUG"] != nil, !violations.isEmpty, let s = scanBefore {
+                print("DEBUG \(label): tail \(String(describing: s.tail)) batches \(s.batches.map { "\($0.sequence)@\($0.offset) w\($0.records.count) c\($0.checks.count)" }) end \(s.end) dropped \(s.droppedUnverified) damaged \(s.damagedCopies)")
+            }
+        }
         do {
             let engine = try PoolEngine(media: media, commitMode: .inline)
             let report = try PoolCheck.run(media: media, repair: false)
@@ -328,6 +347,8 @@ final class CrashHarness {
                 return
             }
             let pool = Pool(engine: engine)
+            // Closing drops the pool's volumes, which refer back to it (else every state leaks one).
+            defer { try? pool.close() }
             guard let volume = pool.volume(named: "vol") else { violations.append("\(label): volume missing"); return }
             var newOnly = 0, oldOnly = 0
             for b in 0..<blocks {
