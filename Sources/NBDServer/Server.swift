@@ -233,9 +233,4 @@ public final class Server: @unchecked Sendable {
         for c in open { c.interrupt() }
         return active.wait(timeoutSeconds: timeoutSeconds)
     }
-
-    /// Blocks until every connection has ended (used with `--stdio` and tests).
-    public func waitForConnections(timeoutSeconds: Double = .infinity) -> Bool {
-        active.wait(timeoutSeconds: timeoutSeconds)
-    }
 }

@@ -171,7 +171,7 @@ extension Connection {
         case .blockStatus:
             blockStatus(r, &state)
         case .resize:
-            replyError(r, state, .invalid, "RESIZE is not supported")
+            preconditionFailure("RequestCheck rejects RESIZE")
         }
         return true
     }

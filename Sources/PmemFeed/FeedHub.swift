@@ -477,8 +477,6 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         cond.unlock()
     }
 
-    var leaseCount: Int { cond.withLock { leases.count } }
-
     /// What the feed holds right now (for metrics).
     public struct Counts: Sendable, Equatable {
         /// Connected subscribers, and how many of them are fenced.

@@ -314,8 +314,6 @@ package final class Allocator: @unchecked Sendable {
         }
     }
 
-    package var pinCount: Int { lock.withLock { pins.count } }
-
     /// Marks blocks as on damaged media: a free one is never handed out, a used one is never
     /// reused once freed.
     package func markBad(_ blocks: [UInt64]) {
@@ -336,7 +334,6 @@ package final class Allocator: @unchecked Sendable {
                 + nodeQuarantine.values.reduce(0) { $0 + $1.count } + nodesCommitted.count
         }
     }
-    var knownFree: Int { lock.withLock { free.count } }
 
     /// Blocks that can be handed out without waiting: the free stack, the unscanned range and
     /// the never-used tail (an upper bound: the scan may find some in use).

@@ -59,13 +59,4 @@ public final class MappedRegion: @unchecked Sendable {
         guard end > start else { return }
         _ = try retryOnInterrupt { msync(base + start, end - start, MS_SYNC) }
     }
-
-    /// `madvise(2)` over a range (for example MADV_WILLNEED for NBD_CMD_CACHE).
-    public func advise(offset: Int, length: Int, _ advice: Int32) {
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        let start = offset & ~(page - 1)
-        let end = min(self.length, offset + length)
-        guard end > start else { return }
-        _ = madvise(base + start, end - start, advice)
-    }
 }

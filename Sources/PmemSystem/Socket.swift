@@ -182,13 +182,6 @@ public enum Socket {
     /// Sets TCP_NODELAY where the descriptor is a TCP socket (ignored elsewhere).
     public static func setNoDelay(_ fd: FileDescriptor) { _ = pmem_tcp_nodelay(fd.rawValue) }
 
-    /// Sets SO_SNDBUF / SO_RCVBUF.
-    public static func setBufferSizes(_ fd: FileDescriptor, send: Int32, receive: Int32) {
-        var s = send, r = receive
-        setsockopt(fd.rawValue, SOL_SOCKET, SO_SNDBUF, &s, socklen_t(MemoryLayout<Int32>.size))
-        setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVBUF, &r, socklen_t(MemoryLayout<Int32>.size))
-    }
-
     /// `socketpair(AF_UNIX, SOCK_STREAM)`.
     public static func pair() throws(Errno) -> (FileDescriptor, FileDescriptor) {
         var fds: [Int32] = [0, 0]

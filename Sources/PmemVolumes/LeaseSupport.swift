@@ -84,7 +84,6 @@ extension Volume {
     /// The blocks of a range if every one is mapped and held by this map alone (the block and
     /// every node above it have one reference); nil otherwise.
     public func exclusiveBlocks(first: UInt64, count: UInt64) throws(PoolError) -> [UInt64]? {
-        let j = engine.journal
         var out: [UInt64] = []
         var v = first
         while v < first + count {

@@ -177,7 +177,8 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             _ = try engine.reserveBlocks(blocks)
             // In ascending order, blocks freed together (or never used) come out contiguous:
             // whole runs are then filled at once and read back as one segment.
-            if count > 1 { var ascending = blocks; ascending.sort() }
+            // (`blocks` is a buffer pointer: the copy sorts the reserved blocks themselves.)
+            if count > 1 { var reserved = blocks; reserved.sort() }
             var published = 0
             defer { if published < count { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published...])) } }
             var spares = try NodeSpares(engine, count: leaves * depth + 1)
