@@ -68,7 +68,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         reaperWake.withLock { reaperWake.broadcast() }
     }
 
-    var now: Double { monotonicNow() }
+    var now: Double { MonotonicClock.seconds() }
 
     // MARK: events
 
@@ -520,10 +520,4 @@ package struct FeedTestHooks: Sendable {
 struct FeedDenial: Error {
     let reason: String
     init(_ reason: String) { self.reason = reason }
-}
-
-func monotonicNow() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }

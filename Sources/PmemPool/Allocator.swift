@@ -1,4 +1,3 @@
-import CPmemSupport
 import PmemSystem
 import Synchronization
 
@@ -31,15 +30,15 @@ package final class ReaderEpochs: @unchecked Sendable {
     }
 
     func unregister(_ slot: Int) {
-        pmem_atomic_store64_seqcst(slots + slot, 0)
+        SharedWord.storeSequentiallyConsistent(slots + slot, 0)
         inUse.withLock { $0[slot] = false }
     }
 
     @inline(__always) func enter(_ slot: Int) {
-        pmem_atomic_store64_seqcst(slots + slot, global.load(ordering: .sequentiallyConsistent))
+        SharedWord.storeSequentiallyConsistent(slots + slot, global.load(ordering: .sequentiallyConsistent))
     }
 
-    @inline(__always) func exit(_ slot: Int) { pmem_atomic_store64(slots + slot, 0) }
+    @inline(__always) func exit(_ slot: Int) { SharedWord.store(slots + slot, 0) }
 
     /// Stamps retired blocks: returns the current epoch and starts a new one.
     func advance() -> UInt64 { global.add(1, ordering: .sequentiallyConsistent).oldValue }
@@ -48,7 +47,7 @@ package final class ReaderEpochs: @unchecked Sendable {
     func oldestActive() -> UInt64 {
         var m = UInt64.max
         for i in 0..<ReaderEpochs.slotCount {
-            let v = pmem_atomic_load64(slots + i)
+            let v = SharedWord.load(slots + i)
             if v != 0 && v < m { m = v }
         }
         return m

@@ -1,4 +1,3 @@
-import CPmemSupport
 import Glibc
 import PmemSystem
 import Synchronization
@@ -160,8 +159,8 @@ public final class PoolEngine: @unchecked Sendable {
             var done: UInt64 = 0
             while done < poolSize {
                 let n = min(poolSize - done, 1 << 30)
-                if pmem_fallocate(fd.rawValue, Int64(done), Int64(n)) != 0 {
-                    throw PoolError.system(.current, "cannot allocate \(poolSize) bytes for \(path)")
+                do { try fd.allocate(at: Int(done), count: Int(n)) } catch {
+                    throw PoolError.system(error, "cannot allocate \(poolSize) bytes for \(path)")
                 }
                 done += n
                 progress(done, poolSize)
@@ -242,8 +241,8 @@ public final class PoolEngine: @unchecked Sendable {
                 var off = 0
                 let step = 64 << 20
                 while off < length {
-                    if pmem_populate_write(base + off, min(step, length - off)) != 0 {
-                        Log.warning("prefault: madvise(MADV_POPULATE_WRITE): \(Errno.current)")
+                    do { try MappedRegion.populateWritable(base + off, count: min(step, length - off)) } catch {
+                        Log.warning("prefault: madvise(MADV_POPULATE_WRITE): \(error)")
                         return
                     }
                     off += step
@@ -463,10 +462,10 @@ public final class PoolEngine: @unchecked Sendable {
         journal.gate.unlock()
         if !frozen.records.isEmpty {
             persistence.tracer?.phase = "commit"
-            let t0 = Log.enabled(.debug) ? monotonicSeconds() : 0
+            let t0 = Log.enabled(.debug) ? MonotonicClock.seconds() : 0
             defer {
                 if Log.enabled(.debug) {
-                    Log.debug("commit \(frozen.batch): \(frozen.records.count) words, \(runs.count) data runs in \(Int((monotonicSeconds() - t0) * 1e6)) µs")
+                    Log.debug("commit \(frozen.batch): \(frozen.records.count) words, \(runs.count) data runs in \(Int((MonotonicClock.seconds() - t0) * 1e6)) µs")
                 }
             }
             try commit(frozen, runs: runs, nodes: nodes)
@@ -686,12 +685,6 @@ public final class PoolEngine: @unchecked Sendable {
         adjustRefcount(old, -1, level: level)
         return b
     }
-}
-
-func monotonicSeconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
 
 /// Blocks an operation reserved, before entering the gate, for the map nodes it may create or
