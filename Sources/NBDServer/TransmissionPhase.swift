@@ -69,7 +69,7 @@ extension Connection {
     @inline(__always)
     private func serve(_ state: inout TransmissionState, extended: Bool) throws(Errno) {
         let readGuard = state.readGuard
-        let headerSize = extended ? Request.extendedSize : Request.compactSize
+        let headerSize = Request.headerSize(extended: extended)
         while true {
             while receive.available >= headerSize {
                 switch Request.decode(receive.readPointer, extended: extended) {
@@ -97,14 +97,15 @@ extension Connection {
     private func handle(_ r: Request, _ state: inout TransmissionState) throws(Errno) -> Bool {
         if case .reject(let error, let message) = RequestCheck.check(r, session: state.session) {
             Log.debug("connection \(id): \(r.type?.name ?? "command \(r.typeCode)") rejected: \(error) \(message)")
-            if RequestCheck.payloadForcesDisconnect(r, session: state.session) {
+            switch RequestCheck.payload(of: r, session: state.session) {
+            case .disconnect:
                 Log.info("connection \(id): payload of \(r.length) bytes over the maximum; disconnecting")
                 return false
-            }
-            let payload = RequestCheck.payloadLength(of: r, extended: state.style == .extended)
-            if payload > 0 {
-                releasePoolPointers(state)
-                guard try receive.discard(payload) else { return false }
+            case .consume(let payload):
+                if payload > 0 {
+                    releasePoolPointers(state)
+                    guard try receive.discard(payload) else { return false }
+                }
             }
             replyError(r, state, error, message)
             return true
