@@ -34,7 +34,9 @@ let package = Package(
         .target(name: "NBDTLS", dependencies: ["CGnuTLS", "PmemSystem"]),
         .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
         // Sessions and listeners: sockets, handshake and transmission I/O.
-        .target(name: "NBDServer", dependencies: ["NBDWire", "NBDTLS", "PmemVolumes", "PmemPool", "PmemSystem"]),
+        // It knows nothing of pools: exports are `BlockVolume`s (Storage.swift), which PmemNBD
+        // makes of volumes (VolumeExport).
+        .target(name: "NBDServer", dependencies: ["NBDWire", "NBDTLS", "PmemSystem"]),
         // The application: pools exposed as NBD exports; commands the CLI calls.
         .target(name: "PmemNBD", dependencies: ["NBDServer", "NBDWire", "NBDTLS", "PmemFeed", "PmemFeedClient", "FeedWire", "PmemVolumes", "PmemPool", "PmemSystem"]),
         .executableTarget(name: "pmem-nbd", dependencies: [

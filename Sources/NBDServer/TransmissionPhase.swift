@@ -1,7 +1,5 @@
 import Glibc
 import NBDWire
-import PmemPool
-import PmemVolumes
 import PmemSystem
 
 /// The payload of a WRITE: buffered bytes first, then from the socket (straight into the
@@ -31,7 +29,7 @@ struct TransmissionState {
     /// How replies are framed; with `.extended`, requests have 32-byte headers too.
     let style: ReplyStyle
     /// Entered from the first reply that points into pool memory until the batch is sent.
-    let readGuard: ReadGuard
+    let readGuard: any ReadGuard
     var segments: [Segment] = []
     var extents: [(length: UInt64, status: UInt32)] = []
     /// When the request being handled started (0 when latency is not measured).
@@ -132,7 +130,7 @@ extension Connection {
             do {
                 try volume.write(offset: r.offset, length: Int(r.length), fua: fua && volume.flushIsCheap, from: &source)
             } catch {
-                if case .source = error.kind { return false }
+                if error.sourceFailed { return false }
                 if source.consumed < r.length {
                     replies.flush()
                     guard try receive.discard(r.length - source.consumed) else { return false }
@@ -191,22 +189,13 @@ extension Connection {
         replies.success(state.style, cookie: r.cookie, offset: r.offset)
     }
 
-    private func replyError(_ r: Request, _ state: TransmissionState, _ error: PoolError) {
-        let code: NBDErrno
-        switch error.kind {
-        case .noSpace:
-            code = .noSpace
-            // Not a request past the end (also ENOSPC): the pool ran out of free blocks.
-            if r.offset <= state.volume.size && UInt64(r.length) <= state.volume.size - r.offset {
-                server.warnNoSpace(export: state.session.export.name, command: r.type?.name ?? "request",
-                                   offset: r.offset, length: UInt64(r.length))
-            }
-        case .readOnly: code = .permission
-        case .invalid: code = error.isNotFast ? .notSupported : .invalid
-        case .notFound, .exists: code = .invalid
-        case .badPool, .io, .system, .source: code = .io
+    private func replyError(_ r: Request, _ state: TransmissionState, _ error: StorageError) {
+        // Not a request past the end (also ENOSPC): the storage ran out of free blocks.
+        if error.code == .noSpace && r.offset <= state.volume.size && UInt64(r.length) <= state.volume.size - r.offset {
+            server.warnNoSpace(export: state.session.export.name, command: r.type?.name ?? "request",
+                               offset: r.offset, length: UInt64(r.length))
         }
-        replyError(r, state, code, error.message)
+        replyError(r, state, error.code, error.message)
     }
 
     private func replyError(_ r: Request, _ state: TransmissionState, _ error: NBDErrno, _ message: String) {
@@ -236,7 +225,7 @@ extension Connection {
             defer { offloaded.leave() }
             let bytes: [UInt8]
             var failed = false
-            do throws(PoolError) {
+            do throws(StorageError) {
                 try volume.flush()
                 bytes = style.encoded(cookie: cookie, offset: offset, error: nil, message: "")
             } catch {

@@ -14,7 +14,7 @@ struct ZeroSource: ByteSource {
 /// 4 KiB block is written into a free block, made durable, and only then does the map point
 /// at it (in the journal's running batch) — so after a crash a block holds its old or its new
 /// contents, never a mix. Sub-block writes copy the old block first (read-modify-write).
-public final class Volume: BlockVolume, @unchecked Sendable {
+public final class Volume: @unchecked Sendable {
     /// The pool this volume belongs to (kept alive by the volume; `Pool.close` drops its cache).
     let pool: Pool
     /// The pool's engine, used on every I/O: no reference counting there (the pool holds it).
