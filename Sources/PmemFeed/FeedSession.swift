@@ -63,8 +63,8 @@ final class FeedSession: @unchecked Sendable {
     }
 
     func releasePins(through seq: UInt64) {
-        let allocator = hub.engine.allocator
-        pins.removeThrough(seq) { released in allocator.unpin(released.lazy.map(\.block)) }
+        let pool = hub.pool
+        pins.removeThrough(seq) { released in pool.unpin(released.lazy.map(\.block)) }
     }
 
     func holdFrees(until seq: UInt64, at time: Double) {
