@@ -71,7 +71,7 @@ public final class Volume: @unchecked Sendable {
         if context == Volume.sharingContext {
             guard offset < size, length <= size - offset else { throw PoolError(.invalid, "range beyond the end") }
             var skip = offset & 4095
-            return try sharingRuns(first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, shared in
+            return try engine.sharingRuns(rootOffset: rootOffset, depth: depth, first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, shared in
                 let bytes = (blocks << 12) - skip
                 skip = 0
                 return body(bytes, shared ? 1 : 0)
@@ -83,7 +83,7 @@ public final class Volume: @unchecked Sendable {
         }
         guard offset < size, length <= size - offset else { throw PoolError(.invalid, "range beyond the end") }
         var skip = offset & 4095
-        try changedRuns(against: snap, first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, dirty in
+        try engine.changedRuns(rootOffset: rootOffset, depth: depth, against: snap, first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, dirty in
             let bytes = (blocks << 12) - skip
             skip = 0
             return body(bytes, dirty ? 1 : 0)
