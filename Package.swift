@@ -15,25 +15,28 @@ let package = Package(
     targets: [
         // C: epoll, eventfd, accept4, MAP_SYNC, CPUID-selected cache-line flushes, CRC32C.
         .target(name: "CPmemSupport", cSettings: [.define("_GNU_SOURCE"), .unsafeFlags(["-O2"])]),
-        // Thin typed wrappers over system calls, threads, logging.
+        // Thin typed wrappers over system calls, threads, logging: the only module that imports
+        // CPmemSupport (SourceAuditTests checks it).
         .target(name: "PmemSystem", dependencies: ["CPmemSupport"]),
         // The NBD wire protocol: codec and negotiation state machine. No I/O.
         .target(name: "NBDWire"),
         // The pool engine: persistence, journal, allocator, maps, recovery, check.
-        .target(name: "PmemPool", dependencies: ["PmemSystem", "CPmemSupport"]),
+        .target(name: "PmemPool", dependencies: ["PmemSystem"]),
         // Volumes and snapshots over the engine: the block devices the server exports.
         .target(name: "PmemVolumes", dependencies: ["PmemPool", "PmemSystem"]),
         // The mapping-change feed's wire format. No I/O.
         .target(name: "FeedWire"),
         // The mapping-change feed service: events, leases, map and reverse queries.
-        .target(name: "PmemFeed", dependencies: ["FeedWire", "PmemVolumes", "PmemPool", "PmemSystem", "CPmemSupport"]),
+        .target(name: "PmemFeed", dependencies: ["FeedWire", "PmemVolumes", "PmemPool", "PmemSystem"]),
         // A client connection to the feed (framing, descriptors passed with WELCOME).
-        .target(name: "PmemFeedClient", dependencies: ["FeedWire", "PmemSystem", "CPmemSupport"]),
+        .target(name: "PmemFeedClient", dependencies: ["FeedWire", "PmemSystem"]),
         // TLS through GnuTLS: credentials loaded at start, one session per connection.
         .target(name: "NBDTLS", dependencies: ["CGnuTLS", "PmemSystem"]),
         .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
         // Sessions and listeners: sockets, handshake and transmission I/O.
-        .target(name: "NBDServer", dependencies: ["NBDWire", "NBDTLS", "PmemVolumes", "PmemPool", "PmemSystem", "CPmemSupport"]),
+        // It knows nothing of pools: exports are `BlockVolume`s (Storage.swift), which PmemNBD
+        // makes of volumes (VolumeExport).
+        .target(name: "NBDServer", dependencies: ["NBDWire", "NBDTLS", "PmemSystem"]),
         // The application: pools exposed as NBD exports; commands the CLI calls.
         .target(name: "PmemNBD", dependencies: ["NBDServer", "NBDWire", "NBDTLS", "PmemFeed", "PmemFeedClient", "FeedWire", "PmemVolumes", "PmemPool", "PmemSystem"]),
         .executableTarget(name: "pmem-nbd", dependencies: [
@@ -42,7 +45,7 @@ let package = Package(
         ]),
         // The DAX client library: a local process reads (and with a write lease, writes) pool
         // memory directly, following the feed; falls back to NBD through libnbd.
-        .target(name: "PmemDAX", dependencies: ["PmemFeedClient", "FeedWire", "PmemSystem", "CPmemSupport", "CLibNBD"]),
+        .target(name: "PmemDAX", dependencies: ["PmemFeedClient", "FeedWire", "PmemSystem", "CLibNBD"]),
         // Example: reads a volume through PmemDAX; --bench compares with NBD.
         .executableTarget(name: "pmem-dax-read", dependencies: ["PmemDAX", "CLibNBD", "PmemSystem"]),
         // The wire codec's fuzz target: replays a corpus; with -DFUZZING -sanitize=fuzzer it is

@@ -2,8 +2,6 @@ import Dispatch
 import Glibc
 import NBDTLS
 import NBDWire
-import PmemPool
-import PmemVolumes
 import PmemSystem
 import Synchronization
 

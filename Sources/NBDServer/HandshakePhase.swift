@@ -18,20 +18,19 @@ extension Connection {
         }
         while true {
             guard let headerBytes = try receive.take(Negotiator.optionHeaderSize) else { return nil }
-            guard case .option(let code, let length) = Negotiator.decodeOptionHeader(headerBytes) else {
-                Log.info("connection \(id): bad option magic; dropping")
-                return nil
-            }
+            let code: UInt32, length: Int
             let outcome: Negotiator.Outcome
-            if Int(length) > NBDLimits.maxOptionPayload {
-                guard Int(length) <= NBDLimits.maxSkippableOptionPayload else {
-                    Log.info("connection \(id): option of \(length) bytes; dropping")
-                    return nil
-                }
+            switch OptionFrame.decode(headerBytes) {
+            case .drop(let reason):
+                Log.info("connection \(id): \(reason); dropping")
+                return nil
+            case .skip(let c, let n):
+                (code, length) = (c, n)
                 guard try receive.discard(UInt64(length)) else { return nil }
                 outcome = negotiator.optionTooBig(code: code)
-            } else {
-                guard let payload = try receive.take(Int(length)) else { return nil }
+            case .read(let c, let n):
+                (code, length) = (c, n)
+                guard let payload = try receive.take(length) else { return nil }
                 if server.isShuttingDown && code != OptionCode.abort {
                     try sendHandshake(Negotiator.optionReply(code, OptionReplyType.errShutdown, message: "server is shutting down"))
                     continue

@@ -46,8 +46,6 @@ final class ReplyWriter: @unchecked Sendable {
         iov = (memory.base + arenaCapacity).bindMemory(to: iovec.self, capacity: ReplyWriter.iovMax)
     }
 
-    var hasPending: Bool { iovCount > 0 }
-
     @inline(__always) private func acquireForBatch() {
         if !holding {
             mutex.lock()

@@ -2,8 +2,6 @@ import Dispatch
 import Glibc
 import NBDTLS
 import NBDWire
-import PmemPool
-import PmemVolumes
 import PmemSystem
 import Synchronization
 
@@ -32,7 +30,7 @@ public final class Server: @unchecked Sendable {
     private let nextID = Atomic<UInt64>(1)
     private let shuttingDown = Atomic<Bool>(false)
     private let active = WaitGroup()
-    private var listeners: [Listener] = []
+    private var listeners: [AcceptLoop] = []
     /// Counters of connections that ended (own and offloaded), added under `connections`' lock.
     private let retired = CounterBlock(count: MetricSlot.count)
     /// The same, by the export each used (under `connections`' lock).
@@ -107,7 +105,10 @@ public final class Server: @unchecked Sendable {
 
     /// Starts accepting on listening sockets (Unix, TCP or inherited from systemd).
     public func listen(on sockets: [FileDescriptor]) throws(Errno) {
-        let listener = try Listener(sockets: sockets, server: self)
+        // Woken at least twice a second to disconnect handshakes past their deadline.
+        let listener = try AcceptLoop(sockets: sockets, name: "nbd-accept", label: "accept loop", tickMilliseconds: 500,
+                                      tick: { [unowned self] in expireHandshakes() },
+                                      accepted: { [unowned self] c in accepted(c, peer: Socket.peerName(c)) })
         listeners.append(listener)
         listener.start()
     }
@@ -227,15 +228,10 @@ public final class Server: @unchecked Sendable {
     @discardableResult
     public func shutdown(timeoutSeconds: Double = 30) -> Bool {
         shuttingDown.store(true, ordering: .releasing)
-        for l in listeners { l.stop() }
+        for l in listeners { l.stop(timeoutSeconds: 5) }
         listeners.removeAll()
         let open = connections.withLock { Array($0.values) }
         for c in open { c.interrupt() }
         return active.wait(timeoutSeconds: timeoutSeconds)
-    }
-
-    /// Blocks until every connection has ended (used with `--stdio` and tests).
-    public func waitForConnections(timeoutSeconds: Double = .infinity) -> Bool {
-        active.wait(timeoutSeconds: timeoutSeconds)
     }
 }

@@ -1,7 +1,5 @@
 import Glibc
 import NBDWire
-import PmemPool
-import PmemVolumes
 import PmemSystem
 
 /// The payload of a WRITE: buffered bytes first, then from the socket (straight into the
@@ -31,7 +29,7 @@ struct TransmissionState {
     /// How replies are framed; with `.extended`, requests have 32-byte headers too.
     let style: ReplyStyle
     /// Entered from the first reply that points into pool memory until the batch is sent.
-    let readGuard: ReadGuard
+    let readGuard: any ReadGuard
     var segments: [Segment] = []
     var extents: [(length: UInt64, status: UInt32)] = []
     /// When the request being handled started (0 when latency is not measured).
@@ -69,7 +67,7 @@ extension Connection {
     @inline(__always)
     private func serve(_ state: inout TransmissionState, extended: Bool) throws(Errno) {
         let readGuard = state.readGuard
-        let headerSize = extended ? Request.extendedSize : Request.compactSize
+        let headerSize = Request.headerSize(extended: extended)
         while true {
             while receive.available >= headerSize {
                 switch Request.decode(receive.readPointer, extended: extended) {
@@ -97,14 +95,15 @@ extension Connection {
     private func handle(_ r: Request, _ state: inout TransmissionState) throws(Errno) -> Bool {
         if case .reject(let error, let message) = RequestCheck.check(r, session: state.session) {
             Log.debug("connection \(id): \(r.type?.name ?? "command \(r.typeCode)") rejected: \(error) \(message)")
-            if RequestCheck.payloadForcesDisconnect(r, session: state.session) {
+            switch RequestCheck.payload(of: r, session: state.session) {
+            case .disconnect:
                 Log.info("connection \(id): payload of \(r.length) bytes over the maximum; disconnecting")
                 return false
-            }
-            let payload = RequestCheck.payloadLength(of: r, extended: state.style == .extended)
-            if payload > 0 {
-                releasePoolPointers(state)
-                guard try receive.discard(payload) else { return false }
+            case .consume(let payload):
+                if payload > 0 {
+                    releasePoolPointers(state)
+                    guard try receive.discard(payload) else { return false }
+                }
             }
             replyError(r, state, error, message)
             return true
@@ -131,7 +130,7 @@ extension Connection {
             do {
                 try volume.write(offset: r.offset, length: Int(r.length), fua: fua && volume.flushIsCheap, from: &source)
             } catch {
-                if case .source = error.kind { return false }
+                if error.sourceFailed { return false }
                 if source.consumed < r.length {
                     replies.flush()
                     guard try receive.discard(r.length - source.consumed) else { return false }
@@ -171,7 +170,7 @@ extension Connection {
         case .blockStatus:
             blockStatus(r, &state)
         case .resize:
-            replyError(r, state, .invalid, "RESIZE is not supported")
+            preconditionFailure("RequestCheck rejects RESIZE")
         }
         return true
     }
@@ -190,22 +189,13 @@ extension Connection {
         replies.success(state.style, cookie: r.cookie, offset: r.offset)
     }
 
-    private func replyError(_ r: Request, _ state: TransmissionState, _ error: PoolError) {
-        let code: NBDErrno
-        switch error.kind {
-        case .noSpace:
-            code = .noSpace
-            // Not a request past the end (also ENOSPC): the pool ran out of free blocks.
-            if r.offset <= state.volume.size && UInt64(r.length) <= state.volume.size - r.offset {
-                server.warnNoSpace(export: state.session.export.name, command: r.type?.name ?? "request",
-                                   offset: r.offset, length: UInt64(r.length))
-            }
-        case .readOnly: code = .permission
-        case .invalid: code = error.isNotFast ? .notSupported : .invalid
-        case .notFound, .exists: code = .invalid
-        case .badPool, .io, .system, .source: code = .io
+    private func replyError(_ r: Request, _ state: TransmissionState, _ error: StorageError) {
+        // Not a request past the end (also ENOSPC): the storage ran out of free blocks.
+        if error.code == .noSpace && r.offset <= state.volume.size && UInt64(r.length) <= state.volume.size - r.offset {
+            server.warnNoSpace(export: state.session.export.name, command: r.type?.name ?? "request",
+                               offset: r.offset, length: UInt64(r.length))
         }
-        replyError(r, state, code, error.message)
+        replyError(r, state, error.code, error.message)
     }
 
     private func replyError(_ r: Request, _ state: TransmissionState, _ error: NBDErrno, _ message: String) {
@@ -235,7 +225,7 @@ extension Connection {
             defer { offloaded.leave() }
             let bytes: [UInt8]
             var failed = false
-            do throws(PoolError) {
+            do throws(StorageError) {
                 try volume.flush()
                 bytes = style.encoded(cookie: cookie, offset: offset, error: nil, message: "")
             } catch {

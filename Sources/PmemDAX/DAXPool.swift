@@ -1,5 +1,4 @@
 import CLibNBD
-import CPmemSupport
 import FeedWire
 import Glibc
 import PmemFeedClient
@@ -23,6 +22,9 @@ public struct DAXError: Error, CustomStringConvertible {
 /// Docs/FEED.md states what it guarantees (G1–G9).
 public final class DAXPool: @unchecked Sendable {
     package let connection: FeedConnection
+    /// The pool's mapping and the status page's (each unmapped when the pool goes).
+    private let poolRegion: MappedRegion
+    private let statusRegion: MappedRegion
     let base: UnsafeMutableRawPointer
     let length: Int
     let status: UnsafeMutablePointer<UInt64>
@@ -105,13 +107,14 @@ public final class DAXPool: @unchecked Sendable {
         if writable && !w.writable { throw DAXError("the server does not allow write leases") }
         self.writable = writable
         length = Int(w.poolSize)
-        guard let p = mmap(nil, length, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED, poolFD.rawValue, 0), p != MAP_FAILED else {
-            throw DAXError("cannot map the pool: \(Errno.current)")
+        do { poolRegion = try MappedRegion.mapShared(poolFD, length: length, writable: writable) } catch {
+            throw DAXError("cannot map the pool: \(error)")
         }
-        base = p
-        guard let s = mmap(nil, 4096, PROT_READ, MAP_SHARED, statusFD.rawValue, 0), s != MAP_FAILED else {
-            throw DAXError("cannot map the feed status page: \(Errno.current)")
+        base = poolRegion.base
+        do { statusRegion = try MappedRegion.mapShared(statusFD, length: 4096, writable: false) } catch {
+            throw DAXError("cannot map the feed status page: \(error)")
         }
+        let s = statusRegion.base
         guard s.load(as: UInt64.self) == FeedProtocol.statusMagic else { throw DAXError("the feed status page is not valid") }
         status = (s + FeedProtocol.statusSequenceOffset).assumingMemoryBound(to: UInt64.self)
         blockArea = Int(w.blockAreaOffset)
@@ -123,8 +126,6 @@ public final class DAXPool: @unchecked Sendable {
     }
 
     deinit {
-        munmap(base, length)
-        munmap(UnsafeMutableRawPointer(status) - FeedProtocol.statusSequenceOffset, 4096)
         for (_, h) in nbd { nbd_close(h) }
         for h in retiredNBD { nbd_close(h) }
     }
@@ -137,8 +138,8 @@ public final class DAXPool: @unchecked Sendable {
         let held = cond.withLock { writeLeases.values.filter { $0._state == .held } }
         for lease in held { lease.recall() }
         cond.withLock {
-            let deadline = monotonic() + 2
-            while !writeLeases.isEmpty && !closed && monotonic() < deadline { _ = cond.wait(seconds: 0.1) }
+            let deadline = MonotonicClock.seconds() + 2
+            while !writeLeases.isEmpty && !closed && MonotonicClock.seconds() < deadline { _ = cond.wait(seconds: 0.1) }
             closed = true
             cond.broadcast()
         }
@@ -146,7 +147,7 @@ public final class DAXPool: @unchecked Sendable {
     }
 
     /// The feed's current sequence number (an acquire load of the shared status page).
-    @inline(__always) var publishedSequence: UInt64 { pmem_atomic_load64(status) }
+    @inline(__always) var publishedSequence: UInt64 { SharedWord.load(status) }
 
     // MARK: volumes
 
@@ -203,7 +204,7 @@ public final class DAXPool: @unchecked Sendable {
         }
         cond.lock()
         defer { cond.unlock() }
-        let deadline = monotonic() + timeout
+        let deadline = MonotonicClock.seconds() + timeout
         while true {
             if let r = replies.removeValue(forKey: id) {
                 if r.type == FeedMessage.leaseDenied.rawValue {
@@ -217,7 +218,7 @@ public final class DAXPool: @unchecked Sendable {
                 pending[id] = nil
                 throw DAXError("the feed connection closed")
             }
-            let left = deadline - monotonic()
+            let left = deadline - MonotonicClock.seconds()
             if left <= 0 {
                 // The reply may still come: the feed thread drops it then (and gives a
                 // granted write lease back).
@@ -383,7 +384,7 @@ public final class DAXPool: @unchecked Sendable {
             old.valid = false
             try? connection.release(old.lease)
         }
-        regions[key] = Region(lease: grant.lease, since: grant.sequence, expires: monotonic() + Double(grant.durationMs) / 1000,
+        regions[key] = Region(lease: grant.lease, since: grant.sequence, expires: MonotonicClock.seconds() + Double(grant.durationMs) / 1000,
                               blocks: grant.blocks)
     }
 
@@ -520,10 +521,4 @@ final class Region {
         self.blocks = blocks
         changed = Array(repeating: 0, count: blocks.count)
     }
-}
-
-func monotonic() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }

@@ -25,7 +25,7 @@ public final class DAXVolume: @unchecked Sendable {
     /// when it cannot be leased (the record is gone, or this connection was fenced).
     func region(_ index: UInt64) throws -> Region? {
         let key = RegionKey(volume: info.id, index: index)
-        let now = monotonic()
+        let now = MonotonicClock.seconds()
         let (current, fenced) = pool.cond.withLock { () -> (Region?, Bool) in
             guard let r = pool.regions[key], r.valid, r.expires - now > pool.leaseDuration / 3 else { return (nil, pool.isFenced) }
             return (r, false)
@@ -258,8 +258,8 @@ public final class DAXWriteLease: @unchecked Sendable {
     /// seconds; the state then.
     public func waitUntilEnded(timeout: Double = 10) -> State {
         pool.cond.withLock {
-            let deadline = monotonic() + timeout
-            while ![.returned, .fenced, .lost].contains(_state) && monotonic() < deadline { _ = pool.cond.wait(seconds: 0.05) }
+            let deadline = MonotonicClock.seconds() + timeout
+            while ![.returned, .fenced, .lost].contains(_state) && MonotonicClock.seconds() < deadline { _ = pool.cond.wait(seconds: 0.05) }
             return _state
         }
     }

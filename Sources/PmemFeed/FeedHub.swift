@@ -68,7 +68,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         reaperWake.withLock { reaperWake.broadcast() }
     }
 
-    var now: Double { monotonicNow() }
+    var now: Double { MonotonicClock.seconds() }
 
     // MARK: events
 
@@ -119,7 +119,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
                 for v in lo...hi {
                     let i = Int(v - first)
                     guard old[i] != 0 && old[i] != new[i] else { continue }
-                    engine.allocator.pin(old[i])
+                    pool.pin(old[i])
                     lease.session.pins.append(Pin(sequence: seq, block: old[i], lease: lease.id, since: t))
                 }
             }
@@ -222,7 +222,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             if lease.mode == .write {
                 // The blocks it may still write into are never reused while it is connected,
                 // and no other write lease is granted over them before they leave the volume.
-                for b in lease.blocks { engine.allocator.pin(b); s.fencedPins.append(b) }
+                for b in lease.blocks { pool.pin(b); s.fencedPins.append(b) }
                 let move = addMove(volume: lease.volume, first: lease.first, count: lease.count)
                 relocations.insert(move)
                 writes.append(FencedWrite(lease: lease, session: s, move: move))
@@ -425,7 +425,7 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
             sessions[s.id] = nil
             for lease in leases.values where lease.session === s { dropLease(lease) }
             s.releasePins(through: .max)
-            for b in s.fencedPins { engine.allocator.unpin(b) }
+            for b in s.fencedPins { pool.unpin(b) }
             s.fencedPins = []
             s.endFreeHold()
             // Events keep being recorded after the last subscriber leaves, so one that
@@ -477,8 +477,6 @@ public final class FeedHub: MappingObserver, @unchecked Sendable {
         cond.unlock()
     }
 
-    var leaseCount: Int { cond.withLock { leases.count } }
-
     /// What the feed holds right now (for metrics).
     public struct Counts: Sendable, Equatable {
         /// Connected subscribers, and how many of them are fenced.
@@ -522,10 +520,4 @@ package struct FeedTestHooks: Sendable {
 struct FeedDenial: Error {
     let reason: String
     init(_ reason: String) { self.reason = reason }
-}
-
-func monotonicNow() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }

@@ -1,4 +1,3 @@
-import CPmemSupport
 import FeedWire
 import Glibc
 import PmemPool
@@ -64,8 +63,8 @@ final class FeedSession: @unchecked Sendable {
     }
 
     func releasePins(through seq: UInt64) {
-        let allocator = hub.engine.allocator
-        pins.removeThrough(seq) { released in allocator.unpin(released.lazy.map(\.block)) }
+        let pool = hub.pool
+        pins.removeThrough(seq) { released in pool.unpin(released.lazy.map(\.block)) }
     }
 
     func holdFrees(until seq: UInt64, at time: Double) {
@@ -114,7 +113,7 @@ final class FeedSession: @unchecked Sendable {
             }
             hub.cond.unlock()
             for f in frames {
-                let ok = f.withUnsafeBytes { b in pmem_send_with_fds(fd.rawValue, b.baseAddress, b.count, nil, 0) == b.count }
+                let ok = f.withUnsafeBytes { b in (try? Socket.send(fd, b)) == b.count }
                 if !ok { close(); return }
             }
         }
@@ -277,9 +276,9 @@ final class FeedSession: @unchecked Sendable {
                                  blockCount: engine.layout.blockCount, poolSize: engine.layout.poolSize,
                                  uuid: engine.superblock.uuid, writable: !engine.readOnly)
         }
-        var fds: [Int32] = [hub.status.fd.rawValue]
+        var fds = [hub.status.fd]
         if let f = engine.media.file, let pool = try? FileDescriptor.open(f.path, engine.readOnly ? O_RDONLY : O_RDWR) {
-            fds.insert(pool.rawValue, at: 0)
+            fds.insert(pool, at: 0)
             defer { pool.close() }
             sendFrame(frame, fds: fds)
         } else {
@@ -288,11 +287,9 @@ final class FeedSession: @unchecked Sendable {
     }
 
     /// Sends a frame at once from the reader thread (WELCOME must precede anything else).
-    private func sendFrame(_ frame: [UInt8], fds: [Int32]) {
+    private func sendFrame(_ frame: [UInt8], fds: [FileDescriptor]) {
         hub.cond.withLock {
-            _ = frame.withUnsafeBytes { b in fds.withUnsafeBufferPointer { f in
-                pmem_send_with_fds(fd.rawValue, b.baseAddress, b.count, f.baseAddress, Int32(f.count))
-            } }
+            _ = frame.withUnsafeBytes { b in try? Socket.send(fd, b, descriptors: fds) }
         }
     }
 }

@@ -1,4 +1,3 @@
-import CPmemSupport
 import FeedWire
 import Glibc
 import PmemSystem
@@ -49,12 +48,8 @@ public final class FeedConnection: @unchecked Sendable {
         try send(.hello, w.bytes)
         // WELCOME carries descriptors: receive its header with recvmsg.
         var header = [UInt8](repeating: 0, count: FeedProtocol.headerSize)
-        var fds = [Int32](repeating: -1, count: 4)
-        var nfds: Int32 = 0
-        let got = header.withUnsafeMutableBytes { h in
-            fds.withUnsafeMutableBufferPointer { f in pmem_recv_with_fds(fd.rawValue, h.baseAddress, h.count, f.baseAddress, 4, &nfds) }
-        }
-        guard got > 0 else { throw FeedClientError("the feed closed the connection") }
+        let received = header.withUnsafeMutableBytes { h in try? Socket.receive(fd, into: h, maxDescriptors: 4) }
+        guard let (got, fds) = received, got > 0 else { throw FeedClientError("the feed closed the connection") }
         if got < header.count {
             guard let rest = try readExactly(header.count - got) else { throw FeedClientError("the feed closed the connection") }
             header.replaceSubrange(got..., with: rest)
@@ -69,11 +64,11 @@ public final class FeedConnection: @unchecked Sendable {
         welcome = FeedWelcome(version: try r.u32(), writable: try r.u32() & 1 != 0, instance: try r.u64(), sequence: try r.u64(),
                               blockAreaOffset: try r.u64(), blockCount: try r.u64(), poolSize: try r.u64(),
                               uuid: { _ = try? r.u32(); _ = try? r.u32(); return (0..<16).map { _ in (try? r.u8()) ?? 0 } }())
-        if nfds >= 2 {
-            poolFD = FileDescriptor(rawValue: fds[0])
-            statusFD = FileDescriptor(rawValue: fds[1])
-        } else if nfds == 1 {
-            statusFD = FileDescriptor(rawValue: fds[0])
+        if fds.count >= 2 {
+            poolFD = fds[0]
+            statusFD = fds[1]
+        } else if fds.count == 1 {
+            statusFD = fds[0]
         }
     }
 

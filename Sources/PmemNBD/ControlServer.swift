@@ -1,6 +1,5 @@
 import Foundation
 import Glibc
-import CPmemSupport
 import NBDServer
 import PmemPool
 import PmemSystem
@@ -12,8 +11,7 @@ import PmemVolumes
 public final class ControlServer: @unchecked Sendable {
     let path: String
     let pool: Pool
-    let listener: FileDescriptor
-    private let wake: EventFD
+    private var loop: AcceptLoop!
     /// The server's side of requests (connections, busy volumes, URIs).
     let context: VolumeRequests.ServerContext?
 
@@ -21,42 +19,26 @@ public final class ControlServer: @unchecked Sendable {
         self.path = path
         self.pool = pool
         self.context = context
+        let listener: FileDescriptor
         do { listener = try Socket.listenUnix(path: path, backlog: 16) } catch {
             throw ServeError("cannot listen on the control socket \(path): \(error == .exists ? "another server answers there" : error.description)")
         }
         chmod(path, 0o600)
-        wake = try EventFD()
-    }
-
-    public func start() {
-        OSThread.spawn(name: "pmem-control") { [self] in
-            do { try acceptLoop() } catch { Log.error("control socket: \(error)") }
+        do {
+            loop = try AcceptLoop(sockets: [listener], name: "pmem-control", label: "control socket", policy: .rootOrOwnUser) {
+                [unowned self] client in OSThread.spawn(name: "pmem-control-c") { [self] in serve(client) }
+            }
+        } catch {
+            listener.close()
+            throw error
         }
     }
+
+    public func start() { loop.start() }
 
     public func stop() {
-        wake.signal()
-        Socket.shutdown(listener)
+        loop.stop()
         unlink(path)
-    }
-
-    private func acceptLoop() throws(Errno) {
-        let epoll = try Epoll()
-        try epoll.add(listener, token: 0)
-        try epoll.add(wake.fd, token: 1)
-        while true {
-            let ready = try epoll.wait()
-            if ready.contains(1) { return }
-            guard let client = try? Socket.accept(listener) else { continue }
-            var uid: UInt32 = 0
-            var pid: Int32 = 0
-            if pmem_peer_credentials(client.rawValue, &uid, &pid) != 0 || (uid != 0 && uid != getuid()) {
-                Log.warning("control socket: refusing uid \(uid)")
-                client.close()
-                continue
-            }
-            OSThread.spawn(name: "pmem-control-c") { [self] in serve(client) }
-        }
     }
 
     private func serve(_ fd: FileDescriptor) {
@@ -160,9 +142,9 @@ public enum VolumeCommand {
         var response = VolumeRequests.perform(request, on: pool, progress: progress)
         // Offline there is no background deleter: finish deletions before returning.
         if response["ok"] as? Bool == true {
-            let start = DispatchTime.now().uptimeNanoseconds
+            let start = MonotonicClock.nanoseconds()
             do { try pool.runDeletions(progress: progress) } catch { response = ["ok": false, "error": error.message] }
-            response["deletion_us"] = (DispatchTime.now().uptimeNanoseconds - start) / 1000
+            response["deletion_us"] = (MonotonicClock.nanoseconds() - start) / 1000
         }
         return response
     }

@@ -9,9 +9,8 @@ import PmemSystem
 public final class MetricsServer: @unchecked Sendable {
     public let address: MetricsAddress
     let sockets: [FileDescriptor]
-    private let wake: EventFD
     private let render: @Sendable () -> String
-    private let done = WaitGroup()
+    private var loop: AcceptLoop!
 
     /// Largest request head read before answering 431.
     static let maxRequestHead = 16 * 1024
@@ -22,46 +21,26 @@ public final class MetricsServer: @unchecked Sendable {
         do { sockets = try address.listen() } catch {
             throw ServeError("cannot listen for metrics on \(address): \(error == .exists ? "another server answers there" : error.description)")
         }
-        wake = try EventFD()
+        do {
+            loop = try AcceptLoop(sockets: sockets, name: "pmem-metrics", label: "metrics endpoint") { [unowned self] client in
+                Socket.setTimeouts(client, seconds: 5)
+                serve(client)
+                client.close()
+            }
+        } catch {
+            for s in sockets { s.close() }
+            throw error
+        }
     }
 
     /// Ports the TCP sockets are bound to (useful with port 0).
     public var boundPorts: [UInt16] { sockets.compactMap { Socket.boundPort($0) } }
 
-    public func start() {
-        done.enter()
-        OSThread.spawn(name: "pmem-metrics") { [self] in
-            defer { done.leave() }
-            do { try acceptLoop() } catch { Log.error("metrics endpoint: \(error)") }
-        }
-    }
+    public func start() { loop.start() }
 
     public func stop() {
-        wake.signal()
-        done.wait(timeoutSeconds: 10)
-        for s in sockets { s.close() }
-        wake.close()
+        loop.stop(timeoutSeconds: 10)
         if case .unix(let path) = address { unlink(path) }
-    }
-
-    private func acceptLoop() throws(Errno) {
-        let epoll = try Epoll()
-        try epoll.add(wake.fd, token: UInt64.max)
-        for (i, s) in sockets.enumerated() {
-            try s.setNonBlocking(true)
-            try epoll.add(s, token: UInt64(i))
-        }
-        while true {
-            for token in try epoll.wait() {
-                if token == UInt64.max { return }
-                while let client = try? Socket.accept(sockets[Int(token)]) {
-                    try? client.setNonBlocking(false)
-                    Socket.setTimeouts(client, seconds: 5)
-                    serve(client)
-                    client.close()
-                }
-            }
-        }
     }
 
     private func serve(_ fd: FileDescriptor) {

@@ -30,7 +30,7 @@ public final class PoolExports: ExportSource, @unchecked Sendable {
 
     private func descriptor(_ name: String, _ v: Volume) -> ExportDescriptor {
         ExportDescriptor(name: name, description: v.summary, size: v.size,
-                         flags: transmissionFlags(for: v, readOnly: readOnly), metaContexts: v.metaContexts)
+                         flags: VolumeExport.transmissionFlags(for: v, readOnly: readOnly), metaContexts: v.metaContexts)
     }
 
     public func lookup(_ name: String) -> ExportDescriptor? {
@@ -44,6 +44,6 @@ public final class PoolExports: ExportSource, @unchecked Sendable {
     public func list() -> [ExportDescriptor] { entries().map { descriptor($0.name, $0.volume) } }
 
     public func volume(for export: ExportDescriptor) -> (any BlockVolume)? {
-        entries().first { $0.name == export.name }?.volume
+        entries().first { $0.name == export.name }.map { VolumeExport($0.volume) }
     }
 }

@@ -1,4 +1,3 @@
-import Dispatch
 import Glibc
 import PmemSystem
 
@@ -22,7 +21,7 @@ public final class ProgressMeter {
     /// Redraws (at most ten times a second) with `done` of `total` items.
     public func update(_ done: UInt64, of total: UInt64) {
         guard enabled, total > 0 else { return }
-        let now = DispatchTime.now().uptimeNanoseconds
+        let now = MonotonicClock.nanoseconds()
         if done < total && now - lastDraw < 100_000_000 { return }
         lastDraw = now
         draw(Self.line(label: label, done: done, total: total, unit: unit))

@@ -52,7 +52,7 @@ public enum ServeCommand {
         server.tlsMode = o.tlsMode
         server.tlsCredentials = tls
         pool.onVolumeChange { [weak server] id in
-            server?.disconnect { ($0 as? Volume)?.id == id }
+            server?.disconnect { $0.volumeID == id }
         }
         let p = engine.persistence
         Log.info("pool \(o.poolPath): \(engine.layout.poolSize) bytes, persistence \(p.domain.rawValue)\(p.synchronousMapping ? " (MAP_SYNC)" : "")"
@@ -125,7 +125,7 @@ public enum ServeCommand {
         if o.controlPath != "none" && !o.readOnly {
             let path = o.controlPath ?? ControlClient.defaultPath(forPool: o.poolPath)
             let context = VolumeRequests.ServerContext(
-                clients: { [weak server] ids in server?.connectionCount { ($0 as? Volume).map { ids.contains($0.id) } ?? false } ?? 0 },
+                clients: { [weak server] ids in server?.connectionCount { ids.contains($0.volumeID) } ?? 0 },
                 connections: { [weak server] in (server?.connectionInfo() ?? []).map(describe) },
                 uris: uris,
                 listeners: sockets.compactMap { s -> [String: Any]? in

@@ -1,5 +1,6 @@
 import Foundation
 import PmemPool
+import PmemSystem
 import PmemVolumes
 
 /// The volume and snapshot operations as request → response dictionaries: the control
@@ -39,9 +40,9 @@ public enum VolumeRequests {
     /// the running server's context (nil when the CLI works on the pool file itself).
     public static func perform(_ request: [String: Any], on pool: Pool, server: ServerContext? = nil,
                                progress: (UInt64, UInt64) -> Void = { _, _ in }) -> [String: Any] {
-        let start = DispatchTime.now().uptimeNanoseconds
+        let start = MonotonicClock.nanoseconds()
         var response = performUntimed(request, on: pool, server: server, progress: progress)
-        response["elapsed_us"] = (DispatchTime.now().uptimeNanoseconds - start) / 1000
+        response["elapsed_us"] = (MonotonicClock.nanoseconds() - start) / 1000
         return response
     }
 

@@ -114,7 +114,7 @@ package final class Committer: @unchecked Sendable {
     private func loop() {
         defer { cond.withLock { running = false; cond.broadcast() } }
         var lastWords = 0
-        var lastCommit = monotonicSeconds()
+        var lastCommit = MonotonicClock.seconds()
         while true {
             cond.lock()
             if !(requested > durable || stopping) { _ = cond.wait(seconds: Committer.tick) }
@@ -127,7 +127,7 @@ package final class Committer: @unchecked Sendable {
             // operation added any for a tick (readers then find the pool's words without the
             // overlay), and at the latest `interval` after the last commit.
             let words = engine.journal.runningWordCount
-            let now = monotonicSeconds()
+            let now = MonotonicClock.seconds()
             let idle = words > 0 && words == lastWords
             let due = engine.journal.hasPendingWords && now - lastCommit >= Committer.interval
             if asked || stop || idle || due {

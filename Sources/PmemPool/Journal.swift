@@ -1,4 +1,3 @@
-import CPmemSupport
 import Glibc
 import PmemSystem
 import Synchronization
@@ -117,7 +116,7 @@ public final class Journal: @unchecked Sendable {
             }
             pthread_mutex_unlock(&s.pointee.lock)
         }
-        return pmem_atomic_load64(poolWord(offset))
+        return SharedWord.load(poolWord(offset))
     }
 
     /// Inserts into a shard's running table (its lock held); counts a shard that had nothing.
@@ -148,7 +147,7 @@ public final class Journal: @unchecked Sendable {
         let s = shard(of: offset)
         pthread_mutex_lock(&s.pointee.lock)
         let old = put(s, offset, h, value)
-        let previous = old ?? s.pointee.committing.value(offset, h) ?? pmem_atomic_load64(poolWord(offset))
+        let previous = old ?? s.pointee.committing.value(offset, h) ?? SharedWord.load(poolWord(offset))
         pthread_mutex_unlock(&s.pointee.lock)
         return previous
     }
@@ -159,7 +158,7 @@ public final class Journal: @unchecked Sendable {
         let h = Journal.hash(offset)
         let s = shard(of: offset)
         pthread_mutex_lock(&s.pointee.lock)
-        let old = s.pointee.running.value(offset, h) ?? s.pointee.committing.value(offset, h) ?? pmem_atomic_load64(poolWord(offset))
+        let old = s.pointee.running.value(offset, h) ?? s.pointee.committing.value(offset, h) ?? SharedWord.load(poolWord(offset))
         let new = transform(old)
         _ = put(s, offset, h, new)
         pthread_mutex_unlock(&s.pointee.lock)
@@ -175,7 +174,7 @@ public final class Journal: @unchecked Sendable {
         @inline(__always) func get(_ offset: UInt64) -> UInt64 {
             let h = Journal.hash(offset)
             return shard.pointee.running.value(offset, h) ?? shard.pointee.committing.value(offset, h)
-                ?? pmem_atomic_load64(journal.poolWord(offset))
+                ?? SharedWord.load(journal.poolWord(offset))
         }
 
         /// Stores a word in the running batch.
@@ -187,7 +186,7 @@ public final class Journal: @unchecked Sendable {
         @inline(__always) func exchange(_ offset: UInt64, _ value: UInt64) -> UInt64 {
             let h = Journal.hash(offset)
             return journal.put(shard, offset, h, value) ?? shard.pointee.committing.value(offset, h)
-                ?? pmem_atomic_load64(journal.poolWord(offset))
+                ?? SharedWord.load(journal.poolWord(offset))
         }
     }
 
@@ -294,7 +293,7 @@ public final class Journal: @unchecked Sendable {
         guard !records.isEmpty else { return }
         if !persistence.usesPwrite {
             for (off, v) in records {
-                pmem_atomic_store64(poolWord(off), v)
+                SharedWord.store(poolWord(off), v)
                 persistence.flush(poolWord(off), 8)
             }
             persistence.drain()

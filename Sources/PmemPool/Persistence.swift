@@ -1,4 +1,3 @@
-import CPmemSupport
 import Glibc
 import PmemSystem
 

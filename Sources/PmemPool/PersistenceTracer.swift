@@ -1,4 +1,3 @@
-import CPmemSupport
 import Glibc
 import PmemSystem
 
@@ -89,7 +88,7 @@ public final class PersistenceTracer: @unchecked Sendable {
 
     func flush(offset: Int, count: Int) {
         guard count > 0 else { return }
-        let thread = pmem_gettid()
+        let thread = OSThread.currentID
         lock.withLock {
             var line = offset & ~63
             while line < offset + count && line < length {
@@ -140,7 +139,7 @@ public final class PersistenceTracer: @unchecked Sendable {
 
     func fence() {
         crashPoint?(self, "fence")
-        let thread = pmem_gettid()
+        let thread = OSThread.currentID
         lock.withLock {
             fences += 1
             guard let mine = pending.removeValue(forKey: thread) else { return }

@@ -7,6 +7,8 @@ public struct PoolError: Error, CustomStringConvertible, Sendable {
         case badPool
         /// The caller asked for something invalid (range, size, name).
         case invalid
+        /// A valid request this pool does not do (FAST_ZERO that would not be fast).
+        case notSupported
         /// No free space in the pool.
         case noSpace
         /// The export or pool is read-only.

@@ -1,4 +1,3 @@
-import CPmemSupport
 import Glibc
 import PmemSystem
 
@@ -210,9 +209,7 @@ public final class PoolFile: @unchecked Sendable {
         case .file:
             return UInt64(st.st_size)
         case .blockDevice:
-            let n = pmem_block_device_size(fd.rawValue)
-            if n < 0 { throw PoolError.system(.current, "BLKGETSIZE64") }
-            return UInt64(n)
+            do { return try fd.blockDeviceSize() } catch { throw PoolError.system(error, "BLKGETSIZE64") }
         case .characterDevice:
             let rdev = UInt64(st.st_rdev)
             let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & ~UInt64(0xfff))

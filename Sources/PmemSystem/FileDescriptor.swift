@@ -130,6 +130,21 @@ public struct FileDescriptor: Hashable, Sendable {
 
     public enum FileSystemKind: Sendable { case memory, ext4, xfs, other }
 
+    /// `fallocate(2)` with mode 0: reserves the file's blocks over a range.
+    public func allocate(at offset: Int, count: Int) throws(Errno) {
+        _ = try retryOnInterrupt { pmem_fallocate(rawValue, Int64(offset), Int64(count)) }
+    }
+
+    /// The size in bytes of a block device (`ioctl(BLKGETSIZE64)`).
+    public func blockDeviceSize() throws(Errno) -> UInt64 {
+        UInt64(try retryOnInterrupt { pmem_block_device_size(rawValue) })
+    }
+
+    /// `memfd_create(name, MFD_CLOEXEC)`: an anonymous file to share by descriptor.
+    public static func anonymousFile(name: String) throws(Errno) -> FileDescriptor {
+        FileDescriptor(rawValue: try retryOnInterrupt { pmem_memfd(name) })
+    }
+
     /// `ftruncate(2)`.
     public func truncate(to size: Int) throws(Errno) { _ = try retryOnInterrupt { Glibc.ftruncate(rawValue, size) } }
 

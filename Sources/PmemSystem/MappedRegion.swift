@@ -40,7 +40,21 @@ public final class MappedRegion: @unchecked Sendable {
         return MappedRegion(base: p, length: length, kind: .pageCache, writable: writable)
     }
 
+    /// Maps `length` bytes of `fd` (`MAP_SHARED`), writable or read-only, with no MAP_SYNC:
+    /// a small shared page such as the feed's status page.
+    public static func mapShared(_ fd: FileDescriptor, length: Int, writable: Bool) throws(Errno) -> MappedRegion {
+        let p = pmem_mmap_shared(fd.rawValue, length, writable ? 1 : 0)
+        guard let p, p != MAP_FAILED else { throw Errno.current }
+        return MappedRegion(base: p, length: length, kind: .pageCache, writable: writable)
+    }
+
     deinit { munmap(base, length) }
+
+    /// `madvise(MADV_POPULATE_WRITE)` (Linux 5.14) over memory of a writable shared mapping:
+    /// faults the pages in writable, without writing them.
+    public static func populateWritable(_ address: UnsafeMutableRawPointer, count: Int) throws(Errno) {
+        _ = try retryOnInterrupt { pmem_populate_write(address, count) }
+    }
 
     /// Whether the kernel would map this descriptor with MAP_SYNC (the file is on DAX):
     /// maps and unmaps one page without writing.
@@ -58,14 +72,5 @@ public final class MappedRegion: @unchecked Sendable {
         let end = min(self.length, offset + (length ?? (self.length - offset)))
         guard end > start else { return }
         _ = try retryOnInterrupt { msync(base + start, end - start, MS_SYNC) }
-    }
-
-    /// `madvise(2)` over a range (for example MADV_WILLNEED for NBD_CMD_CACHE).
-    public func advise(offset: Int, length: Int, _ advice: Int32) {
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        let start = offset & ~(page - 1)
-        let end = min(self.length, offset + length)
-        guard end > start else { return }
-        _ = madvise(base + start, end - start, advice)
     }
 }

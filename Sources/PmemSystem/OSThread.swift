@@ -49,6 +49,11 @@ public enum OSThread {
     }
 }
 
+extension OSThread {
+    /// The kernel's id of the calling thread (`gettid(2)`).
+    public static var currentID: Int32 { pmem_gettid() }
+}
+
 /// A pool of worker threads (started with `OSThread`) for short jobs that may block, such as
 /// a FLUSH's sync: a job runs on an idle worker, or on a new one while fewer than `maxThreads`
 /// exist; beyond that it waits in a queue. Workers idle for `idleSeconds` end.

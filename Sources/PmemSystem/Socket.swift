@@ -182,11 +182,59 @@ public enum Socket {
     /// Sets TCP_NODELAY where the descriptor is a TCP socket (ignored elsewhere).
     public static func setNoDelay(_ fd: FileDescriptor) { _ = pmem_tcp_nodelay(fd.rawValue) }
 
-    /// Sets SO_SNDBUF / SO_RCVBUF.
-    public static func setBufferSizes(_ fd: FileDescriptor, send: Int32, receive: Int32) {
-        var s = send, r = receive
-        setsockopt(fd.rawValue, SOL_SOCKET, SO_SNDBUF, &s, socklen_t(MemoryLayout<Int32>.size))
-        setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVBUF, &r, socklen_t(MemoryLayout<Int32>.size))
+    /// The peer of a connected socket for log messages (`getpeername(2)`): "host:port"
+    /// (numeric, `getnameinfo`), "unix socket", or "unknown".
+    public static func peerName(_ fd: FileDescriptor) -> String {
+        var storage = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let r = withUnsafeMutablePointer(to: &storage) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd.rawValue, $0, &len) }
+        }
+        guard r == 0 else { return "unknown" }
+        var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        var serv = [CChar](repeating: 0, count: Int(NI_MAXSERV))
+        if Int32(storage.ss_family) == AF_UNIX { return "unix socket" }
+        let ok = withUnsafePointer(to: &storage) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                getnameinfo($0, len, &host, socklen_t(host.count), &serv, socklen_t(serv.count), NI_NUMERICHOST | NI_NUMERICSERV)
+            }
+        }
+        guard ok == 0 else { return "unknown" }
+        func text(_ c: [CChar]) -> String { String(decoding: c.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
+        return text(host) + ":" + text(serv)
+    }
+
+    /// The peer of a Unix socket (`getsockopt(SO_PEERCRED)`); nil on error.
+    public static func peerCredentials(_ fd: FileDescriptor) -> (uid: UInt32, pid: Int32)? {
+        var uid: UInt32 = 0
+        var pid: Int32 = 0
+        guard pmem_peer_credentials(fd.rawValue, &uid, &pid) == 0 else { return nil }
+        return (uid, pid)
+    }
+
+    /// `sendmsg(2)` with `MSG_NOSIGNAL` of one buffer, with up to 4 descriptors attached
+    /// (`SCM_RIGHTS`; more are left out): the number of bytes sent, which may be short.
+    public static func send(_ fd: FileDescriptor, _ bytes: UnsafeRawBufferPointer, descriptors: [FileDescriptor] = []) throws(Errno) -> Int {
+        let raw = descriptors.map(\.rawValue)
+        return try retryOnInterrupt {
+            raw.withUnsafeBufferPointer { f in pmem_send_with_fds(fd.rawValue, bytes.baseAddress, bytes.count, f.baseAddress, Int32(f.count)) }
+        }
+    }
+
+    /// `recvmsg(2)` with `MSG_CMSG_CLOEXEC` into a buffer, taking up to `maxDescriptors`
+    /// (at most 4) descriptors passed with it (`SCM_RIGHTS`; any beyond are closed): the
+    /// number of bytes received (0 at the end of the stream) and the descriptors, which the
+    /// caller owns.
+    public static func receive(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer,
+                               maxDescriptors: Int = 4) throws(Errno) -> (count: Int, descriptors: [FileDescriptor]) {
+        var fds = [Int32](repeating: -1, count: max(0, min(4, maxDescriptors)))
+        var nfds: Int32 = 0
+        let n = try retryOnInterrupt {
+            fds.withUnsafeMutableBufferPointer { f in
+                pmem_recv_with_fds(fd.rawValue, buffer.baseAddress, buffer.count, f.baseAddress, Int32(f.count), &nfds)
+            }
+        }
+        return (n, fds.prefix(Int(nfds)).map { FileDescriptor(rawValue: $0) })
     }
 
     /// `socketpair(AF_UNIX, SOCK_STREAM)`.

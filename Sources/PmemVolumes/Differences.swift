@@ -31,7 +31,7 @@ extension Volume {
         }
         var dirtyRuns: [(UInt64, UInt64)] = []
         var at = first
-        try changedRuns(against: base, first: first, end: last) { blocks, dirty in
+        try engine.changedRuns(rootOffset: rootOffset, depth: depth, against: base, first: first, end: last) { blocks, dirty in
             if dirty { dirtyRuns.append((at, blocks)) }
             at += blocks
             return true

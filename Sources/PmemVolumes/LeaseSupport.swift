@@ -14,32 +14,7 @@ extension Pool {
     /// what is mapped. Entries and roots are decoded with their check tags: a damaged one names
     /// no block (it is logged and its subtree skipped), so the answer lists the owners the
     /// undamaged maps show and never one that a damaged word seems to name.
-    public func owners(of block: UInt64) throws(PoolError) -> [(UInt64, UInt64)] {
-        guard engine.validBlock(block) else { return [] }
-        var out: [(UInt64, UInt64)] = []
-        for r in records() where r.kind == .volume || r.kind == .snapshot {
-            let root: UInt64
-            do { root = try engine.root(at: VolumeRecord.offset(slot: r.slot) + VolumeRecord.rootField, depth: r.depth) } catch {
-                Log.error("owners of block \(block): \(error.message); '\(r.name)' skipped")
-                continue
-            }
-            guard root != 0 else { continue }
-            var stack: [(UInt64, Int, UInt64)] = [(root, r.depth - 1, 0)]
-            while let (node, level, base) = stack.popLast() {
-                for i in 0..<512 {
-                    let e = engine.entryOrHole(node: node, index: i, level: level)
-                    if e == 0 { continue }
-                    let vb = base | UInt64(i) << (9 * UInt64(level))
-                    if level == 0 {
-                        if e == block { out.append((r.id, vb)) }
-                    } else {
-                        stack.append((e, level - 1, vb))
-                    }
-                }
-            }
-        }
-        return out
-    }
+    public func owners(of block: UInt64) throws(PoolError) -> [(UInt64, UInt64)] { engine.owners(of: block) }
 }
 
 extension Volume {
@@ -84,7 +59,6 @@ extension Volume {
     /// The blocks of a range if every one is mapped and held by this map alone (the block and
     /// every node above it have one reference); nil otherwise.
     public func exclusiveBlocks(first: UInt64, count: UInt64) throws(PoolError) -> [UInt64]? {
-        let j = engine.journal
         var out: [UInt64] = []
         var v = first
         while v < first + count {

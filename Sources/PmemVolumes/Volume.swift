@@ -14,7 +14,7 @@ struct ZeroSource: ByteSource {
 /// 4 KiB block is written into a free block, made durable, and only then does the map point
 /// at it (in the journal's running batch) — so after a crash a block holds its old or its new
 /// contents, never a mix. Sub-block writes copy the old block first (read-modify-write).
-public final class Volume: BlockVolume, @unchecked Sendable {
+public final class Volume: @unchecked Sendable {
     /// The pool this volume belongs to (kept alive by the volume; `Pool.close` drops its cache).
     let pool: Pool
     /// The pool's engine, used on every I/O: no reference counting there (the pool holds it).
@@ -71,7 +71,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         if context == Volume.sharingContext {
             guard offset < size, length <= size - offset else { throw PoolError(.invalid, "range beyond the end") }
             var skip = offset & 4095
-            return try sharingRuns(first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, shared in
+            return try engine.sharingRuns(rootOffset: rootOffset, depth: depth, first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, shared in
                 let bytes = (blocks << 12) - skip
                 skip = 0
                 return body(bytes, shared ? 1 : 0)
@@ -83,7 +83,7 @@ public final class Volume: BlockVolume, @unchecked Sendable {
         }
         guard offset < size, length <= size - offset else { throw PoolError(.invalid, "range beyond the end") }
         var skip = offset & 4095
-        try changedRuns(against: snap, first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, dirty in
+        try engine.changedRuns(rootOffset: rootOffset, depth: depth, against: snap, first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, dirty in
             let bytes = (blocks << 12) - skip
             skip = 0
             return body(bytes, dirty ? 1 : 0)
@@ -177,7 +177,8 @@ public final class Volume: BlockVolume, @unchecked Sendable {
             _ = try engine.reserveBlocks(blocks)
             // In ascending order, blocks freed together (or never used) come out contiguous:
             // whole runs are then filled at once and read back as one segment.
-            if count > 1 { var ascending = blocks; ascending.sort() }
+            // (`blocks` is a buffer pointer: the copy sorts the reserved blocks themselves.)
+            if count > 1 { var reserved = blocks; reserved.sort() }
             var published = 0
             defer { if published < count { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published...])) } }
             var spares = try NodeSpares(engine, count: leaves * depth + 1)

@@ -57,17 +57,23 @@ func converse(_ data: UnsafeRawBufferPointer) throws(FuzzFailure) {
     // The TLS policy follows the input's length, so every corpus entry keeps its meaning.
     var negotiator = Negotiator(catalog: FuzzCatalog(), tls: Negotiator.TLSMode.allCases[bytes.count % 3])
     guard let flags = take(4) else { return }
-    guard negotiator.receiveClientFlags(u32(flags)) else { return }
+    guard negotiator.checkClientFlags(u32(flags)) == nil else { return }
     var session: NegotiatedSession?
     while session == nil {
+        // The server's framing (OptionFrame): read, skip with ERR_TOO_BIG, or drop.
         guard let header = take(Negotiator.optionHeaderSize) else { return }
-        guard case .option(let code, let length) = Negotiator.decodeOptionHeader(Array(header)) else { return }
+        let code: UInt32
         let outcome: Negotiator.Outcome
-        if Int(length) > NBDLimits.maxOptionPayload {
-            guard take(Int(length)) != nil else { return }
+        switch OptionFrame.decode(Array(header)) {
+        case .drop:
+            return
+        case .skip(let c, let length):
+            code = c
+            guard take(length) != nil else { return }
             outcome = negotiator.optionTooBig(code: code)
-        } else {
-            guard let payload = take(Int(length)) else { return }
+        case .read(let c, let length):
+            code = c
+            guard let payload = take(length) else { return }
             outcome = negotiator.handle(code: code, payload: Array(payload))
         }
         switch outcome {
@@ -90,7 +96,7 @@ func converse(_ data: UnsafeRawBufferPointer) throws(FuzzFailure) {
     let extended = session.extendedHeaders
     try checkExtendedSession(session, negotiator)
     // Transmission: requests until the input ends or the magic is wrong (a hard disconnect).
-    while let header = take(extended ? Request.extendedSize : Request.compactSize) {
+    while let header = take(Request.headerSize(extended: extended)) {
         let decoded = header.withUnsafeBytes { Request.decode($0.baseAddress!, extended: extended) }
         guard case .request(let r) = decoded else { return }
         let verdict = RequestCheck.check(r, session: session)
@@ -102,14 +108,16 @@ func converse(_ data: UnsafeRawBufferPointer) throws(FuzzFailure) {
             }
             try checkAcceptedPayload(r, session)
         }
-        // A payload too long to skip ends the connection; it must never be one accepted.
-        if RequestCheck.payloadForcesDisconnect(r, session: session) {
+        // The server's framing of what follows (RequestCheck.payload): a payload too long to
+        // skip ends the connection, and must never be one accepted; any other follows,
+        // accepted or not (the server consumes it either way).
+        switch RequestCheck.payload(of: r, session: session) {
+        case .disconnect:
             if case .accept = verdict { throw FuzzFailure(description: "accepted \(r) with an oversized payload") }
             return
+        case .consume(let payload):
+            guard payload <= UInt64(bytes.count - pos), take(Int(payload)) != nil else { return }
         }
-        // The payload follows, accepted or not (the server consumes it either way).
-        let payload = RequestCheck.payloadLength(of: r, extended: extended)
-        guard payload <= UInt64(bytes.count - pos), take(Int(payload)) != nil else { return }
     }
 }
 

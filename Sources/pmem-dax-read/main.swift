@@ -95,11 +95,7 @@ do {
         var rng = SystemRandomNumberGenerator()
         // Warm up the leases, then time DAX reads.
         for b in 0..<min(blocks, 4096) where b % 512 == 0 { try volume.read(offset: b << 12, count: 4096, into: buf) }
-        func clock() -> Double {
-            var ts = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &ts)
-            return Double(ts.tv_sec) * 1e9 + Double(ts.tv_nsec)
-        }
+        func clock() -> Double { Double(MonotonicClock.nanoseconds()) }
         var dax: [Double] = []
         for _ in 0..<n {
             let b = UInt64.random(in: 0..<blocks, using: &rng)
@@ -155,12 +151,6 @@ func fillStamp(_ p: UnsafeMutableRawPointer, family: UInt64, block: UInt64, vers
     p.storeBytes(of: UInt64(sum), toByteOffset: 32, as: UInt64.self)
 }
 
-func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-}
-
 /// `--stamp-writer`: see the header comment. Never returns.
 func writeStamps(feed: String, volume name: String, first: UInt64, count: UInt64, family: UInt64, tag: UInt64, seconds: UInt64) -> Never {
     // A hard deadline of its own, whatever happens to the parent.
@@ -169,26 +159,26 @@ func writeStamps(feed: String, volume name: String, first: UInt64, count: UInt64
     do {
         let pool = try DAXPool(feed: feed, writable: true, name: "stamp-writer-\(tag)")
         let volume = try pool.volume(named: name)
-        let end = monotonicNanoseconds() + seconds * 1_000_000_000
+        let end = MonotonicClock.nanoseconds() + seconds * 1_000_000_000
         let stamp = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
         var n: UInt64 = 0
         var rng = SystemRandomNumberGenerator()
-        while monotonicNanoseconds() < end {
+        while MonotonicClock.nanoseconds() < end {
             guard let lease = try? volume.writeLease(first: first, count: UInt32(count), onRecall: {}) else {
                 if pool.isFenced { emit("F"); exit(3) }
                 usleep(20_000)
                 continue
             }
             emit("L \(lease.id)")
-            while monotonicNanoseconds() < end {
+            while MonotonicClock.nanoseconds() < end {
                 let i = Int.random(in: 0..<Int(count), using: &rng)
                 n += 1
                 let version = tag << 32 | n
                 fillStamp(stamp, family: family, block: first + UInt64(i), version: version)
                 let stored: Void? = try? lease.withStores {
-                    emit("I \(first + UInt64(i)) \(version) \(monotonicNanoseconds())")
+                    emit("I \(first + UInt64(i)) \(version) \(MonotonicClock.nanoseconds())")
                     lease.pointer(i).copyMemory(from: stamp, byteCount: 4096)
-                    emit("S \(first + UInt64(i)) \(version) \(monotonicNanoseconds())")
+                    emit("S \(first + UInt64(i)) \(version) \(MonotonicClock.nanoseconds())")
                 }
                 if stored == nil { break }
                 usleep(UInt32.random(in: 50...500, using: &rng))

@@ -333,16 +333,16 @@ final class FeedProbe {
         try c.pwrite(pattern(4096, seed: 15), offset: 8192)
         try c.trim(count: 4096, offset: 12_288)
         var block = [UInt8](repeating: 0, count: 4096)
-        try block.withUnsafeMutableBytes { try vol.read(offset: 8192, count: 4096, into: $0.baseAddress!) }
+        _ = try block.withUnsafeMutableBytes { try vol.read(offset: 8192, count: 4096, into: $0.baseAddress!) }
         #expect(block == pattern(4096, seed: 15))
-        try block.withUnsafeMutableBytes { try vol.read(offset: 12_288, count: 4096, into: $0.baseAddress!) }
+        _ = try block.withUnsafeMutableBytes { try vol.read(offset: 12_288, count: 4096, into: $0.baseAddress!) }
         #expect(block == [UInt8](repeating: 0, count: 4096))
         _ = VolumeRequests.perform(["op": "snapshot-rollback", "name": "vol0@s"], on: s.pool)
-        try block.withUnsafeMutableBytes { try vol.read(offset: 8192, count: 4096, into: $0.baseAddress!) }
+        _ = try block.withUnsafeMutableBytes { try vol.read(offset: 8192, count: 4096, into: $0.baseAddress!) }
         #expect(block == Array(pattern(1 << 20, seed: 14)[8192..<12_288]))
         // A snapshot export read directly.
         let snap = try dax.volume(named: "vol0@s")
-        try block.withUnsafeMutableBytes { try snap.read(offset: 12_288, count: 4096, into: $0.baseAddress!) }
+        _ = try block.withUnsafeMutableBytes { try snap.read(offset: 12_288, count: 4096, into: $0.baseAddress!) }
         #expect(block == Array(pattern(1 << 20, seed: 14)[12_288..<16_384]))
         #expect(dax.fallbacks == 0)
     }

@@ -83,7 +83,7 @@ import Testing
     /// keep them (NBD cannot announce a new size): they are disconnected.
     @Test func rollbackReplacesContentsUnderConnectedClients() throws {
         let s = try TestServer()
-        s.pool.onVolumeChange { [server = s.server] id in server.disconnect { ($0 as? Volume)?.id == id } }
+        s.pool.onVolumeChange { [server = s.server] id in server.disconnect { $0.volumeID == id } }
         let vol = try client(s, "vol0")
         try vol.pwrite(pattern(32_768, seed: 6), offset: 0)
         try control(s, ["op": "snapshot-create", "name": "vol0@good"])

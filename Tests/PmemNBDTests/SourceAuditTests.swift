@@ -76,6 +76,31 @@ import Testing
         #expect(uses.isEmpty, "\(uses)")
     }
 
+    /// PmemSystem is the only way into C (issue 17): no other module imports CPmemSupport,
+    /// maps memory, accepts connections outside `AcceptLoop`, or reads the monotonic clock
+    /// outside `MonotonicClock`.
+    @Test func onlyPmemSystemCallsC() throws {
+        let sources = try Self.files("Sources")
+        let outside = sources.filter { !$0.path.hasPrefix("Sources/PmemSystem/") && !$0.path.hasPrefix("Sources/CPmemSupport/") }
+        let imports = try Self.matches(Self.cImport, in: outside)
+        #expect(imports.isEmpty, "CPmemSupport imported outside PmemSystem:\n\(imports.joined(separator: "\n"))")
+        let maps = try Self.matches(Self.rawMapping, in: outside)
+        #expect(maps.isEmpty, "mappings made outside MappedRegion:\n\(maps.joined(separator: "\n"))")
+        let accepts = try Self.matches(Self.rawAccept, in: sources, except: [
+            "Sources/PmemSystem/AcceptLoop.swift", "Sources/PmemSystem/Socket.swift",
+            // `serve --stdio` with socket activation: one blocking accept of the first client.
+            "Sources/PmemNBD/ServeCommand.swift",
+        ])
+        #expect(accepts.isEmpty, "accept loops outside AcceptLoop:\n\(accepts.joined(separator: "\n"))")
+        let clocks = try Self.matches(Self.rawMonotonic, in: outside)
+        #expect(clocks.isEmpty, "monotonic clocks outside MonotonicClock:\n\(clocks.joined(separator: "\n"))")
+    }
+
+    static let cImport = #"^\s*import\s+CPmemSupport\b"#
+    static let rawMapping = #"\b(mmap|munmap)\s*\("#
+    static let rawAccept = #"\bSocket\.accept\s*\(|\bEpoll\s*\("#
+    static let rawMonotonic = #"CLOCK_MONOTONIC|DispatchTime\.now"#
+
     /// A negative control: the patterns find what they are meant to find.
     @Test func thePatternsMatchTheDefectsTheyGuardAgainst() throws {
         let samples: [(path: String, lines: [String])] = [("Sample.swift", [
@@ -85,9 +110,19 @@ import Testing
             "DispatchQueue.global().async { work() }",
             "let e = journal.load(off) & MapEntry.blockMask",
             "let ok = bytes.withUnsafeBytes { loadBigEndian(UInt32.self, from: $0.baseAddress!) }",
+            "import CPmemSupport",
+            "guard let p = mmap(nil, 4096, PROT_READ, MAP_SHARED, fd, 0) else { return }",
+            "let c = try Socket.accept(listener)",
+            "let epoll = try Epoll()",
+            "clock_gettime(CLOCK_MONOTONIC, &ts)",
+            "let start = DispatchTime.now().uptimeNanoseconds",
         ])]
         #expect(try Self.matches(#"withUnsafe\w*(\([^()]*\))?\s*\{\s*(\$0|(\w+)\s+in\s+\3)(\.baseAddress!?)?\s*\}"#, in: samples).count == 3)
         #expect(try Self.matches(#"\bDispatchQueue\b|\bThread\s*[({]|\.detachNewThread|\bDispatchSource\b"#, in: samples).count == 1)
         #expect(try Self.matches(#"&\s*MapEntry\.blockMask"#, in: samples).count == 1)
+        #expect(try Self.matches(Self.cImport, in: samples).count == 1)
+        #expect(try Self.matches(Self.rawMapping, in: samples).count == 1)
+        #expect(try Self.matches(Self.rawAccept, in: samples).count == 2)
+        #expect(try Self.matches(Self.rawMonotonic, in: samples).count == 2)
     }
 }

@@ -56,7 +56,7 @@ final class TestServer {
         }
         if let handshakeTimeoutSeconds { server.handshakeTimeoutSeconds = handshakeTimeoutSeconds }
         try server.listen(on: [Socket.listenUnix(path: socketPath)])
-        pool.onVolumeChange { [server] id in server.disconnect { ($0 as? Volume)?.id == id } }
+        pool.onVolumeChange { [server] id in server.disconnect { $0.volumeID == id } }
         if withFeed {
             let hub = try FeedHub(pool: pool, recallDeadline: recallDeadline, ackDeadline: ackDeadline, ringCapacity: ringCapacity)
             self.hub = hub

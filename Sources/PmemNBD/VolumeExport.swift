@@ -1,0 +1,90 @@
+import NBDServer
+import NBDWire
+import PmemPool
+import PmemSystem
+import PmemVolumes
+
+/// A volume (or snapshot) as the NBD server's storage: forwards to `Volume`, translating its
+/// segments and extent status, and its `PoolError`s into the NBD errors that answer them.
+public final class VolumeExport: BlockVolume, @unchecked Sendable {
+    public let volume: Volume
+
+    public init(_ volume: Volume) { self.volume = volume }
+
+    /// The volume's table id (what `Pool.onVolumeChange` names).
+    public var volumeID: UInt64 { volume.id }
+    public var name: String { volume.name }
+    public var size: UInt64 { volume.size }
+    public var readOnly: Bool { volume.readOnly }
+    public var flushIsCheap: Bool { volume.flushIsCheap }
+
+    @inline(__always)
+    public func read(offset: UInt64, length: Int, _ body: (NBDServer.Segment) -> Void) throws(StorageError) {
+        do {
+            try volume.read(offset: offset, length: length) { s in
+                switch s {
+                case .data(let p, let n): body(.data(p, n))
+                case .hole(let n): body(.hole(n))
+                }
+            }
+        } catch { throw Self.nbdError(error) }
+    }
+
+    public func write(offset: UInt64, length: Int, fua: Bool, from source: inout some ByteSource) throws(StorageError) {
+        do { try volume.write(offset: offset, length: length, fua: fua, from: &source) } catch { throw Self.nbdError(error) }
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt64, mayTrim: Bool, fast: Bool, fua: Bool) throws(StorageError) {
+        do { try volume.writeZeroes(offset: offset, length: length, mayTrim: mayTrim, fast: fast, fua: fua) } catch {
+            throw Self.nbdError(error)
+        }
+    }
+
+    public func trim(offset: UInt64, length: UInt64, fua: Bool) throws(StorageError) {
+        do { try volume.trim(offset: offset, length: length, fua: fua) } catch { throw Self.nbdError(error) }
+    }
+
+    public func flush() throws(StorageError) {
+        do { try volume.flush() } catch { throw Self.nbdError(error) }
+    }
+
+    public func cache(offset: UInt64, length: UInt64) throws(StorageError) {
+        do { try volume.cache(offset: offset, length: length) } catch { throw Self.nbdError(error) }
+    }
+
+    public func makeReadGuard() -> any NBDServer.ReadGuard { volume.makeReadGuard() }
+
+    public func status(context: String, offset: UInt64, length: UInt64, _ body: (UInt64, UInt32) -> Bool) throws(StorageError) {
+        do { try volume.status(context: context, offset: offset, length: length, body) } catch { throw Self.nbdError(error) }
+    }
+
+    /// The NBD error that answers a pool error: ENOSPC for no space (the pool is full, or the
+    /// range is past the end), EPERM for read-only, ENOTSUP for a FAST_ZERO that would not be
+    /// fast, EINVAL for invalid requests, EIO for everything else. A failed payload source
+    /// ends the connection.
+    static func nbdError(_ error: PoolError) -> StorageError {
+        let code: NBDErrno
+        switch error.kind {
+        case .noSpace: code = .noSpace
+        case .readOnly: code = .permission
+        case .notSupported: code = .notSupported
+        case .invalid, .notFound, .exists: code = .invalid
+        case .badPool, .io, .system: code = .io
+        case .source: return StorageError(.io, error.message, sourceFailed: true)
+        }
+        return StorageError(code, error.message)
+    }
+
+    /// Transmission flags an export of this volume advertises.
+    static func transmissionFlags(for volume: Volume, readOnly: Bool) -> TransmissionFlags {
+        var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache, .canMultiConn]
+        if readOnly || volume.readOnly {
+            flags.insert(.readOnly)
+        } else {
+            flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
+        }
+        return flags
+    }
+}
+
+extension PmemPool.ReadGuard: NBDServer.ReadGuard {}
