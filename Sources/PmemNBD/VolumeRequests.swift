@@ -150,6 +150,12 @@ public enum VolumeRequests {
                 let s = try export.write(to: path, replacing: request["force"] as? Bool ?? false, progress: progress)
                 return ["ok": true, "path": path, "size": s.size, "data_bytes": s.dataBytes, "zero_bytes": s.zeroBytes,
                         "records": s.records, "file_bytes": s.fileBytes]
+            case "import-diff":
+                let path = try string("path")
+                guard path.hasPrefix("/") else { throw PoolError(.invalid, "'import-diff' needs an absolute 'path'") }
+                let s = try RBDDiffImport(pool: pool, volume: try string("name"), until: request["until"] as? String).apply(from: path, progress: progress)
+                return ["ok": true, "diffs": s.diffs, "data_bytes": s.dataBytes, "zero_bytes": s.zeroBytes, "snapshots": s.snapshots,
+                        "created": s.createdVolume, "size": s.size, "stream_bytes": s.streamBytes]
             default:
                 throw PoolError(.invalid, "unknown op '\(op)'")
             }
