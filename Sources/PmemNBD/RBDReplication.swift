@@ -209,6 +209,8 @@ public final class RBDReplicator {
         public var dataBytes: UInt64
         public var seconds: Double
         public var pruned: [String]
+        /// When the snapshot was taken (unix seconds).
+        public var snapshotCreated: Double?
     }
 
     func request(_ r: [String: Any], progress: (UInt64, UInt64) -> Void = { _, _ in }) throws -> [String: Any] {
@@ -225,7 +227,7 @@ public final class RBDReplicator {
     }
 
     /// The volume's `repl-N` snapshots, by N; the pool's UUID; the volume's size.
-    func localState() throws -> (snaps: [String], uuid: String, size: UInt64) {
+    func localState() throws -> (snaps: [String], uuid: String, size: UInt64, created: [String: UInt64]) {
         let hello = try request(["op": "hello"])
         let list = try request(["op": "list"])
         let rows = list["volumes"] as? [[String: Any]] ?? []
@@ -237,7 +239,32 @@ public final class RBDReplicator {
             let s = String(n.dropFirst(volume.count + 1))
             return Self.number(s) == nil ? nil : s
         }.sorted { Self.number($0)! < Self.number($1)! }
-        return (snaps, hello["uuid"] as? String ?? "?", (row["size"] as? NSNumber)?.uint64Value ?? 0)
+        var created: [String: UInt64] = [:]
+        for r in rows {
+            if let n = r["name"] as? String, n.hasPrefix(volume + "@") { created[String(n.dropFirst(volume.count + 1))] = (r["created"] as? NSNumber)?.uint64Value }
+        }
+        return (snaps, hello["uuid"] as? String ?? "?", (row["size"] as? NSNumber)?.uint64Value ?? 0, created)
+    }
+
+    /// One replication (see the type's description), reported to the pool's server when it
+    /// is served (`replication-report`: `volume list` and the metrics show it).
+    public func run(progress: @escaping (UInt64, UInt64) -> Void = { _, _ in }) throws -> Outcome {
+        var report: [String: Any] = ["op": "replication-report", "volume": volume, "target": target.description]
+        do {
+            let o = try runOnce(progress: progress)
+            report["ok"] = true
+            report["snapshot"] = o.snapshot
+            report["bytes_sent"] = o.fileBytes
+            report["seconds"] = o.seconds
+            if let c = o.snapshotCreated { report["snapshot_created"] = c }
+            _ = try? perform(report, { _, _ in })
+            return o
+        } catch {
+            report["ok"] = false
+            report["error"] = "\(error)"
+            _ = try? perform(report, { _, _ in })
+            throw error
+        }
     }
 
     /// One replication: see the type's description.
@@ -304,7 +331,8 @@ public final class RBDReplicator {
 
         // Prune: keep the newest `keep` snapshots both sides have; drop older and stale pending ones.
         var pruned: [String] = []
-        let now = try localState().snaps
+        let after = try localState()
+        let now = after.snaps
         let remoteNow = try rbd.snapshots(target)
         let common = now.filter { remoteNow.contains($0) }
         let keepSet = Set(common.suffix(keep))
@@ -318,7 +346,8 @@ public final class RBDReplicator {
         }
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
         return Outcome(snapshot: snapshot, base: base, resumed: resuming != nil, fileBytes: summary.fileBytes,
-                       dataBytes: summary.dataBytes, seconds: seconds, pruned: pruned)
+                       dataBytes: summary.dataBytes, seconds: seconds, pruned: pruned,
+                       snapshotCreated: after.created[snapshot].map(Double.init))
     }
 
     /// Streams the difference `base` → `snapshot` (a full export without a base) into

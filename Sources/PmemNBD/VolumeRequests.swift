@@ -93,7 +93,18 @@ public enum VolumeRequests {
                 }
                 return r
             case "list":
-                return ["ok": true, "volumes": try list(pool), "space": space(pool)]
+                var rows = try list(pool)
+                if server != nil {
+                    // What replicate runs reported to this server (ReplicationStatus).
+                    for i in rows.indices where rows[i]["kind"] as? String == "volume" {
+                        if let name = rows[i]["name"] as? String, let r = ReplicationStatus.shared.describe(name) { rows[i]["replication"] = r }
+                    }
+                }
+                return ["ok": true, "volumes": rows, "space": space(pool)]
+            case "replication-report":
+                // Only a server keeps them; the CLI on an unserved pool has nobody to tell.
+                if server != nil { try ReplicationStatus.shared.report(request) }
+                return ["ok": true]
             case "connections":
                 guard let server else { throw PoolError(.invalid, "the pool is not being served: no connections") }
                 return ["ok": true, "connections": server.connections()]

@@ -60,7 +60,7 @@ struct Replicate: ParsableCommand {
             while true {
                 let meter = ProgressMeter("replicate")
                 do {
-                    let o = try replicator.runOnce(progress: meter.update)
+                    let o = try replicator.run(progress: meter.update)
                     meter.finish()
                     report(o, target: target)
                 } catch let e as PoolErrorLike {
@@ -88,4 +88,23 @@ struct Replicate: ParsableCommand {
         }
         fflush(nil)
     }
+}
+
+/// Lines under `volume list` for volumes a replicate run reported to the server.
+func replicationLines(_ response: [String: Any]) -> String {
+    var out: [String] = []
+    for row in response["volumes"] as? [[String: Any]] ?? [] {
+        guard let r = row["replication"] as? [String: Any], let name = row["name"] as? String else { continue }
+        func n(_ k: String) -> Double? { (r[k] as? NSNumber)?.doubleValue }
+        var line = "\(name) -> \(r["target"] as? String ?? "?"): "
+        if let s = n("last_success") {
+            line += "last success \(Int(max(0, Date().timeIntervalSince1970 - s))) s ago (@\(r["snapshot"] as? String ?? "?")), "
+                + "lag \(Int(n("lag_seconds") ?? 0)) s, \(formatBytes(UInt64(n("bytes_sent") ?? 0))) sent in \(Int(n("runs") ?? 0)) runs"
+        } else {
+            line += "no success yet"
+        }
+        if let e = r["last_error"] as? String { line += "; last run failed: \(e)" }
+        out.append(line)
+    }
+    return out.isEmpty ? "" : "\nREPLICATION\n" + out.joined(separator: "\n")
 }

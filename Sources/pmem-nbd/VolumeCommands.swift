@@ -185,7 +185,7 @@ struct VolumeCommandGroup: ParsableCommand {
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List volumes and snapshots with their space (REFER: data reached; USED: only theirs).")
         @OptionGroup var access: PoolAccess
-        func run() throws { try access.perform(["op": "list"]) { try table($0) } }
+        func run() throws { try access.perform(["op": "list"]) { try table($0) + replicationLines($0) } }
     }
 
     struct Delete: ParsableCommand {

@@ -21,6 +21,8 @@ struct CephTests {
         let cluster: CephCluster
         let image: String
 
+        var metrics: String { d.file("m.sock") }
+
         init(volumeSize: String = "128M", poolSize: String = "1G", image: String) throws {
             cluster = try CephCluster.acquire()
             pool = d.file("p.pool")
@@ -28,7 +30,7 @@ struct CephTests {
             self.image = image
             let c = try run([pmemNBDBinary, "create", pool, "--size", poolSize, "--volume-size", volumeSize])
             #expect(c.status == 0, "\(c.stderr)")
-            server = try ServerProcess(["serve", pool, "-U", sock])
+            server = try ServerProcess(["serve", pool, "-U", sock, "--metrics", "unix:" + d.file("m.sock")])
             #expect(server.waitForSocket(sock))
         }
 
@@ -98,7 +100,7 @@ struct CephTests {
         let s = try Setup(image: "fio")
         // 96 MiB of data; fio rewrites blocks of the first 32 MiB, so an incremental carries at
         // most 32 MiB.
-        try s.write(pattern(96 << 20, seed: 7), at: 0)
+        try s.write(randomBytes(96 << 20), at: 0)
         let fio = try ChildProcess(
             executable: resolveTool("fio"),
             arguments: ["fio", "--name=w", "--ioengine=nbd", "--uri=\(unixURI(s.sock, "pmem0"))", "--rw=randwrite", "--bs=4k",
@@ -148,12 +150,12 @@ struct CephTests {
     /// snapshot both sides have: the same snapshot, only the difference sent again.
     @Test func killedTransferResumesWithoutFullResend() throws {
         let s = try Setup(volumeSize: "256M", poolSize: "1G", image: "kill")
-        try s.write(pattern(64 << 20, seed: 1), at: 0)
+        try s.write(randomBytes(64 << 20), at: 0)
         let full = try s.replicate()
         #expect(full.status == 0, "\(full.stderr)")
         let fullBytes = Self.number(full, "bytes_sent")
         // A large difference, so the transfer is still running when it is killed.
-        try s.write(pattern(160 << 20, seed: 2), at: 128 << 20)
+        try s.write(randomBytes(160 << 20), at: 64 << 20)
         let replicator = try ChildProcess(
             executable: pmemNBDBinary,
             arguments: [pmemNBDBinary, "replicate", "--pool", s.pool, "pmem0", "--to", "rbd:rbd/kill", "--json", "-c", s.cluster.conf],
@@ -215,6 +217,24 @@ struct CephTests {
         #expect(refused.stderr.contains("has diverged") && refused.stderr.contains("nothing was changed"), "\(refused.stderr)")
         #expect(try s.localSnapshots() == localBefore)
         #expect(try s.rbdSnapshots() == remoteBefore)
+
+        // What the runs reported: volume list and the metrics (two successes, one refusal).
+        let listed = try run([pmemNBDBinary, "volume", "list", "--pool", s.pool, "--json"])
+        let row = (json(listed.stdout)["volumes"] as? [[String: Any]] ?? []).first { $0["name"] as? String == "pmem0" }
+        let rep = row?["replication"] as? [String: Any]
+        #expect((rep?["runs"] as? NSNumber)?.intValue == 3 && (rep?["failures"] as? NSNumber)?.intValue == 1, "\(rep ?? [:])")
+        #expect((rep?["bytes_sent"] as? NSNumber)?.uint64Value ?? 0 >= 4 << 20)
+        #expect(rep?["snapshot"] as? String == "repl-2" && rep?["target"] as? String == "rbd:rbd/div")
+        #expect(((rep?["lag_seconds"] as? NSNumber)?.doubleValue ?? -1) >= 0)
+        #expect((rep?["last_error"] as? String ?? "").contains("diverged"))
+        let text = try run([pmemNBDBinary, "volume", "list", "--pool", s.pool])
+        #expect(text.stdout.contains("pmem0 -> rbd:rbd/div: last success"), "\(text.stdout)")
+        let scraped = try run([pmemNBDBinary, "stats", "--metrics", "unix:" + s.metrics, "--raw"])
+        let labels = "{volume=\"pmem0\",target=\"rbd:rbd/div\"}"
+        #expect(scraped.stdout.contains("pmem_nbd_replication_runs_total\(labels) 3"), "\(scraped.stdout.suffix(1500))")
+        #expect(scraped.stdout.contains("pmem_nbd_replication_failures_total\(labels) 1"))
+        #expect(scraped.stdout.contains("pmem_nbd_replication_lag_seconds\(labels) "))
+        #expect(scraped.stdout.contains("pmem_nbd_replication_last_success_timestamp_seconds\(labels) "))
 
         // Another volume to the same image: not its replica.
         #expect(try run([pmemNBDBinary, "volume", "create", "--pool", s.pool, "other", "--size", "16M"]).status == 0)
@@ -361,6 +381,16 @@ final class CephCluster: @unchecked Sendable {
             shared = nil
         }
     }
+}
+
+/// `count` random bytes (from /dev/urandom: much faster than generating them in a debug build).
+func randomBytes(_ count: Int) -> [UInt8] {
+    let h = FileHandle(forReadingAtPath: "/dev/urandom")!
+    defer { try? h.close() }
+    var out: [UInt8] = []
+    out.reserveCapacity(count)
+    while out.count < count { out += h.readData(ofLength: min(16 << 20, count - out.count)) }
+    return out
 }
 
 /// The pids whose parent is `pid`.
