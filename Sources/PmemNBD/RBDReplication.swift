@@ -22,8 +22,8 @@ public struct RBDTarget: Sendable, CustomStringConvertible {
         guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty, snap.map({ !$0.isEmpty }) ?? true else {
             throw PoolErrorLike("'\(s)' is not an RBD image: write rbd:POOL/IMAGE\(allowSnapshot ? "[@SNAP]" : "")")
         }
-        for p in parts + (snap.map { [Substring($0)] } ?? []) where p.contains(where: { $0 == " " || $0.asciiValue.map { $0 < 32 } ?? false }) {
-            throw PoolErrorLike("'\(s)': RBD names have no spaces or control characters")
+        for p in parts + (snap.map { [Substring($0)] } ?? []) where p.hasPrefix("-") || p.contains(where: { $0 == " " || $0.asciiValue.map { $0 < 32 } ?? false }) {
+            throw PoolErrorLike("'\(s)': RBD names have no spaces or control characters and do not start with '-'")
         }
         pool = String(parts[0])
         image = String(parts[1])

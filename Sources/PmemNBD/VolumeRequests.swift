@@ -101,6 +101,24 @@ public enum VolumeRequests {
                     }
                 }
                 return ["ok": true, "volumes": rows, "space": space(pool)]
+            case "replicate":
+                // One replication run by the server itself (the CLI's `replicate` runs it in the
+                // CLI process instead, with its progress bar).
+                guard let server else {
+                    throw PoolError(.invalid, "'replicate' as a request needs a running server; on a pool file, run pmem-nbd replicate")
+                }
+                let outcome: RBDReplicator.Outcome
+                do {
+                    let replicator = RBDReplicator(
+                        volume: try string("name"), target: try RBDTarget(parsing: try string("to")),
+                        rbd: try RBDTool(conf: request["ceph_conf"] as? String), keep: (request["keep"] as? NSNumber)?.intValue ?? 2
+                    ) { r, p in VolumeRequests.perform(r, on: pool, server: server, progress: p) }
+                    outcome = try withoutActuallyEscaping(progress) { p in try replicator.run(progress: p) }
+                } catch let e as PoolErrorLike {
+                    throw PoolError(.invalid, e.description)
+                }
+                return ["ok": true, "snapshot": outcome.snapshot, "base": outcome.base ?? NSNull(), "resumed": outcome.resumed,
+                        "bytes_sent": outcome.fileBytes, "data_bytes": outcome.dataBytes, "seconds": outcome.seconds, "pruned": outcome.pruned]
             case "replication-report":
                 // Only a server keeps them; the CLI on an unserved pool has nobody to tell.
                 if server != nil { try ReplicationStatus.shared.report(request) }

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import PmemNBD
 import PmemSystem
 import Testing
 
@@ -266,9 +267,17 @@ struct CephTests {
                 try c.trim(count: 1 << 20, offset: 0)
                 try c.flush()
             }
-            let r = try s.replicate(["--keep", "10"])
-            #expect(r.status == 0, "\(r.stderr)")
-            snaps.append(json(r.stdout)["snapshot"] as? String ?? "?")
+            if i < 2 {
+                let r = try s.replicate(["--keep", "10"])
+                #expect(r.status == 0, "\(r.stderr)")
+                snaps.append(json(r.stdout)["snapshot"] as? String ?? "?")
+            } else {
+                // The last one as a control request: the server runs it.
+                let r = try VolumeCommand.run(["op": "replicate", "name": "pmem0", "to": "rbd:rbd/trip", "keep": 10, "ceph_conf": s.cluster.conf],
+                                              pool: s.pool, control: nil, requireServer: true)
+                #expect(r["ok"] as? Bool == true && r["base"] as? String == "repl-2", "\(r)")
+                snaps.append(r["snapshot"] as? String ?? "?")
+            }
         }
         #expect(snaps == ["repl-1", "repl-2", "repl-3"])
         // Whole image with its snapshots (export format 2).
