@@ -357,6 +357,7 @@ final class CephCluster: @unchecked Sendable {
     private static let lock = NSLock()
     nonisolated(unsafe) private static var shared: CephCluster?
     nonisolated(unsafe) private static var released = 0
+    nonisolated(unsafe) static var exitDir: String?
 
     static var script: String { repositoryRoot + "/scripts/ceph-test-cluster" }
 
@@ -376,6 +377,18 @@ final class CephCluster: @unchecked Sendable {
         }
         let c = CephCluster(dir: dir, conf: dir + "/ceph.conf")
         shared = c
+        // A test process that exits (a failed #require, the runner ending early) kills the
+        // daemons at once; one that is killed leaves that to the script's watcher.
+        exitDir = dir
+        atexit {
+            guard let dir = CephCluster.exitDir else { return }
+            for name in ["osd", "mgr", "mon"] {
+                if let text = try? String(contentsOfFile: "\(dir)/\(name).pid", encoding: .utf8),
+                   let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 {
+                    kill(pid, SIGKILL)
+                }
+            }
+        }
         return c
     }
 
@@ -388,6 +401,7 @@ final class CephCluster: @unchecked Sendable {
             _ = try? run([script, "stop", c.dir], timeout: 30)
             try? FileManager.default.removeItem(atPath: c.dir)
             shared = nil
+            exitDir = nil
         }
     }
 }
