@@ -35,6 +35,20 @@ public final class ServeMetrics: @unchecked Sendable {
         for slot in RequestMetrics.knownSlots + [RequestMetrics.commandSlots - 1] where slot < RequestMetrics.commandSlots - 1 || m.errors[slot] > 0 {
             t.sample("pmem_nbd_request_errors_total", [("command", RequestMetrics.commandName(slot: slot))], m.errors[slot])
         }
+        let replication = ReplicationStatus.shared.all()
+        if !replication.isEmpty {
+            let now = ReplicationStatus.now()
+            t.family("pmem_nbd_replication_runs_total", "counter", "pmem-nbd replicate runs reported, by volume and target.")
+            for (v, e) in replication { t.sample("pmem_nbd_replication_runs_total", [("volume", v), ("target", e.target)], e.runs) }
+            t.family("pmem_nbd_replication_failures_total", "counter", "pmem-nbd replicate runs that failed, by volume and target.")
+            for (v, e) in replication { t.sample("pmem_nbd_replication_failures_total", [("volume", v), ("target", e.target)], e.failures) }
+            t.family("pmem_nbd_replication_sent_bytes_total", "counter", "Bytes of RBD diff sent by successful replicate runs.")
+            for (v, e) in replication { t.sample("pmem_nbd_replication_sent_bytes_total", [("volume", v), ("target", e.target)], e.bytesSent) }
+            t.family("pmem_nbd_replication_last_success_timestamp_seconds", "gauge", "Unix time of the last successful replicate run.")
+            for (v, e) in replication { if let s = e.lastSuccess { t.sample("pmem_nbd_replication_last_success_timestamp_seconds", [("volume", v), ("target", e.target)], s) } }
+            t.family("pmem_nbd_replication_lag_seconds", "gauge", "Age of the newest snapshot the RBD image has (how far behind the replica is).")
+            for (v, e) in replication { if let c = e.snapshotCreated { t.sample("pmem_nbd_replication_lag_seconds", [("volume", v), ("target", e.target)], max(0, now - c)) } }
+        }
         t.family("pmem_nbd_read_bytes_total", "counter", "Bytes returned by successful READ requests.")
         t.sample("pmem_nbd_read_bytes_total", m.bytesRead)
         t.family("pmem_nbd_written_bytes_total", "counter", "Bytes stored by successful WRITE requests.")

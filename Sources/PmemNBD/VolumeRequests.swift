@@ -94,7 +94,36 @@ public enum VolumeRequests {
                 }
                 return r
             case "list":
-                return ["ok": true, "volumes": try list(pool), "space": space(pool)]
+                var rows = try list(pool)
+                if server != nil {
+                    // What replicate runs reported to this server (ReplicationStatus).
+                    for i in rows.indices where rows[i]["kind"] as? String == "volume" {
+                        if let name = rows[i]["name"] as? String, let r = ReplicationStatus.shared.describe(name) { rows[i]["replication"] = r }
+                    }
+                }
+                return ["ok": true, "volumes": rows, "space": space(pool)]
+            case "replicate":
+                // One replication run by the server itself (the CLI's `replicate` runs it in the
+                // CLI process instead, with its progress bar).
+                guard let server else {
+                    throw PoolError(.invalid, "'replicate' as a request needs a running server; on a pool file, run pmem-nbd replicate")
+                }
+                let outcome: RBDReplicator.Outcome
+                do {
+                    let replicator = RBDReplicator(
+                        volume: try string("name"), target: try RBDTarget(parsing: try string("to")),
+                        rbd: try RBDTool(conf: request["ceph_conf"] as? String), keep: (request["keep"] as? NSNumber)?.intValue ?? 2
+                    ) { r, p in VolumeRequests.perform(r, on: pool, server: server, progress: p) }
+                    outcome = try withoutActuallyEscaping(progress) { p in try replicator.run(progress: p) }
+                } catch let e as PoolErrorLike {
+                    throw PoolError(.invalid, e.description)
+                }
+                return ["ok": true, "snapshot": outcome.snapshot, "base": outcome.base ?? NSNull(), "resumed": outcome.resumed,
+                        "bytes_sent": outcome.fileBytes, "data_bytes": outcome.dataBytes, "seconds": outcome.seconds, "pruned": outcome.pruned]
+            case "replication-report":
+                // Only a server keeps them; the CLI on an unserved pool has nobody to tell.
+                if server != nil { try ReplicationStatus.shared.report(request) }
+                return ["ok": true]
             case "connections":
                 guard let server else { throw PoolError(.invalid, "the pool is not being served: no connections") }
                 return ["ok": true, "connections": server.connections()]
@@ -151,6 +180,12 @@ public enum VolumeRequests {
                 let s = try export.write(to: path, replacing: request["force"] as? Bool ?? false, progress: progress)
                 return ["ok": true, "path": path, "size": s.size, "data_bytes": s.dataBytes, "zero_bytes": s.zeroBytes,
                         "records": s.records, "file_bytes": s.fileBytes]
+            case "import-diff":
+                let path = try string("path")
+                guard path.hasPrefix("/") else { throw PoolError(.invalid, "'import-diff' needs an absolute 'path'") }
+                let s = try RBDDiffImport(pool: pool, volume: try string("name"), until: request["until"] as? String).apply(from: path, progress: progress)
+                return ["ok": true, "diffs": s.diffs, "data_bytes": s.dataBytes, "zero_bytes": s.zeroBytes, "snapshots": s.snapshots,
+                        "created": s.createdVolume, "size": s.size, "stream_bytes": s.streamBytes]
             default:
                 throw PoolError(.invalid, "unknown op '\(op)'")
             }

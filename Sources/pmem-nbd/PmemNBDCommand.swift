@@ -27,7 +27,7 @@ struct PmemNBDCommand: ParsableCommand {
         (or zsh, fish); see the man page.
         """,
         version: PmemNBDVersion.text,
-        subcommands: [Serve.self, Create.self, Info.self, Check.self, VolumeCommandGroup.self, SnapshotCommandGroup.self, Clone.self, ExportDiff.self,
+        subcommands: [Serve.self, Create.self, Info.self, Check.self, VolumeCommandGroup.self, SnapshotCommandGroup.self, Clone.self, ExportDiff.self, ImportDiff.self, Replicate.self,
                       Connections.self, Feed.self, Stats.self])
 
     static func main() {
@@ -53,6 +53,9 @@ func reportingErrors(failure: Int32 = 1, _ body: () throws -> Int32) throws {
         Log.error(e.message)
         throw ExitCode(failure)
     } catch let e as ServeError {
+        Log.error(e.description)
+        throw ExitCode(failure)
+    } catch let e as PoolErrorLike {
         Log.error(e.description)
         throw ExitCode(failure)
     } catch let e as Errno {

@@ -100,6 +100,8 @@ struct VolumeCommandGroup: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Create an empty (thin) volume, or one holding a disk image (--from).",
             discussion: """
+            With --from rbd:POOL/IMAGE[@SNAP] the volume is made from a Ceph RBD image with its \
+            snapshots (up to SNAP), through `rbd export --export-format 2` and import-diff. \
             With --from IMAGE the volume gets the image's virtual size (unless --size is larger) \
             and its contents, copied by qemu-img convert (raw, qcow2, vmdk, vdi, vhdx… anything \
             qemu-img reads) over NBD: to the pool's server, or to a private one when the pool is \
@@ -108,16 +110,26 @@ struct VolumeCommandGroup: ParsableCommand {
             """)
         @Argument(help: "Volume name.") var name: String
         @Option(name: .long, help: "Size, e.g. 10G (with --from: at least the image's size; default the image's).") var size: String?
-        @Option(name: .customLong("from"), help: ArgumentHelp("Fill the volume from this disk image.", valueName: "image")) var image: String?
+        @Option(name: .customLong("from"), help: ArgumentHelp("Fill the volume from this disk image, or rbd:POOL/IMAGE[@SNAP].", valueName: "image")) var image: String?
         @Option(name: .long, help: ArgumentHelp("The image's format (default: qemu-img detects it).", valueName: "format")) var format: String?
         @OptionGroup var access: PoolAccess
 
+        @Option(name: [.customShort("c"), .customLong("ceph-conf")], help: ArgumentHelp("With --from rbd:…, the Ceph configuration file for rbd (default: $CEPH_CONF).", valueName: "path"))
+        var cephConf: String?
+
         func validate() throws {
             if size == nil && image == nil { throw ValidationError("give --size SIZE, or --from IMAGE") }
+            if image?.hasPrefix("rbd:") == true && (size != nil || format != nil) {
+                throw ValidationError("--from rbd:POOL/IMAGE takes the image's size and has no --format")
+            }
             if format != nil && image == nil { throw ValidationError("--format describes the --from image") }
         }
 
         func run() throws {
+            if let image, image.hasPrefix("rbd:") {
+                try createFromRBD(name: name, image: image, cephConf: cephConf, access: access)
+                return
+            }
             var bytes: UInt64?
             var imageSize: UInt64?
             var imageFormat = format
@@ -173,7 +185,7 @@ struct VolumeCommandGroup: ParsableCommand {
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List volumes and snapshots with their space (REFER: data reached; USED: only theirs).")
         @OptionGroup var access: PoolAccess
-        func run() throws { try access.perform(["op": "list"]) { try table($0) } }
+        func run() throws { try access.perform(["op": "list"]) { try table($0) + replicationLines($0) } }
     }
 
     struct Delete: ParsableCommand {
