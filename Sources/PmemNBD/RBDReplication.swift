@@ -269,7 +269,7 @@ public final class RBDReplicator {
 
     /// One replication: see the type's description.
     public func runOnce(progress: @escaping (UInt64, UInt64) -> Void = { _, _ in }) throws -> Outcome {
-        let start = DispatchTime.now().uptimeNanoseconds
+        let start = MonotonicClock.seconds()
         let local = try localState()
         let source = "\(local.uuid)/\(volume)"
         let info = try rbd.info(target)
@@ -344,7 +344,7 @@ public final class RBDReplicator {
             try rbd.check(["snap", "rm", "--no-progress", "\(target.spec)@\(s)"], what: "removing \(target.spec)@\(s)")
             if !pruned.contains(s) { pruned.append(s) }
         }
-        let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        let seconds = MonotonicClock.seconds() - start
         return Outcome(snapshot: snapshot, base: base, resumed: resuming != nil, fileBytes: summary.fileBytes,
                        dataBytes: summary.dataBytes, seconds: seconds, pruned: pruned,
                        snapshotCreated: after.created[snapshot].map(Double.init))
