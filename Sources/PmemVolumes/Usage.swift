@@ -10,21 +10,24 @@ public struct SpaceUsage: Sendable, Equatable {
 extension Pool {
     /// Walks a map: a block is exclusive when it and every node above it have one reference.
     /// Costs a visit per mapped block. A map entry or root that fails its check throws `.io`.
+    /// Nodes and refcounts are read a page at a time (`PageCopies`): under a writer, one shard
+    /// lock per page rather than per word.
     public func usage(of r: VolumeRecord) throws(PoolError) -> SpaceUsage {
         var u = SpaceUsage()
         let root = try engine.root(at: VolumeRecord.offset(slot: r.slot) + VolumeRecord.rootField, depth: r.depth)
         guard root != 0 else { return u }
-        var stack: [(node: UInt64, level: Int, shared: Bool)] = [(root, r.depth - 1, engine.refcount(root) > 1)]
+        let pages = PageCopies(engine)
+        var stack: [(node: UInt64, level: Int, shared: Bool)] = [(root, r.depth - 1, pages.refcount(root) > 1)]
         while let (node, level, shared) = stack.popLast() {
             if !shared { u.exclusive += 4096 }
             for i in 0..<512 {
-                let e = try engine.entry(node: node, index: i, level: level)
+                let e = try pages.entry(node: node, index: i, level: level)
                 if e == 0 { continue }
                 if level == 0 {
                     u.referenced += 4096
-                    if !shared && engine.refcount(e) == 1 { u.exclusive += 4096 }
+                    if !shared && pages.refcount(e) == 1 { u.exclusive += 4096 }
                 } else {
-                    stack.append((e, level - 1, shared || engine.refcount(e) > 1))
+                    stack.append((e, level - 1, shared || pages.refcount(e) > 1))
                 }
             }
         }
