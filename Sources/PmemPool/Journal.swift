@@ -165,6 +165,28 @@ public final class Journal: @unchecked Sendable {
         return (old, new)
     }
 
+    /// Copies the 512 words of the 4 KiB page at `page` (pending values included) into `out`,
+    /// under one acquisition of its shard: walks that read many words of a page (space usage)
+    /// pay one lock per page instead of one per word while writers run.
+    func copyPage(_ page: UInt64, into out: UnsafeMutablePointer<UInt64>) {
+        precondition(page & 4095 == 0)
+        let s = shard(of: page)
+        pthread_mutex_lock(&s.pointee.lock)
+        defer { pthread_mutex_unlock(&s.pointee.lock) }
+        let empty = s.pointee.isEmpty
+        for i in 0..<512 {
+            let off = page + UInt64(i << 3)
+            if !empty {
+                let h = Journal.hash(off)
+                if let v = s.pointee.running.value(off, h) ?? s.pointee.committing.value(off, h) {
+                    out[i] = v
+                    continue
+                }
+            }
+            out[i] = SharedWord.load(poolWord(off))
+        }
+    }
+
     /// The running batch's words of one 4 KiB page, under its shard's lock (`withPage`).
     struct PageWords {
         unowned(unsafe) let journal: Journal

@@ -10,17 +10,20 @@ extension PoolEngine {
         var u: (referenced: UInt64, exclusive: UInt64) = (0, 0)
         let top = try root(at: VolumeRecord.offset(slot: r.slot) + VolumeRecord.rootField, depth: r.depth)
         guard top != 0 else { return u }
-        var stack: [(node: UInt64, level: Int, shared: Bool)] = [(top, r.depth - 1, refcount(top) > 1)]
+        // Nodes and refcounts are read a page at a time (`PageCopies`): under a writer, one
+        // shard lock per page rather than per word.
+        let pages = PageCopies(self)
+        var stack: [(node: UInt64, level: Int, shared: Bool)] = [(top, r.depth - 1, pages.refcount(top) > 1)]
         while let (node, level, shared) = stack.popLast() {
             if !shared { u.exclusive += 4096 }
             for i in 0..<512 {
-                let e = try entry(node: node, index: i, level: level)
+                let e = try pages.entry(node: node, index: i, level: level)
                 if e == 0 { continue }
                 if level == 0 {
                     u.referenced += 4096
-                    if !shared && refcount(e) == 1 { u.exclusive += 4096 }
+                    if !shared && pages.refcount(e) == 1 { u.exclusive += 4096 }
                 } else {
-                    stack.append((e, level - 1, shared || refcount(e) > 1))
+                    stack.append((e, level - 1, shared || pages.refcount(e) > 1))
                 }
             }
         }

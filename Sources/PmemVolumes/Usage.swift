@@ -10,6 +10,8 @@ public struct SpaceUsage: Sendable, Equatable {
 extension Pool {
     /// Walks a map: a block is exclusive when it and every node above it have one reference.
     /// Costs a visit per mapped block. A map entry or root that fails its check throws `.io`.
+    /// Nodes and refcounts are read a page at a time (`PageCopies`): under a writer, one shard
+    /// lock per page rather than per word.
     public func usage(of r: VolumeRecord) throws(PoolError) -> SpaceUsage {
         let (referenced, exclusive) = try engine.usage(of: r)
         return SpaceUsage(referenced: referenced, exclusive: exclusive)
