@@ -150,7 +150,7 @@ public enum VolumeCommand {
     }
 
     /// Requests that only read the pool (they work beside a read-only server).
-    static let readOnlyOps: Set<String> = ["hello", "list", "export-diff"]
+    static let readOnlyOps: Set<String> = ["hello", "list", "export-diff", "diff-extents"]
 
     /// Whether the pool is locked by readers only (a read-only server holds a shared lock).
     static func heldShared(_ path: String) -> Bool {

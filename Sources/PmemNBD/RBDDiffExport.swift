@@ -52,6 +52,37 @@ public struct RBDDiffExport {
         toName = t.kind == .snapshot ? t.name : nil
     }
 
+    /// The byte ranges the stream would carry (`w` and `z` records alike), in ascending order,
+    /// adjacent ranges merged: what `rbd import-diff` of it writes or discards on the image.
+    public func extents() throws(PoolError) -> [(offset: UInt64, length: UInt64)] {
+        let total = (target.size + 4095) >> 12
+        let window: UInt64 = 4096
+        let guardian = target.makeReadGuard()
+        var out: [(offset: UInt64, length: UInt64)] = []
+        var at: UInt64 = 0
+        while at < total {
+            let end = min(total, at + window)
+            guardian.enter()
+            do {
+                try target.changes(since: base, first: at, end: end) { first, n, _ in
+                    let offset = first << 12, length = min(n << 12, target.size - offset)
+                    if let last = out.last, last.offset + last.length == offset {
+                        out[out.count - 1].length += length
+                    } else {
+                        out.append((offset, length))
+                    }
+                    return true
+                }
+            } catch {
+                guardian.exit()
+                throw error
+            }
+            guardian.exit()
+            at = end
+        }
+        return out
+    }
+
     /// Writes the stream to `path`, which must not exist unless `replacing` (then a regular file
     /// is replaced; a pipe or FIFO is written as it is); `progress(done, total)` is called in
     /// blocks. A failed export removes the file it created.

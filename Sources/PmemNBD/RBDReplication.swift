@@ -151,8 +151,9 @@ public struct RBDTool: Sendable {
     }
 
     /// The extents of the image's head that differ from snapshot `from`.
-    public func changedSince(_ t: RBDTarget, snapshot from: String, timeout: Int = 600) throws(PoolErrorLike) -> [(offset: UInt64, length: UInt64)] {
-        let out = try check(["diff", "--format", "json", "--from-snap", from, t.spec], timeout: timeout, what: "rbd diff of \(t) since @\(from)")
+    public func changedSince(_ t: RBDTarget, snapshot from: String?, timeout: Int = 600) throws(PoolErrorLike) -> [(offset: UInt64, length: UInt64)] {
+        let out = try check(["diff", "--format", "json"] + (from.map { ["--from-snap", $0] } ?? []) + [t.spec], timeout: timeout,
+                            what: "rbd diff of \(t)" + (from.map { " since @\($0)" } ?? ""))
         guard let list = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [[String: Any]] else {
             throw PoolErrorLike("rbd diff \(t.spec) printed something unexpected")
         }
@@ -171,7 +172,8 @@ public struct RBDTool: Sendable {
 ///    (pending: a transfer that did not finish);
 /// 2. checks the image: it must be ours, and its head must equal the base (`rbd diff
 ///    --from-snap BASE` empty) unless a transfer to a pending snapshot was interrupted
-///    (`pmem-nbd.inflight` names it), whose partial writes the retransfer overwrites;
+///    (`pmem-nbd.inflight` names it): then the head may differ only inside the ranges that
+///    difference covers (`diff-extents`), whose partial writes the retransfer overwrites;
 /// 3. ships the newest pending snapshot, or a new one, as an RBD diff v1 stream from the base
 ///    (everything allocated when there is none) into `rbd import-diff -`, which writes the
 ///    blocks and creates the image's snapshot of the same name;
@@ -306,6 +308,26 @@ public final class RBDReplicator {
                                     + "; the volume has \(local.snaps.isEmpty ? "none" : local.snaps.map { "@\($0)" }.joined(separator: ", "))): "
                                     + "remove it (rbd rm \(target.spec)) to send everything again; nothing was changed", permanent: true)
             }
+            if let resuming {
+                // The interrupted transfer wrote only inside the difference it resends (the
+                // first run: inside what it sends at all); a change anywhere else was made
+                // behind our back and would survive the resend.
+                let changed = try rbd.changedSince(target, snapshot: base)
+                if !changed.isEmpty {
+                    var r: [String: Any] = ["op": "diff-extents", "to": "\(volume)@\(resuming)"]
+                    if let base { r["from"] = "\(volume)@\(base)" }
+                    let covered = (try request(r)["extents"] as? [Any] ?? []).compactMap { e -> (UInt64, UInt64)? in
+                        guard let pair = e as? [Any], pair.count == 2, let o = pair[0] as? NSNumber, let l = pair[1] as? NSNumber else { return nil }
+                        return (o.uint64Value, l.uint64Value)
+                    }
+                    if let stray = Self.outside(changed, covered) {
+                        throw PoolErrorLike("\(target) has diverged: it was written " + (base.map { "since its snapshot @\($0) " } ?? "")
+                                            + "outside the interrupted transfer of @\(resuming) (at offset \(stray.offset), "
+                                            + "\(formatBytes(stray.length))), so resending it would not reproduce the volume there. Remove it "
+                                            + "(rbd snap purge \(target.spec); rbd rm \(target.spec)) and replicate again to send everything; nothing was changed", permanent: true)
+                    }
+                }
+            }
         }
 
         // Changes start here.
@@ -348,6 +370,31 @@ public final class RBDReplicator {
         return Outcome(snapshot: snapshot, base: base, resumed: resuming != nil, fileBytes: summary.fileBytes,
                        dataBytes: summary.dataBytes, seconds: seconds, pruned: pruned,
                        snapshotCreated: after.created[snapshot].map(Double.init))
+    }
+
+    /// The first part of `changed` (byte ranges) that no range of `covered` (ascending, not
+    /// overlapping) contains, or nil when all of it is covered.
+    public static func outside(_ changed: [(offset: UInt64, length: UInt64)], _ covered: [(UInt64, UInt64)]) -> (offset: UInt64, length: UInt64)? {
+        for c in changed where c.length > 0 {
+            var at = c.offset
+            let end = c.offset + c.length
+            // The covered ranges are sorted: find the first that ends after `at`, then walk on.
+            var lo = 0, hi = covered.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if covered[mid].0 + covered[mid].1 <= at { lo = mid + 1 } else { hi = mid }
+            }
+            var i = lo
+            while at < end {
+                guard i < covered.count, covered[i].0 <= at else {
+                    let next = i < covered.count ? min(end, covered[i].0) : end
+                    return (at, next - at)
+                }
+                at = min(end, covered[i].0 + covered[i].1)
+                i += 1
+            }
+        }
+        return nil
     }
 
     /// Streams the difference `base` → `snapshot` (a full export without a base) into

@@ -180,6 +180,9 @@ public enum VolumeRequests {
                 let s = try export.write(to: path, replacing: request["force"] as? Bool ?? false, progress: progress)
                 return ["ok": true, "path": path, "size": s.size, "data_bytes": s.dataBytes, "zero_bytes": s.zeroBytes,
                         "records": s.records, "file_bytes": s.fileBytes]
+            case "diff-extents":
+                let export = try RBDDiffExport(pool: pool, from: request["from"] as? String, to: try string("to"))
+                return ["ok": true, "extents": try export.extents().map { [$0.offset, $0.length] }]
             case "import-diff":
                 let path = try string("path")
                 guard path.hasPrefix("/") else { throw PoolError(.invalid, "'import-diff' needs an absolute 'path'") }

@@ -12,7 +12,7 @@ import Testing
 @Suite(.serialized, .timeLimit(.minutes(5)), .enabled(if: CephCluster.available, "Ceph is not installed (apt-get install ceph-mon ceph-mgr ceph-osd ceph-common; scripts/test does)"))
 struct CephTests {
     /// The tests below; the cluster stops when this many have released it.
-    static let tests = 5
+    static let tests = 6
 
     /// A served pool with one volume.
     final class Setup {
@@ -46,9 +46,22 @@ struct CephTests {
         var images: [String] = []
 
         /// `pmem-nbd replicate --json` once.
-        func replicate(_ extra: [String] = [], volume: String = "pmem0", timeout: TimeInterval = 180) throws -> ToolResult {
-            try run([pmemNBDBinary, "replicate", "--pool", pool, volume, "--to", "rbd:rbd/\(image)", "--json", "-c", cluster.conf] + extra,
+        func replicate(_ extra: [String] = [], volume: String = "pmem0", image: String? = nil, timeout: TimeInterval = 180) throws -> ToolResult {
+            try run([pmemNBDBinary, "replicate", "--pool", pool, volume, "--to", "rbd:rbd/\(image ?? self.image)", "--json", "-c", cluster.conf] + extra,
                     timeout: timeout)
+        }
+
+        /// Writes `count` bytes of `byte` at `offset` of an image behind pmem-nbd's back: a
+        /// one-record diff applied with `rbd import-diff`.
+        func rbdWrite(_ image: String, at offset: UInt64, _ count: Int, byte: UInt8) throws {
+            var diff = Array("rbd diff v1\n".utf8)
+            diff.append(UInt8(ascii: "w"))
+            withUnsafeBytes(of: offset.littleEndian) { diff += $0 }
+            withUnsafeBytes(of: UInt64(count).littleEndian) { diff += $0 }
+            diff += [UInt8](repeating: byte, count: count)
+            diff.append(UInt8(ascii: "e"))
+            let w = try run(["rbd", "-c", cluster.conf, "import-diff", "--no-progress", "-", "rbd/\(image)"], stdin: Data(diff))
+            #expect(w.status == 0, "\(w.stderr)")
         }
 
         func rbd(_ args: [String], timeout: TimeInterval = 120) throws -> ToolResult {
@@ -192,6 +205,42 @@ struct CephTests {
         #expect(try s.rbd(["image-meta", "get", "rbd/kill", "pmem-nbd.inflight"]).status != 0)
     }
 
+    /// A resend after an interrupted transfer may overwrite only what that transfer writes: an
+    /// image also written elsewhere behind our back is refused, with nothing changed. The
+    /// interruption is staged as the replicator leaves it: the snapshot taken, `pmem-nbd.inflight`
+    /// set, part of the difference written on the image. Control: the same staging with only
+    /// writes inside the difference resumes, and the image then equals the snapshot.
+    @Test func resumeRefusesWritesOutsideTheInterruptedTransfer() throws {
+        let s = try Setup(image: "res-in")
+        s.images.append("res-out")
+        let created = try run([pmemNBDBinary, "volume", "create", "--pool", s.pool, "pmem1", "--size", "128M"])
+        try #require(created.status == 0, "\(created.stderr)")
+        for (volume, image) in [("pmem0", "res-in"), ("pmem1", "res-out")] {
+            try s.write(pattern(4 << 20, seed: 7), at: 0, export: volume)
+            let first = try s.replicate(volume: volume, image: image)
+            try #require(first.status == 0, "\(first.stderr)")
+            try s.write(pattern(1 << 20, seed: 8), at: 8 << 20, export: volume)
+            #expect(try run([pmemNBDBinary, "snapshot", "create", "--pool", s.pool, "\(volume)@repl-2"]).status == 0)
+            #expect(try s.rbd(["image-meta", "set", "rbd/\(image)", "pmem-nbd.inflight", "repl-2"]).status == 0)
+            try s.rbdWrite(image, at: (8 << 20) + 4096, 512, byte: 0x11)   // inside the difference
+        }
+        try s.rbdWrite("res-out", at: 12 << 20, 512, byte: 0x5a)           // outside it
+
+        let resumed = try s.replicate(volume: "pmem0", image: "res-in")
+        #expect(resumed.status == 0, "control: writes inside the difference are what the resend overwrites: \(resumed.stderr)")
+        #expect(json(resumed.stdout)["resumed"] as? Bool == true, "\(resumed.stdout)")
+        #expect(try s.same(rbd: "res-in@repl-2", local: "pmem0@repl-2"))
+
+        let localBefore = try s.localSnapshots("pmem1"), remoteBefore = try s.rbdSnapshots("res-out")
+        let refused = try s.replicate(volume: "pmem1", image: "res-out")
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("has diverged") && refused.stderr.contains("outside the interrupted transfer of @repl-2")
+                && refused.stderr.contains("offset \(12 << 20)") && refused.stderr.contains("nothing was changed"), "\(refused.stderr)")
+        #expect(try s.localSnapshots("pmem1") == localBefore)
+        #expect(try s.rbdSnapshots("res-out") == remoteBefore)
+        #expect(try s.rbd(["image-meta", "get", "rbd/res-out", "pmem-nbd.inflight"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "repl-2")
+    }
+
     /// An image written behind our back is refused with a clear error and nothing changes on
     /// either side; so are an image that is not this volume's replica and an unreachable
     /// cluster. Control: the same replication succeeds before the write.
@@ -227,7 +276,8 @@ struct CephTests {
         #expect((rep?["bytes_sent"] as? NSNumber)?.uint64Value ?? 0 >= 4 << 20)
         #expect(rep?["snapshot"] as? String == "repl-2" && rep?["target"] as? String == "rbd:rbd/div")
         #expect(((rep?["lag_seconds"] as? NSNumber)?.doubleValue ?? -1) >= 0)
-        #expect((rep?["last_error"] as? String ?? "").contains("diverged"))
+        let lastError: String = rep?["last_error"] as? String ?? ""
+        #expect(lastError.contains("diverged"), "\(rep ?? [:])")
         let text = try run([pmemNBDBinary, "volume", "list", "--pool", s.pool])
         #expect(text.stdout.contains("pmem0 -> rbd:rbd/div: last success"), "\(text.stdout)")
         let scraped = try run([pmemNBDBinary, "stats", "--metrics", "unix:" + s.metrics, "--raw"])

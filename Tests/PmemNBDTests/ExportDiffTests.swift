@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import PmemNBD
 import Testing
 
 /// `pmem-nbd export-diff`: RBD diff v1 files, checked against the format as Ceph documents it
@@ -158,6 +159,26 @@ import Testing
         var fromFull: [UInt8] = []
         try RBDDiff(Self.read(d.file("b.diff"))).apply(to: &fromFull)
         #expect(fromFull == contentB)
+    }
+
+    /// The replicator's check of a resend: which part of the image's changes lies outside the
+    /// ranges the interrupted difference covers. Each case is a (changed, covered, expected).
+    @Test func changesOutsideTheCoveredRanges() {
+        typealias R = [(offset: UInt64, length: UInt64)]
+        let covered: [(UInt64, UInt64)] = [(4096, 8192), (16384, 4096), (65536, 65536)]
+        #expect(RBDReplicator.outside([], covered) == nil)
+        #expect(RBDReplicator.outside([(4096, 8192)] as R, covered) == nil)
+        #expect(RBDReplicator.outside([(8192, 512), (16384, 4096), (70000, 100)] as R, covered) == nil)
+        #expect(RBDReplicator.outside([(0, 512)] as R, covered)! == (0, 512))
+        // Straddles the end of a range and the gap after it.
+        #expect(RBDReplicator.outside([(8192, 8192)] as R, covered)! == (12288, 4096))
+        // Spans two ranges and the gap between them.
+        #expect(RBDReplicator.outside([(12288 - 512, 8192)] as R, [(4096, 8192), (16384, 4096)])! == (12288, 4096))
+        // Beyond the last range, and with nothing covered at all.
+        #expect(RBDReplicator.outside([(131072, 1)] as R, covered)! == (131072, 1))
+        #expect(RBDReplicator.outside([(0, 1)] as R, [])! == (0, 1))
+        // The first stray part is reported, after covered changes.
+        #expect(RBDReplicator.outside([(4096, 10), (20480, 10), (30000, 5)] as R, covered)! == (20480, 10))
     }
 
     @Test func refusesPointsOfDifferentVolumesAndLeavesNoFile() throws {
