@@ -97,6 +97,22 @@ import Testing
         #expect(clocks.isEmpty, "monotonic clocks outside MonotonicClock:\n\(clocks.joined(separator: "\n"))")
     }
 
+    /// The test targets follow the modules (issue 17, item 5; Docs/ARCHITECTURE.md "Tests"): the
+    /// engine's tests and the helpers every target shares import nothing of the server or the
+    /// application, and the server's tests nothing of the pool.
+    @Test func lowerTestTargetsDoNotImportTheLayersAboveThem() throws {
+        let engine = try Self.files("Tests/PmemPoolTests") + Self.files("Tests/TestSupport")
+        #expect(engine.count >= 8, "the audit found only \(engine.map(\.path))")
+        let up = try Self.matches(Self.serverImport, in: engine)
+        #expect(up.isEmpty, "engine tests or TestSupport importing the server or the application:\n\(up.joined(separator: "\n"))")
+        let server = try Self.files("Tests/NBDServerTests")
+        #expect(!server.isEmpty)
+        let down = try Self.matches(Self.poolImport, in: server)
+        #expect(down.isEmpty, "server tests importing the pool:\n\(down.joined(separator: "\n"))")
+    }
+
+    static let serverImport = #"^\s*(@testable\s+)?import\s+(NBDServer|NBDTLS|PmemNBD|PmemFeed|PmemFeedClient|PmemDAX|pmem_nbd)\b"#
+    static let poolImport = #"^\s*(@testable\s+)?import\s+(PmemPool|PmemVolumes|PmemFeed|PmemNBD|pmem_nbd)\b"#
     static let cImport = #"^\s*import\s+CPmemSupport\b"#
     static let rawMapping = #"\b(mmap|munmap)\s*\("#
     static let rawAccept = #"\bSocket\.accept\s*\(|\bEpoll\s*\("#
@@ -117,6 +133,10 @@ import Testing
             "let epoll = try Epoll()",
             "clock_gettime(CLOCK_MONOTONIC, &ts)",
             "let start = DispatchTime.now().uptimeNanoseconds",
+            "import NBDServer",
+            "@testable import PmemNBD",
+            "import PmemPool",
+            "import NBDServerSupport",
         ])]
         #expect(try Self.matches(#"withUnsafe\w*(\([^()]*\))?\s*\{\s*(\$0|(\w+)\s+in\s+\3)(\.baseAddress!?)?\s*\}"#, in: samples).count == 3)
         #expect(try Self.matches(#"\bDispatchQueue\b|\bThread\s*[({]|\.detachNewThread|\bDispatchSource\b"#, in: samples).count == 1)
@@ -125,5 +145,7 @@ import Testing
         #expect(try Self.matches(Self.rawMapping, in: samples).count == 1)
         #expect(try Self.matches(Self.rawAccept, in: samples).count == 2)
         #expect(try Self.matches(Self.rawMonotonic, in: samples).count == 2)
+        #expect(try Self.matches(Self.serverImport, in: samples).count == 2)
+        #expect(try Self.matches(Self.poolImport, in: samples).count == 2)
     }
 }
