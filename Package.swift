@@ -54,8 +54,24 @@ let package = Package(
         // libnbd, for tests that drive the server through a real client.
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDWireTests", dependencies: ["NBDWire"]),
-        .testTarget(name: "PmemNBDTests", dependencies: [
-            "PmemNBD", "NBDServer", "NBDWire", "NBDTLS", "PmemVolumes", "PmemPool", "PmemSystem", "CLibNBD", "pmem-nbd",
+        // Tests per module (Docs/ARCHITECTURE.md, "Tests"). Test targets cannot depend on each
+        // other, so what they share is this ordinary target (imported `@testable`): scratch
+        // directories, programs run with a hard deadline and reaped, the libnbd client, the raw NBD
+        // client. It knows neither the server nor the pool.
+        .target(name: "TestSupport", dependencies: ["NBDWire", "PmemSystem", "CLibNBD"], path: "Tests/TestSupport"),
+        // The engine and the system layer under it: crash states, check and repair, corruption,
+        // journal memory, open cost; no server (SourceAuditTests checks the imports). Check and
+        // corruption tests also run the built `pmem-nbd check`/`serve` as a process.
+        .testTarget(name: "PmemPoolTests", dependencies: ["TestSupport", "PmemPool", "PmemVolumes", "PmemSystem"]),
+        // The server against a RAM-backed `BlockVolume`, no pool.
+        .testTarget(name: "NBDServerTests", dependencies: ["TestSupport", "NBDServer", "NBDWire", "PmemSystem"]),
+        // The feed's lease protocol: its spin model (Tests/Model) and negative controls.
+        .testTarget(name: "PmemFeedTests", dependencies: ["TestSupport"]),
+        // Everything through the assembled server: the CLI, the service, process crashes, libnbd
+        // and qemu interop, the man page, metrics, the feed and DAX, snapshots over NBD, TLS,
+        // hostile clients, Ceph, the torture test.
+        .testTarget(name: "IntegrationTests", dependencies: [
+            "TestSupport", "PmemNBD", "NBDServer", "NBDWire", "NBDTLS", "PmemVolumes", "PmemPool", "PmemSystem", "CLibNBD", "pmem-nbd",
             "PmemFeed", "PmemFeedClient", "FeedWire", "PmemDAX",
         ]),
     ]

@@ -136,7 +136,7 @@ main()
 
 /// A 4 KiB stamp that says what it is: magic, family (which volume lineage wrote it), block,
 /// version, then a CRC-32C of the rest, which is a pseudo-random fill derived from the header.
-/// The DAX torture test (Tests/PmemNBDTests/TortureTests.swift) decodes the same layout.
+/// The DAX torture test (Tests/IntegrationTests/TortureTests.swift) decodes the same layout.
 func fillStamp(_ p: UnsafeMutableRawPointer, family: UInt64, block: UInt64, version: UInt64) {
     var x = version &* 0x9E37_79B9_7F4A_7C15 ^ block ^ family << 32 | 1
     for i in stride(from: 40, to: 4096, by: 8) {
