@@ -53,42 +53,6 @@ public final class Volume: @unchecked Sendable {
         kind == .snapshot ? "snapshot \(name) (read-only), \(size) bytes" : "volume \(name), \(size) bytes"
     }
 
-    /// The `pmem-nbd:sharing` context: bit 0 set where a block is shared with a snapshot or a
-    /// clone (its next write through this volume will copy).
-    public static let sharingContext = "pmem-nbd:sharing"
-
-    /// `base:allocation`, `pmem-nbd:sharing`, and for a volume `qemu:dirty-bitmap:SNAP` for each
-    /// of its snapshots.
-    public var metaContexts: [String] {
-        guard kind == .volume else { return ["base:allocation", Volume.sharingContext] }
-        return ["base:allocation", Volume.sharingContext] + pool.snapshots(of: id).map { Volume.dirtyBitmapPrefix + $0.name }
-    }
-
-    public func status(context: String, offset: UInt64, length: UInt64, _ body: (UInt64, UInt32) -> Bool) throws(PoolError) {
-        if context == "base:allocation" {
-            return try allocation(offset: offset, length: length) { n, s in body(n, s.rawValue) }
-        }
-        if context == Volume.sharingContext {
-            guard offset < size, length <= size - offset else { throw PoolError(.invalid, "range beyond the end") }
-            var skip = offset & 4095
-            return try engine.sharingRuns(rootOffset: rootOffset, depth: depth, first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, shared in
-                let bytes = (blocks << 12) - skip
-                skip = 0
-                return body(bytes, shared ? 1 : 0)
-            }
-        }
-        guard kind == .volume, context.hasPrefix(Volume.dirtyBitmapPrefix),
-              let snap = pool.snapshots(of: id).first(where: { Volume.dirtyBitmapPrefix + $0.name == context }) else {
-            throw PoolError(.invalid, "unknown meta context \(context)")
-        }
-        guard offset < size, length <= size - offset else { throw PoolError(.invalid, "range beyond the end") }
-        var skip = offset & 4095
-        try engine.changedRuns(rootOffset: rootOffset, depth: depth, against: snap, first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, dirty in
-            let bytes = (blocks << 12) - skip
-            skip = 0
-            return body(bytes, dirty ? 1 : 0)
-        }
-    }
     public var fastZero: Bool { true }
     public var flushIsCheap: Bool { engine.persistence.domain == .cacheline }
     public func makeReadGuard() -> ReadGuard { engine.makeReadGuard() }
