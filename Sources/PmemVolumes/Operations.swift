@@ -151,9 +151,8 @@ extension Pool {
             let slot = try freeSlot()
             // The old map goes to the deleter only once the rollback event is out (below).
             holdFromDeleter(slot, in: &held)
-            // In ascending order, as writers take them (before the metadata gate, as they do).
-            for lock in engine.rmwLocks { lock.lock() }
-            defer { for lock in engine.rmwLocks.reversed() { lock.unlock() } }
+            // Before the metadata gate, as writers take their stripes.
+            try engine.withEveryStripeLocked { () throws(PoolError) in
             try engine.withMetadata(words: Pool.tableWords * 2) { () throws(PoolError) in
                 vol.mapLock.lock()
                 defer { vol.mapLock.unlock() }
@@ -171,6 +170,7 @@ extension Pool {
                                             depth: vr.depth, created: 0, generation: 0, name: "rollback-of-\(vr.id)")
                     storeNew(&dead)
                 }
+            }
             }
         }
         try engine.sync()
