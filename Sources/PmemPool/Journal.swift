@@ -25,7 +25,7 @@ import Synchronization
 /// durable and then moves the ring's tail, recorded twice in the journal header, up to its
 /// head. Recovery replays the ring from the tail: work in proportion to what was committed
 /// since the last checkpoint, never to the pool's size.
-public final class Journal: @unchecked Sendable {
+package final class Journal: @unchecked Sendable {
     struct Shard {
         var running = WordTable()
         var committing = WordTable()
@@ -41,7 +41,7 @@ public final class Journal: @unchecked Sendable {
     /// Bytes of the ring (the journal area after its header page).
     let ringSize: UInt64
     /// Records one batch may hold (half the ring: a batch always fits after a checkpoint).
-    public let capacity: Int
+    let capacity: Int
     private let shards: UnsafeMutablePointer<Shard>
     /// Shard `i`'s lock is `shardLocks.lock(i)`.
     private let shardLocks = PosixMutexes(count: Journal.shardCount)
@@ -53,9 +53,9 @@ public final class Journal: @unchecked Sendable {
     /// Words in the running batch.
     private let runningCount = Atomic<Int>(0)
     /// Shared by operations while they store; exclusive for the freeze.
-    public let gate = ReadWriteLock()
+    let gate = ReadWriteLock()
     /// Id of the running batch.
-    public let runningBatch = Atomic<UInt64>(1)
+    let runningBatch = Atomic<UInt64>(1)
 
     // Ring state, owned by the committing thread (and by recovery and close).
     /// Where the next batch goes (offset in the ring) and its sequence number.
@@ -104,7 +104,7 @@ public final class Journal: @unchecked Sendable {
 
     /// The current value of a metadata word (pending if any, else the pool's).
     @inline(__always)
-    public func load(_ offset: UInt64) -> UInt64 {
+    func load(_ offset: UInt64) -> UInt64 {
         if pending.load(ordering: .acquiring) != 0 {
             let h = Journal.hash(offset)
             let si = shardIndex(of: offset), s = shards + si
@@ -130,7 +130,7 @@ public final class Journal: @unchecked Sendable {
 
     /// Stores a word in the running batch. The gate must be held (shared).
     @inline(__always)
-    public func store(_ offset: UInt64, _ value: UInt64) {
+    func store(_ offset: UInt64, _ value: UInt64) {
         let h = Journal.hash(offset)
         let si = shardIndex(of: offset), s = shards + si
         shardLocks.lock(si)
@@ -141,7 +141,7 @@ public final class Journal: @unchecked Sendable {
     /// Stores a word in the running batch and returns its previous value, under one
     /// acquisition of the shard. The gate must be held (shared).
     @inline(__always)
-    public func exchange(_ offset: UInt64, _ value: UInt64) -> UInt64 {
+    func exchange(_ offset: UInt64, _ value: UInt64) -> UInt64 {
         let h = Journal.hash(offset)
         let si = shardIndex(of: offset), s = shards + si
         shardLocks.lock(si)
@@ -153,7 +153,7 @@ public final class Journal: @unchecked Sendable {
 
     /// Atomically transforms a word; returns (old, new). The gate must be held (shared).
     @inline(__always)
-    public func update(_ offset: UInt64, _ transform: (UInt64) -> UInt64) -> (old: UInt64, new: UInt64) {
+    func update(_ offset: UInt64, _ transform: (UInt64) -> UInt64) -> (old: UInt64, new: UInt64) {
         let h = Journal.hash(offset)
         let si = shardIndex(of: offset), s = shards + si
         shardLocks.lock(si)
@@ -225,7 +225,7 @@ public final class Journal: @unchecked Sendable {
     /// case); false when the batch could outgrow its limit (commit first). Held until
     /// `release`; the words the operation stores count from then on. The gate must be held
     /// (shared).
-    public func tryReserve(_ words: Int) -> Bool {
+    func tryReserve(_ words: Int) -> Bool {
         let limit = capacity - 64
         while true {
             let r = reserved.load(ordering: .relaxed)
@@ -236,18 +236,18 @@ public final class Journal: @unchecked Sendable {
     }
 
     /// Ends a reservation (the operation's stores are counted as they are).
-    public func release(_ words: Int) { reserved.subtract(words, ordering: .relaxed) }
+    func release(_ words: Int) { reserved.subtract(words, ordering: .relaxed) }
 
     /// Words in the running batch.
-    public var runningWordCount: Int { runningCount.load(ordering: .relaxed) }
+    var runningWordCount: Int { runningCount.load(ordering: .relaxed) }
 
     /// Words in the running batch and reserved for operations storing into it.
-    public var runningReservation: Int { runningCount.load(ordering: .relaxed) + reserved.load(ordering: .relaxed) }
-    public var hasPendingWords: Bool { pending.load(ordering: .relaxed) != 0 }
+    var runningReservation: Int { runningCount.load(ordering: .relaxed) + reserved.load(ordering: .relaxed) }
+    var hasPendingWords: Bool { pending.load(ordering: .relaxed) != 0 }
 
     /// Slots of the overlay's tables (running and committing, every shard) and of the largest
     /// one: what the pending overlay holds in memory (tests check it stays bounded).
-    package var overlaySlots: (total: Int, largest: Int) {
+    var overlaySlots: (total: Int, largest: Int) {
         var total = 0, largest = 0
         for i in 0..<Journal.shardCount {
             let si = i, s = shards + si

@@ -196,3 +196,81 @@ extension PoolEngine {
         }
     }
 }
+
+// MARK: whole maps
+
+extension PoolEngine {
+    /// Gives the map with root `root` (level `depth - 1`) one more owner: a snapshot or a clone
+    /// taking it, or a rollback (gate held, with the owner's root stored by the caller).
+    package func shareMap(root: UInt64, depth: Int) {
+        if root != 0 { adjustRefcount(root, 1, level: depth - 1) }
+    }
+
+    /// Deepens the map whose root field is at `rootOffset` from `depth` to `newDepth` levels:
+    /// new top nodes whose entry 0 is the old root (gate held, map lock held). An empty map
+    /// stays empty.
+    package func deepenMap(rootOffset: UInt64, depth: Int, to newDepth: Int, spares: inout NodeSpares) throws(PoolError) {
+        var root = try self.root(at: rootOffset, depth: depth)
+        guard root != 0 else { return }
+        for level in depth..<newDepth {
+            // A new top node at `level` whose first entry is the old root.
+            let top = try newNode(&spares)
+            journal.store(entryOffset(node: top, index: 0), MapEntry.make(root, index: 0, level: level))
+            root = top
+        }
+        storeRoot(root, at: rootOffset, depth: newDepth)
+    }
+
+    /// Releases part of the map of `r`, a record being deleted: one metadata group of at most
+    /// a bounded number of words, a leaf or a shared subtree dropped whole, an exclusive inner
+    /// node descended into first. Returns once the group is done or the root is empty.
+    package func releaseMapStep(of r: VolumeRecord) throws(PoolError) {
+        let budget = max(600, journal.capacity / 8)
+        try withMetadata(words: budget) { () throws(PoolError) in
+            let j = journal
+            let o = VolumeRecord.offset(slot: r.slot)
+            let rootOff = o + VolumeRecord.rootField
+            var used = 0
+            while used + 530 <= budget {
+                // A root that fails its tag is dropped as if empty: its blocks leak (check
+                // finds them) rather than refcounts of blocks it does not own being lowered.
+                guard let root = MapEntry.root(j.load(rootOff), slot: r.slot, depth: r.depth) else {
+                    Log.error("the map root of '\(r.name)' fails its check; its blocks are left to 'pmem-nbd check --repair'")
+                    j.store(rootOff, 0)
+                    continue
+                }
+                // Nothing left: the next step frees the table entry (under the table lock).
+                if root == 0 { return }
+                guard validBlock(root) else { throw PoolError(.io, "map root of '\(r.name)' is out of range (corrupt)") }
+                var entry = rootOff
+                var node = root
+                var level = r.depth - 1
+                while true {
+                    if level == 0 || refcount(node) > 1 {
+                        // A leaf, or a subtree others share: let go of it whole.
+                        j.store(entry, 0)
+                        adjustRefcount(node, -1, level: level)
+                        used += level == 0 ? 520 : 4
+                        break
+                    }
+                    // An exclusive inner node: descend to its first child, or drop it if empty.
+                    var child: (Int, UInt64)?
+                    for i in 0..<512 {
+                        let e = entryOrHole(node: node, index: i, level: level)
+                        if e != 0 { child = (i, e); break }
+                    }
+                    guard let (i, c) = child else {
+                        j.store(entry, 0)
+                        adjustRefcount(node, -1, level: level)
+                        used += 4
+                        break
+                    }
+                    guard validBlock(c) else { throw PoolError(.io, "map of '\(r.name)' is corrupt") }
+                    entry = entryOffset(node: node, index: i)
+                    node = c
+                    level -= 1
+                }
+            }
+        }
+    }
+}

@@ -13,7 +13,9 @@ public final class PoolEngine: @unchecked Sendable {
     public let superblock: Superblock
     public let layout: PoolLayout
     public let readOnly: Bool
-    public let journal: Journal
+    /// Internal to PmemPool: the volume layer changes metadata through the map and table
+    /// operations (MapUpdates.swift, VolumeTable.swift).
+    let journal: Journal
     package let epochs = ReaderEpochs()
     let allocator: Allocator
     package let committer: Committer

@@ -21,9 +21,8 @@ extension Volume {
     /// Whether this volume or snapshot still exists: its table slot still holds its id and it
     /// is not being deleted. (Ids are never reused, so a stale `Volume` never passes.)
     public var isLive: Bool {
-        let o = VolumeRecord.offset(slot: slot)
-        let kind = engine.journal.load(o + VolumeRecord.kindField)
-        return engine.journal.load(o + VolumeRecord.idField) == id
+        let kind = engine.recordKind(slot: slot)
+        return engine.recordID(slot: slot) == id
             && (kind == VolumeRecord.Kind.volume.rawValue || kind == VolumeRecord.Kind.snapshot.rawValue)
     }
 

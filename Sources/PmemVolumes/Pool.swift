@@ -102,7 +102,7 @@ public final class Pool: @unchecked Sendable {
 
     /// The volume or snapshot in a table slot, opened once and shared until it changes.
     public func volume(slot: Int) -> Volume? {
-        guard let rec = VolumeRecord.decode(slot: slot, load: engine.journal.load),
+        guard let rec = engine.record(slot: slot),
               rec.kind == .volume || rec.kind == .snapshot else { return nil }
         return cache.withLock { c in
             if let v = c[slot], v.id == rec.id, v.size == rec.size, v.depth == rec.depth { return v }
