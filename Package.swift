@@ -42,6 +42,11 @@ let package = Package(
         .executableTarget(name: "pmem-nbd", dependencies: [
             "PmemNBD", "NBDWire", "PmemSystem", "PmemFeedClient", "FeedWire",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], linkerSettings: [
+            // The Swift runtime and Foundation linked in: a release binary starts in about a third of
+            // the time (no symbol lookups across a dozen shared libraries), which is most of a CLI
+            // command's time against a served pool (Docs/PERFORMANCE.md, "Control plane").
+            .unsafeFlags(["-static-stdlib", "-lCoreFoundation", "-l_FoundationICU", "-l_FoundationCShims", "-l_FoundationCollections"], .when(configuration: .release)),
         ]),
         // The DAX client library: a local process reads (and with a write lease, writes) pool
         // memory directly, following the feed; falls back to NBD through libnbd.

@@ -4,9 +4,43 @@ import PmemSystem
 /// sharing, the difference of two maps, the owners of a block. Every entry is decoded through
 /// its check tag (`entry`, `entryOrHole`).
 extension PoolEngine {
-    /// Walks a map: a block is exclusive when it and every node above it have one reference.
-    /// Costs a visit per mapped block. A map entry or root that fails its check throws `.io`.
+    /// A map's space: a block is exclusive when it and every node above it have one reference.
+    /// A volume's map is walked whole (a visit per mapped block). A snapshot's map never
+    /// changes, so its referenced figure is walked once and kept (`snapshotReferenced`, by id:
+    /// ids are never reused); its exclusive figure, which changes as other maps let go of
+    /// blocks, walks only the nodes no other map shares. A map entry or root that fails its
+    /// check throws `.io`.
     package func usage(of r: VolumeRecord) throws(PoolError) -> (referenced: UInt64, exclusive: UInt64) {
+        guard r.kind == .snapshot else { return try fullUsage(of: r) }
+        let key = SnapshotKey(id: r.id, root: r.root, depth: r.depth)
+        guard let referenced = snapshotReferenced.withLock({ $0[key] }) else {
+            let u = try fullUsage(of: r)
+            snapshotReferenced.withLock {
+                if $0.count >= 65536 { $0 = [:] }
+                $0[key] = u.referenced
+            }
+            return u
+        }
+        let top = try root(at: VolumeRecord.offset(slot: r.slot) + VolumeRecord.rootField, depth: r.depth)
+        guard top != 0 else { return (referenced, 0) }
+        let pages = PageCopies(self)
+        guard pages.refcount(top) == 1 else { return (referenced, 0) }
+        // Below a shared node nothing is exclusive: only unshared nodes are visited.
+        var exclusive: UInt64 = 0
+        var stack: [(node: UInt64, level: Int)] = [(top, r.depth - 1)]
+        while let (node, level) = stack.popLast() {
+            exclusive += 4096
+            for i in 0..<512 {
+                let e = try pages.entry(node: node, index: i, level: level)
+                if e == 0 || pages.refcount(e) != 1 { continue }
+                if level == 0 { exclusive += 4096 } else { stack.append((e, level - 1)) }
+            }
+        }
+        return (referenced, exclusive)
+    }
+
+    /// `usage(of:)` by a walk of the whole map, every time.
+    package func fullUsage(of r: VolumeRecord) throws(PoolError) -> (referenced: UInt64, exclusive: UInt64) {
         var u: (referenced: UInt64, exclusive: UInt64) = (0, 0)
         let top = try root(at: VolumeRecord.offset(slot: r.slot) + VolumeRecord.rootField, depth: r.depth)
         guard top != 0 else { return u }

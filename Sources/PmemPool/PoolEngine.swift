@@ -378,6 +378,9 @@ public final class PoolEngine: @unchecked Sendable {
 
     // MARK: damaged media
 
+    /// Snapshots' referenced space, walked once each (`usage(of:)`; a snapshot's map never changes).
+    package let snapshotReferenced = Locked<[SnapshotKey: UInt64]>([:])
+    package struct SnapshotKey: Hashable, Sendable { let id: UInt64, root: UInt64, depth: Int }
     private let badBlocks = Locked<Set<UInt64>>([])
     private let badCount = Atomic<Int>(0)
 

@@ -7,6 +7,7 @@ import PmemSystem
 
 struct Feed: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "feed",
         abstract: "Show a served pool's mapping-change feed (Docs/FEED.md).",
         discussion: """
         Without --follow: the pool's volumes and the current event sequence number. With --follow: every

@@ -69,6 +69,7 @@ func reportingErrors(failure: Int32 = 1, _ body: () throws -> Int32) throws {
 
 struct Create: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "create",
         abstract: "Format a new pool (a sparse file, or a DAX device).",
         discussion: """
         --size is the pool's size; its first volume gets the pool's space less a reserve for \
@@ -109,7 +110,7 @@ struct Create: ParsableCommand {
 }
 
 struct Info: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show a pool's size, persistence mode, UUID and exports.")
+    static let configuration = CommandConfiguration(commandName: "info", abstract: "Show a pool's size, persistence mode, UUID and exports.")
 
     @Argument(help: "Pool file or device.") var pool: String
     @Flag(name: .long, help: "Print JSON.") var json = false
@@ -126,6 +127,7 @@ struct Info: ParsableCommand {
 
 struct Check: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "check",
         abstract: "Check a pool's consistency (like fsck); --repair fixes what is safe.",
         discussion: """
         Exit status, as fsck's: 0 clean, 1 problems found and all repaired, 4 problems left, 8 \
@@ -154,6 +156,7 @@ struct Check: ParsableCommand {
 
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "serve",
         abstract: "Serve a pool over NBD (SIGTERM, SIGINT or SIGHUP stops it cleanly).",
         discussion: """
         With neither --unix nor --port it listens on TCP \(ServeOptions.defaultPort) at --bind (with --run alone: a private Unix socket). Sockets passed by systemd (LISTEN_PID/LISTEN_FDS; unit files in Docs/systemd) are used instead when present. It prints one line per listener on standard error (pmem-nbd: serving pmem0 (4 GiB) at nbd://localhost:10809/pmem0) and stays in the foreground unless --fork is given. Aliases follow nbdkit and qemu-nbd: -U/-k socket, -p port, -r read-only, -e/-x export name, -s stdio, -P pid file.
@@ -282,6 +285,7 @@ struct Serve: ParsableCommand {
 
 struct Stats: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "stats",
         abstract: "Show a running server's metrics (from its --metrics endpoint).",
         discussion: """
         Fetches GET /metrics from the endpoint and summarises it: connections, requests by command,
@@ -305,6 +309,7 @@ struct Stats: ParsableCommand {
 
 struct Connections: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "connections",
         abstract: "List a running server's NBD connections: peer, export, since, bytes in and out, requests in flight.",
         discussion: "Asks the server through its control socket (the pool must be served read-write).")
 

@@ -7,6 +7,7 @@ import PmemSystem
 /// `pmem-nbd replicate VOL --to rbd:POOL/IMAGE`: ships the volume's changes to a Ceph RBD image.
 struct Replicate: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "replicate",
         abstract: "Replicate a volume to a Ceph RBD image: a snapshot, then the difference since the last one (rbd import-diff).",
         discussion: """
         Each run takes a snapshot VOL@repl-N, sends what changed since the newest repl-N the image \

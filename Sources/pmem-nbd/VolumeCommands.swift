@@ -98,6 +98,7 @@ struct VolumeCommandGroup: ParsableCommand {
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(
+        commandName: "create",
             abstract: "Create an empty (thin) volume, or one holding a disk image (--from).",
             discussion: """
             With --from rbd:POOL/IMAGE[@SNAP] the volume is made from a Ceph RBD image with its \
@@ -183,13 +184,14 @@ struct VolumeCommandGroup: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List volumes and snapshots with their space (REFER: data reached; USED: only theirs).")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List volumes and snapshots with their space (REFER: data reached; USED: only theirs).")
         @OptionGroup var access: PoolAccess
         func run() throws { try access.perform(["op": "list"]) { try table($0) + replicationLines($0) } }
     }
 
     struct Delete: ParsableCommand {
         static let configuration = CommandConfiguration(
+        commandName: "delete",
             abstract: "Delete a volume; its space is released in the background.",
             discussion: "A volume with NBD clients connected is not deleted unless --force is given (they are then disconnected).")
         @Argument(help: "Volume name.") var name: String
@@ -207,6 +209,7 @@ struct VolumeCommandGroup: ParsableCommand {
 
     struct Resize: ParsableCommand {
         static let configuration = CommandConfiguration(
+        commandName: "resize",
             abstract: "Grow or shrink a volume (its clients are disconnected).",
             discussion: """
             Shrinking discards the data past the new size, so it needs --shrink (as qemu-img resize \
@@ -231,6 +234,7 @@ struct VolumeCommandGroup: ParsableCommand {
 
     struct Export: ParsableCommand {
         static let configuration = CommandConfiguration(
+        commandName: "export",
             abstract: "Copy a volume (or VOL@SNAP) into a disk image file.",
             discussion: """
             qemu-img convert reads the volume over NBD (from the pool's server, or a private one \
@@ -275,14 +279,14 @@ struct SnapshotCommandGroup: ParsableCommand {
         subcommands: [Create.self, List.self, Delete.self, Rollback.self])
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Snapshot a volume (durable on return).")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Snapshot a volume (durable on return).")
         @Argument(help: "VOL@SNAP") var name: String
         @OptionGroup var access: PoolAccess
         func run() throws { try access.perform(["op": "snapshot-create", "name": name]) { _ in "created snapshot \(name)" } }
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List snapshots (of one volume, if named).")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List snapshots (of one volume, if named).")
         @Argument(help: "Volume name.") var volume: String?
         @OptionGroup var access: PoolAccess
         func run() throws {
@@ -298,7 +302,7 @@ struct SnapshotCommandGroup: ParsableCommand {
     }
 
     struct Delete: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Delete a snapshot; the space it alone held comes back in the background.")
+        static let configuration = CommandConfiguration(commandName: "delete", abstract: "Delete a snapshot; the space it alone held comes back in the background.")
         @Argument(help: "VOL@SNAP") var name: String
         @OptionGroup var access: PoolAccess
         func run() throws {
@@ -308,7 +312,7 @@ struct SnapshotCommandGroup: ParsableCommand {
     }
 
     struct Rollback: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Replace a volume's contents with a snapshot's, atomically.")
+        static let configuration = CommandConfiguration(commandName: "rollback", abstract: "Replace a volume's contents with a snapshot's, atomically.")
         @Argument(help: "VOL@SNAP") var name: String
         @OptionGroup var access: PoolAccess
         func run() throws {
@@ -320,7 +324,7 @@ struct SnapshotCommandGroup: ParsableCommand {
 }
 
 struct Clone: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Create a writable volume from a snapshot (O(1); blocks shared until written).")
+    static let configuration = CommandConfiguration(commandName: "clone", abstract: "Create a writable volume from a snapshot (O(1); blocks shared until written).")
     @Argument(help: "SRC@SNAP") var source: String
     @Argument(help: "New volume name.") var name: String
     @OptionGroup var access: PoolAccess

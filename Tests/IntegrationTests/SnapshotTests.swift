@@ -4,6 +4,7 @@ import Glibc
 import NBDServer
 import PmemNBD
 import PmemPool
+import PmemSystem
 import PmemVolumes
 @testable import TestSupport
 import Testing
@@ -217,6 +218,79 @@ import Testing
         #expect(pending["vol0@base"]?.1 ?? 0 >= 3 << 20, "the snapshot alone holds the originals")
         #expect(pending["vol0"]?.0 == committed["vol0"]?.0 && pending["vol0"]?.1 == committed["vol0"]?.1)
         #expect(pending["vol0@base"]?.0 == committed["vol0@base"]?.0 && pending["vol0@base"]?.1 == committed["vol0@base"]?.1)
+    }
+
+    /// `volume list`'s figures for snapshots come from a kept referenced figure and a walk of
+    /// their unshared nodes only (`PoolEngine.usage(of:)`): they must equal a walk of the whole
+    /// map after random writes, trims, snapshot create and delete (their ids and slots reused),
+    /// rollback, clone, background deletion and reopen — each step checked twice, so the second
+    /// answer comes from what the first kept.
+    @Test(.timeLimit(.minutes(2))) func snapshotUsageEqualsAFullWalk() throws {
+        let d = ScratchDirectory()
+        let path = d.file("usage.pool")
+        try PoolEngine.create(path: path, size: 96 << 20, volumeName: "vol", volumeSize: 32 << 20)
+        var pool = try Pool.open(path: path, persistence: .page, commitMode: .inline)
+        defer { try? pool.close() }
+        var rng = SystemRandomNumberGenerator()
+        var checks = 0
+        func check(_ step: String) throws {
+            for _ in 0..<2 {
+                for r in pool.records() where r.kind == .volume || r.kind == .snapshot {
+                    let u = try pool.usage(of: r), full = try pool.engine.fullUsage(of: r)
+                    #expect(u.referenced == full.referenced && u.exclusive == full.exclusive,
+                            "\(step): \(r.name) reports (\(u.referenced), \(u.exclusive)), a full walk (\(full.referenced), \(full.exclusive))")
+                    checks += 1
+                }
+            }
+        }
+        func scribble(_ volume: String, _ n: Int) throws {
+            let v = try #require(pool.volume(named: volume))
+            let blocks = v.size >> 12
+            for _ in 0..<n {
+                let b = UInt64.random(in: 0..<blocks, using: &rng)
+                if Int.random(in: 0..<5, using: &rng) == 0 {
+                    try v.trim(offset: b << 12, length: min(UInt64.random(in: 1...64, using: &rng), blocks - b) << 12, fua: false)
+                } else {
+                    let count = min(Int.random(in: 1...16, using: &rng), Int(blocks - b))
+                    let data = pattern(count << 12, seed: b)
+                    try data.withUnsafeBytes { (bytes) throws in
+                        var src = BufferByteSource(bytes)
+                        try v.write(offset: b << 12, length: count << 12, fua: false, from: &src)
+                    }
+                }
+            }
+        }
+        try scribble("vol", 600)
+        try check("writes")
+        for round in 0..<6 {
+            _ = try pool.createSnapshot(volume: "vol", snapshot: "s\(round)")
+            try check("snapshot s\(round)")
+            try scribble("vol", 150)
+            try check("writes after s\(round)")
+            if round % 2 == 1 {
+                // The older one goes: its slot (and blocks) are reused by the next snapshot.
+                try pool.delete("vol@s\(round - 1)")
+                try check("delete s\(round - 1)")
+                try pool.runDeletions()
+                try check("deletion of s\(round - 1) done")
+            }
+        }
+        _ = try pool.clone("vol@s5", as: "copy")
+        try scribble("copy", 100)
+        try check("clone written")
+        _ = try pool.rollback("vol@s3")
+        try check("rollback to s3")
+        try scribble("vol", 100)
+        try pool.delete("vol@s5")
+        try check("s5 deleted, its clone kept")
+        try pool.runDeletions()
+        try pool.close()
+        pool = try Pool.open(path: path, persistence: .page, commitMode: .inline)
+        try check("reopen")
+        try scribble("vol", 100)
+        try scribble("copy", 100)
+        try check("writes after reopen")
+        #expect(checks > 100)
     }
 
     @Test func deletingASnapshotReturnsItsSpace() throws {
