@@ -1,6 +1,5 @@
 import Dispatch
 import Glibc
-import NBDTLS
 import NBDWire
 import PmemSystem
 import Synchronization
@@ -13,6 +12,8 @@ final class Connection: @unchecked Sendable {
     let output: FileDescriptor
     let server: Server
     let peer: String
+    /// The byte stream, plain or TLS (see Transport.swift).
+    let transport: Transport
     let receive: ReceiveBuffer
     let replies: ReplyWriter
     /// Request counters (see RequestMetrics.swift).
@@ -25,8 +26,6 @@ final class Connection: @unchecked Sendable {
     private(set) var exportName: String?
     /// When the connection was accepted (seconds since the Unix epoch).
     let since: Double
-    /// The TLS session, once STARTTLS succeeded (see HandshakePhase.swift).
-    var tls: TLSSession?
     /// When the handshake must be over (monotonic nanoseconds); 0 when there is no deadline
     /// (or the handshake is over), `expired` once the accept thread disconnected the client,
     /// `closing` once this connection's thread is about to close its descriptors.
@@ -39,8 +38,9 @@ final class Connection: @unchecked Sendable {
         self.output = output
         self.server = server
         self.peer = peer
-        receive = ReceiveBuffer(fd: input, capacity: 256 * 1024)
-        replies = ReplyWriter(fd: output)
+        transport = Transport(input: input, output: output)
+        receive = ReceiveBuffer(transport: transport, capacity: 256 * 1024)
+        replies = ReplyWriter(transport: transport)
         metrics = ConnectionMetrics(timed: server.measuresLatency)
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
@@ -58,7 +58,7 @@ final class Connection: @unchecked Sendable {
             replies.flush()
             offloaded.wait()
             // Only this thread is left to send: close TLS in order when the stream still works.
-            if let tls, !replies.failed { closeTLS(tls) }
+            if !replies.failed { transport.closeTLS() }
             if input == output {
                 input.close()
             } else {
@@ -87,18 +87,7 @@ final class Connection: @unchecked Sendable {
     }
 
     /// Sends handshake bytes directly (no batching needed), through TLS once it is up.
-    func sendHandshake(_ bytes: [UInt8]) throws(Errno) {
-        if let tls { return try tls.send(bytes) }
-        try output.writeAll(bytes: bytes)
-    }
-
-    /// Sends close_notify, waiting at most 5 s for room in the socket (a client that stopped
-    /// reading must not hold the thread).
-    private func closeTLS(_ tls: TLSSession) {
-        var tv = timeval(tv_sec: 5, tv_usec: 0)
-        setsockopt(output.rawValue, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        tls.bye()
-    }
+    func sendHandshake(_ bytes: [UInt8]) throws(Errno) { try transport.send(bytes) }
 
     /// Interrupts blocking reads so the thread drains and exits (server shutdown). Not once
     /// the thread is closing its descriptors: the number may already name another file.

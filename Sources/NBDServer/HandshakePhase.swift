@@ -75,9 +75,7 @@ extension Connection {
             Log.info("connection \(id) from \(peer): \(error); dropping")
             return false
         }
-        tls = session
-        receive.tls = session
-        replies.tls = session
+        transport.startTLS(session)
         Log.debug("connection \(id): \(session.details)")
         return true
     }

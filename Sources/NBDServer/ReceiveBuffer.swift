@@ -1,15 +1,13 @@
 import Glibc
-import NBDTLS
 import PmemSystem
 
 /// A connection's input: one buffer filled by large `read(2)` calls so that many requests
 /// (the kernel and libnbd pipeline up to 128 or more) are parsed per system call. After
-/// STARTTLS the bytes come decrypted from the TLS session instead (`gnutls_record_recv`).
+/// STARTTLS the bytes come decrypted from the TLS session instead (see `Transport`).
 /// Owned by the connection's reader thread only.
 final class ReceiveBuffer {
-    let fd: FileDescriptor
-    /// Set once the TLS handshake succeeded (with nothing left buffered from before it).
-    var tls: TLSSession?
+    /// Plain until STARTTLS, which happens with nothing left buffered from before it.
+    let transport: Transport
     /// The buffer's own mapping, unmapped with it (see `AnonymousRegion` for why not malloc).
     private let memory: AnonymousRegion
     let base: UnsafeMutableRawPointer
@@ -18,8 +16,8 @@ final class ReceiveBuffer {
     private(set) var start = 0
     private(set) var end = 0
 
-    init(fd: FileDescriptor, capacity: Int) {
-        self.fd = fd
+    init(transport: Transport, capacity: Int) {
+        self.transport = transport
         self.capacity = capacity
         memory = AnonymousRegion(byteCount: capacity)
         base = memory.base
@@ -36,8 +34,7 @@ final class ReceiveBuffer {
     /// One `read(2)` on the descriptor, or one TLS record's worth through the session.
     @inline(__always)
     private func readSome(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
-        if let tls { return try tls.receive(into: buffer) }
-        return try fd.read(into: buffer)
+        try transport.receive(into: buffer)
     }
 
     /// Reads until at least `n` bytes are buffered (`n` ≤ capacity). Returns false at end of

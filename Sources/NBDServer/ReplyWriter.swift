@@ -1,5 +1,4 @@
 import Glibc
-import NBDTLS
 import NBDWire
 import PmemSystem
 import Synchronization
@@ -11,11 +10,10 @@ import Synchronization
 /// queues until the batch is sent, so a reply split over several `writev` calls is never
 /// interleaved with a reply a worker sends for an offloaded command.
 ///
-/// After STARTTLS the same iovecs go through the TLS session instead of `writev`.
+/// After STARTTLS the same iovecs go through the TLS session instead of `writev` (see `Transport`).
 final class ReplyWriter: @unchecked Sendable {
-    let fd: FileDescriptor
-    /// Set by the handshake thread once TLS is up, before any other thread sends.
-    var tls: TLSSession?
+    /// Plain or TLS; switched by the handshake thread before any other thread sends.
+    let transport: Transport
     /// The arena, then the iovecs, in a mapping of their own, unmapped with the writer (see
     /// `AnonymousRegion` for why not malloc).
     private let memory: AnonymousRegion
@@ -39,8 +37,8 @@ final class ReplyWriter: @unchecked Sendable {
     nonisolated(unsafe) static let zeroes: UnsafeRawPointer = UnsafeRawPointer(calloc(1, zeroesSize)!)
     static let zeroesSize = 1 << 20
 
-    init(fd: FileDescriptor) {
-        self.fd = fd
+    init(transport: Transport) {
+        self.transport = transport
         memory = AnonymousRegion(byteCount: arenaCapacity + ReplyWriter.iovMax * MemoryLayout<iovec>.stride)
         arena = memory.base
         iov = (memory.base + arenaCapacity).bindMemory(to: iovec.self, capacity: ReplyWriter.iovMax)
@@ -130,35 +128,7 @@ final class ReplyWriter: @unchecked Sendable {
         }
     }
 
-    /// Sends the iovecs through TLS when it is up, else with `writeAll`. False if the peer is gone.
+    /// Sends the iovecs through the transport. False if the peer is gone.
     @inline(__always)
-    private func sendAll(_ vec: UnsafeMutablePointer<iovec>, _ count: Int) -> Bool {
-        guard let tls else { return writeAll(vec, count) }
-        do { try tls.send(vec, count) } catch { return false }
-        return true
-    }
-
-    /// `writev(2)` until every byte is out, advancing over partial writes.
-    private func writeAll(_ vec: UnsafeMutablePointer<iovec>, _ count: Int) -> Bool {
-        var v = vec
-        var n = count
-        while n > 0 {
-            let w = Glibc.writev(fd.rawValue, v, Int32(min(n, ReplyWriter.iovMax)))
-            if w < 0 {
-                if errno == EINTR { continue }
-                return false
-            }
-            var left = w
-            while n > 0 && left >= v.pointee.iov_len {
-                left -= v.pointee.iov_len
-                v += 1
-                n -= 1
-            }
-            if n > 0 && left > 0 {
-                v.pointee.iov_base += left
-                v.pointee.iov_len -= left
-            }
-        }
-        return true
-    }
+    private func sendAll(_ vec: UnsafeMutablePointer<iovec>, _ count: Int) -> Bool { transport.send(vec, count) }
 }

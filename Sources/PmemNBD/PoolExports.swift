@@ -30,7 +30,7 @@ public final class PoolExports: ExportSource, @unchecked Sendable {
 
     private func descriptor(_ name: String, _ v: Volume) -> ExportDescriptor {
         ExportDescriptor(name: name, description: v.summary, size: v.size,
-                         flags: VolumeExport.transmissionFlags(for: v, readOnly: readOnly), metaContexts: v.metaContexts)
+                         flags: VolumeExport.transmissionFlags(for: v, readOnly: readOnly), metaContexts: VolumeExport.metaContexts(for: v))
     }
 
     public func lookup(_ name: String) -> ExportDescriptor? {

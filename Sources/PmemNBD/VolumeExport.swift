@@ -54,8 +54,32 @@ public final class VolumeExport: BlockVolume, @unchecked Sendable {
 
     public func makeReadGuard() -> any NBDServer.ReadGuard { volume.makeReadGuard() }
 
+    /// The `pmem-nbd:sharing` context: bit 0 set where a block is shared with a snapshot or a
+    /// clone (its next write through this volume will copy).
+    public static let sharingContext = "pmem-nbd:sharing"
+    /// `qemu:dirty-bitmap:SNAP`: bit 0 set where the volume differs from its snapshot SNAP.
+    public static let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
+
+    /// The metadata contexts an export of `volume` offers: `base:allocation`,
+    /// `pmem-nbd:sharing`, and for a volume `qemu:dirty-bitmap:SNAP` for each of its snapshots.
+    static func metaContexts(for volume: Volume) -> [String] {
+        ["base:allocation", sharingContext] + volume.snapshots.map { dirtyBitmapPrefix + $0.name }
+    }
+
     public func status(context: String, offset: UInt64, length: UInt64, _ body: (UInt64, UInt32) -> Bool) throws(StorageError) {
-        do { try volume.status(context: context, offset: offset, length: length, body) } catch { throw Self.nbdError(error) }
+        do throws(PoolError) {
+            if context == "base:allocation" {
+                return try volume.allocation(offset: offset, length: length) { n, s in body(n, s.rawValue) }
+            }
+            if context == Self.sharingContext {
+                return try volume.sharing(offset: offset, length: length) { n, shared in body(n, shared ? 1 : 0) }
+            }
+            guard context.hasPrefix(Self.dirtyBitmapPrefix),
+                  let snap = volume.snapshots.first(where: { Self.dirtyBitmapPrefix + $0.name == context }) else {
+                throw PoolError(.invalid, "unknown meta context \(context)")
+            }
+            try volume.changes(since: snap, offset: offset, length: length) { n, dirty in body(n, dirty ? 1 : 0) }
+        } catch { throw Self.nbdError(error) }
     }
 
     /// The NBD error that answers a pool error: ENOSPC for no space (the pool is full, or the

@@ -11,7 +11,7 @@ import Synchronization
 ///   every reader that might still see them has moved on (then they return to the stack);
 ///   freed map nodes are held longer, until a checkpoint: until then recovery may replay an
 ///   older batch that writes into them.
-package final class Allocator: @unchecked Sendable {
+final class Allocator: @unchecked Sendable {
     let layout: PoolLayout
     let journal: Journal
     let epochs: ReaderEpochs
@@ -33,7 +33,7 @@ package final class Allocator: @unchecked Sendable {
     /// Blocks in quarantine or limbo (the scan must not hand them out).
     private var held: Set<UInt64> = []
     /// Blocks with a nonzero refcount (persisted at each commit).
-    package let allocated: Atomic<Int64>
+    let allocated: Atomic<Int64>
     /// Blocks someone outside may still read (a feed lease holder): block → holds.
     private var pins: [UInt64: Int] = [:]
     /// Pinned blocks that are free apart from their pins.
@@ -118,11 +118,11 @@ package final class Allocator: @unchecked Sendable {
     }
 
     /// Returns reserved blocks that were never referenced.
-    package func unreserve(_ blocks: UnsafeBufferPointer<UInt64>) {
+    func unreserve(_ blocks: UnsafeBufferPointer<UInt64>) {
         lock.withLock { free.append(contentsOf: blocks) }
     }
 
-    package func unreserve(_ b: UInt64) {
+    func unreserve(_ b: UInt64) {
         lock.withLock { free.append(b) }
     }
 
@@ -176,10 +176,10 @@ package final class Allocator: @unchecked Sendable {
     }
 
     /// Freed map nodes of durable batches, waiting for a checkpoint.
-    package var heldUntilCheckpoint: Int { lock.withLock { nodesCommitted.count } }
+    var heldUntilCheckpoint: Int { lock.withLock { nodesCommitted.count } }
 
     /// Moves blocks no reader can still see back to the free stack.
-    package func reclaim() {
+    func reclaim() {
         let oldest = epochs.oldestActive()
         lock.withLock {
             while let first = limbo.first, first.0 < oldest {
@@ -198,16 +198,16 @@ package final class Allocator: @unchecked Sendable {
     }
 
     /// Keeps a block from being reused until `unpin` (a lease holder may still read it).
-    package func pin(_ b: UInt64) {
+    func pin(_ b: UInt64) {
         lock.withLock { pins[b, default: 0] += 1 }
     }
 
-    package func unpin(_ b: UInt64) {
+    func unpin(_ b: UInt64) {
         lock.withLock { unpinLocked(b) }
     }
 
     /// Unpins several blocks under one acquisition of the lock.
-    package func unpin(_ blocks: some Sequence<UInt64>) {
+    func unpin(_ blocks: some Sequence<UInt64>) {
         lock.withLock { for b in blocks { unpinLocked(b) } }
     }
 
@@ -225,7 +225,7 @@ package final class Allocator: @unchecked Sendable {
 
     /// Marks blocks as on damaged media: a free one is never handed out, a used one is never
     /// reused once freed.
-    package func markBad(_ blocks: [UInt64]) {
+    func markBad(_ blocks: [UInt64]) {
         lock.withLock {
             for b in blocks {
                 bad.insert(b)
@@ -237,7 +237,7 @@ package final class Allocator: @unchecked Sendable {
     }
 
     /// Blocks waiting on a commit or on readers.
-    package var heldCount: Int {
+    var heldCount: Int {
         lock.withLock {
             quarantine.values.reduce(0) { $0 + $1.count } + limbo.reduce(0) { $0 + $1.1.count }
                 + nodeQuarantine.values.reduce(0) { $0 + $1.count } + nodesCommitted.count

@@ -25,9 +25,8 @@ import Synchronization
 /// durable and then moves the ring's tail, recorded twice in the journal header, up to its
 /// head. Recovery replays the ring from the tail: work in proportion to what was committed
 /// since the last checkpoint, never to the pool's size.
-public final class Journal: @unchecked Sendable {
+package final class Journal: @unchecked Sendable {
     struct Shard {
-        var lock = pthread_mutex_t()
         var running = WordTable()
         var committing = WordTable()
         var isEmpty: Bool { running.count == 0 && committing.count == 0 }
@@ -42,8 +41,10 @@ public final class Journal: @unchecked Sendable {
     /// Bytes of the ring (the journal area after its header page).
     let ringSize: UInt64
     /// Records one batch may hold (half the ring: a batch always fits after a checkpoint).
-    public let capacity: Int
+    let capacity: Int
     private let shards: UnsafeMutablePointer<Shard>
+    /// Shard `i`'s lock is `shardLocks.lock(i)`.
+    private let shardLocks = PosixMutexes(count: Journal.shardCount)
     /// Shards holding pending words, running or committing (zero: read the pool directly).
     private let pending = Atomic<Int>(0)
     /// Words reserved by operations storing into the running batch now (their worst case,
@@ -52,9 +53,9 @@ public final class Journal: @unchecked Sendable {
     /// Words in the running batch.
     private let runningCount = Atomic<Int>(0)
     /// Shared by operations while they store; exclusive for the freeze.
-    public let gate = ReadWriteLock()
+    let gate = ReadWriteLock()
     /// Id of the running batch.
-    public let runningBatch = Atomic<UInt64>(1)
+    let runningBatch = Atomic<UInt64>(1)
 
     // Ring state, owned by the committing thread (and by recovery and close).
     /// Where the next batch goes (offset in the ring) and its sequence number.
@@ -75,13 +76,11 @@ public final class Journal: @unchecked Sendable {
         shards = .allocate(capacity: Journal.shardCount)
         for i in 0..<Journal.shardCount {
             (shards + i).initialize(to: Shard())
-            pthread_mutex_init(&shards[i].lock, nil)
         }
     }
 
     deinit {
         for i in 0..<Journal.shardCount {
-            pthread_mutex_destroy(&shards[i].lock)
             shards[i].running.release()
             shards[i].committing.release()
         }
@@ -93,8 +92,8 @@ public final class Journal: @unchecked Sendable {
 
     /// Words are sharded by 4 KiB page, so that the words of one map node or refcount page are
     /// changed under one lock.
-    @inline(__always) private func shard(of offset: UInt64) -> UnsafeMutablePointer<Shard> {
-        shards + Int(((offset >> 12) &* 0xD6E8_FEB8_6659_FD93) >> 58)
+    @inline(__always) private func shardIndex(of offset: UInt64) -> Int {
+        Int(((offset >> 12) &* 0xD6E8_FEB8_6659_FD93) >> 58)
     }
 
     @inline(__always) func poolWord(_ offset: UInt64) -> UnsafeMutablePointer<UInt64> {
@@ -105,16 +104,16 @@ public final class Journal: @unchecked Sendable {
 
     /// The current value of a metadata word (pending if any, else the pool's).
     @inline(__always)
-    public func load(_ offset: UInt64) -> UInt64 {
+    func load(_ offset: UInt64) -> UInt64 {
         if pending.load(ordering: .acquiring) != 0 {
             let h = Journal.hash(offset)
-            let s = shard(of: offset)
-            pthread_mutex_lock(&s.pointee.lock)
+            let si = shardIndex(of: offset), s = shards + si
+            shardLocks.lock(si)
             if let v = s.pointee.running.value(offset, h) ?? s.pointee.committing.value(offset, h) {
-                pthread_mutex_unlock(&s.pointee.lock)
+                shardLocks.unlock(si)
                 return v
             }
-            pthread_mutex_unlock(&s.pointee.lock)
+            shardLocks.unlock(si)
         }
         return SharedWord.load(poolWord(offset))
     }
@@ -131,37 +130,37 @@ public final class Journal: @unchecked Sendable {
 
     /// Stores a word in the running batch. The gate must be held (shared).
     @inline(__always)
-    public func store(_ offset: UInt64, _ value: UInt64) {
+    func store(_ offset: UInt64, _ value: UInt64) {
         let h = Journal.hash(offset)
-        let s = shard(of: offset)
-        pthread_mutex_lock(&s.pointee.lock)
+        let si = shardIndex(of: offset), s = shards + si
+        shardLocks.lock(si)
         _ = put(s, offset, h, value)
-        pthread_mutex_unlock(&s.pointee.lock)
+        shardLocks.unlock(si)
     }
 
     /// Stores a word in the running batch and returns its previous value, under one
     /// acquisition of the shard. The gate must be held (shared).
     @inline(__always)
-    public func exchange(_ offset: UInt64, _ value: UInt64) -> UInt64 {
+    func exchange(_ offset: UInt64, _ value: UInt64) -> UInt64 {
         let h = Journal.hash(offset)
-        let s = shard(of: offset)
-        pthread_mutex_lock(&s.pointee.lock)
+        let si = shardIndex(of: offset), s = shards + si
+        shardLocks.lock(si)
         let old = put(s, offset, h, value)
         let previous = old ?? s.pointee.committing.value(offset, h) ?? SharedWord.load(poolWord(offset))
-        pthread_mutex_unlock(&s.pointee.lock)
+        shardLocks.unlock(si)
         return previous
     }
 
     /// Atomically transforms a word; returns (old, new). The gate must be held (shared).
     @inline(__always)
-    public func update(_ offset: UInt64, _ transform: (UInt64) -> UInt64) -> (old: UInt64, new: UInt64) {
+    func update(_ offset: UInt64, _ transform: (UInt64) -> UInt64) -> (old: UInt64, new: UInt64) {
         let h = Journal.hash(offset)
-        let s = shard(of: offset)
-        pthread_mutex_lock(&s.pointee.lock)
+        let si = shardIndex(of: offset), s = shards + si
+        shardLocks.lock(si)
         let old = s.pointee.running.value(offset, h) ?? s.pointee.committing.value(offset, h) ?? SharedWord.load(poolWord(offset))
         let new = transform(old)
         _ = put(s, offset, h, new)
-        pthread_mutex_unlock(&s.pointee.lock)
+        shardLocks.unlock(si)
         return (old, new)
     }
 
@@ -170,9 +169,9 @@ public final class Journal: @unchecked Sendable {
     /// pay one lock per page instead of one per word while writers run.
     func copyPage(_ page: UInt64, into out: UnsafeMutablePointer<UInt64>) {
         precondition(page & 4095 == 0)
-        let s = shard(of: page)
-        pthread_mutex_lock(&s.pointee.lock)
-        defer { pthread_mutex_unlock(&s.pointee.lock) }
+        let si = shardIndex(of: page), s = shards + si
+        shardLocks.lock(si)
+        defer { shardLocks.unlock(si) }
         let empty = s.pointee.isEmpty
         for i in 0..<512 {
             let off = page + UInt64(i << 3)
@@ -216,9 +215,9 @@ public final class Journal: @unchecked Sendable {
     /// changes to one map node or refcount page. The gate must be held (shared).
     @inline(__always)
     func withPage<T>(_ offset: UInt64, _ body: (PageWords) -> T) -> T {
-        let s = shard(of: offset)
-        pthread_mutex_lock(&s.pointee.lock)
-        defer { pthread_mutex_unlock(&s.pointee.lock) }
+        let si = shardIndex(of: offset), s = shards + si
+        shardLocks.lock(si)
+        defer { shardLocks.unlock(si) }
         return body(PageWords(journal: self, shard: s))
     }
 
@@ -226,7 +225,7 @@ public final class Journal: @unchecked Sendable {
     /// case); false when the batch could outgrow its limit (commit first). Held until
     /// `release`; the words the operation stores count from then on. The gate must be held
     /// (shared).
-    public func tryReserve(_ words: Int) -> Bool {
+    func tryReserve(_ words: Int) -> Bool {
         let limit = capacity - 64
         while true {
             let r = reserved.load(ordering: .relaxed)
@@ -237,25 +236,25 @@ public final class Journal: @unchecked Sendable {
     }
 
     /// Ends a reservation (the operation's stores are counted as they are).
-    public func release(_ words: Int) { reserved.subtract(words, ordering: .relaxed) }
+    func release(_ words: Int) { reserved.subtract(words, ordering: .relaxed) }
 
     /// Words in the running batch.
-    public var runningWordCount: Int { runningCount.load(ordering: .relaxed) }
+    var runningWordCount: Int { runningCount.load(ordering: .relaxed) }
 
     /// Words in the running batch and reserved for operations storing into it.
-    public var runningReservation: Int { runningCount.load(ordering: .relaxed) + reserved.load(ordering: .relaxed) }
-    public var hasPendingWords: Bool { pending.load(ordering: .relaxed) != 0 }
+    var runningReservation: Int { runningCount.load(ordering: .relaxed) + reserved.load(ordering: .relaxed) }
+    var hasPendingWords: Bool { pending.load(ordering: .relaxed) != 0 }
 
     /// Slots of the overlay's tables (running and committing, every shard) and of the largest
     /// one: what the pending overlay holds in memory (tests check it stays bounded).
-    package var overlaySlots: (total: Int, largest: Int) {
+    var overlaySlots: (total: Int, largest: Int) {
         var total = 0, largest = 0
         for i in 0..<Journal.shardCount {
-            let s = shards + i
-            pthread_mutex_lock(&s.pointee.lock)
+            let si = i, s = shards + si
+            shardLocks.lock(si)
             total += s.pointee.running.capacity + s.pointee.committing.capacity
             largest = max(largest, s.pointee.running.capacity, s.pointee.committing.capacity)
-            pthread_mutex_unlock(&s.pointee.lock)
+            shardLocks.unlock(si)
         }
         return (total, largest)
     }
@@ -281,12 +280,12 @@ public final class Journal: @unchecked Sendable {
         var records: [(UInt64, UInt64)] = []
         records.reserveCapacity(words)
         for i in 0..<Journal.shardCount {
-            let s = shards + i
-            pthread_mutex_lock(&s.pointee.lock)
+            let si = i, s = shards + si
+            shardLocks.lock(si)
             precondition(s.pointee.committing.count == 0)
             swap(&s.pointee.running, &s.pointee.committing)
             s.pointee.committing.forEach { records.append(($0, $1)) }
-            pthread_mutex_unlock(&s.pointee.lock)
+            shardLocks.unlock(si)
         }
         return Frozen(batch: batch, records: records)
     }
@@ -298,13 +297,13 @@ public final class Journal: @unchecked Sendable {
         try storeInPlace(f.records)
         var emptied = 0
         for i in 0..<Journal.shardCount {
-            let s = shards + i
-            pthread_mutex_lock(&s.pointee.lock)
+            let si = i, s = shards + si
+            shardLocks.lock(si)
             if s.pointee.committing.count != 0 {
                 s.pointee.committing.removeAll()
                 if s.pointee.isEmpty { emptied += 1 }
             }
-            pthread_mutex_unlock(&s.pointee.lock)
+            shardLocks.unlock(si)
         }
         if emptied > 0 { pending.subtract(emptied, ordering: .releasing) }
     }
@@ -673,7 +672,7 @@ public final class Journal: @unchecked Sendable {
         for b in Journal.scan(base: base, layout: layout).batches {
             for (off, v) in b.records {
                 let h = Journal.hash(off)
-                let s = shard(of: off)
+                let s = shards + shardIndex(of: off)
                 if s.pointee.isEmpty { pending.add(1, ordering: .relaxed) }
                 _ = s.pointee.committing.insert(off, h, v)
             }

@@ -11,7 +11,7 @@ extension PoolEngine {
 
     /// Adds `delta` to a block's refcount (gate held). At zero the block is freed; a freed map
     /// node releases its children. `level` is the node level (0 = leaf node), or -1 for data.
-    package func adjustRefcount(_ b: UInt64, _ delta: Int32, level: Int) {
+    func adjustRefcount(_ b: UInt64, _ delta: Int32, level: Int) {
         let off = layout.refcountWordOffset(b)
         let change = journal.withPage(off) { page in PoolEngine.changeRefcount(page, off, b, delta) }
         switch change {
@@ -55,7 +55,7 @@ extension PoolEngine {
 
     /// Adds `delta` to the refcounts of data blocks, sorted ascending (zeroes, holes, are
     /// skipped): one lock per refcount page, one allocator call for all the blocks freed.
-    package func adjustDataRefcounts(_ blocks: UnsafeBufferPointer<UInt64>, _ delta: Int32) {
+    func adjustDataRefcounts(_ blocks: UnsafeBufferPointer<UInt64>, _ delta: Int32) {
         var allocated: Int64 = 0
         withUnsafeTemporaryAllocation(of: UInt64.self, capacity: blocks.count) { freed in
             var nfreed = 0
@@ -88,7 +88,7 @@ extension PoolEngine {
     }
 
     /// A new zeroed map node with refcount 1, from the caller's spares (gate held; never waits).
-    package func newNode(_ spares: inout NodeSpares) throws(PoolError) -> UInt64 {
+    func newNode(_ spares: inout NodeSpares) throws(PoolError) -> UInt64 {
         let b = try spares.take()
         let p = media.base + Int(layout.blockOffset(b))
         if persistence.usesPwrite {
@@ -107,7 +107,7 @@ extension PoolEngine {
 
     /// A private copy of a shared node: entries copied (as currently visible), children gain a
     /// reference, the original loses one (gate held).
-    package func copyNode(_ old: UInt64, level: Int, _ spares: inout NodeSpares) throws(PoolError) -> UInt64 {
+    func copyNode(_ old: UInt64, level: Int, _ spares: inout NodeSpares) throws(PoolError) -> UInt64 {
         let b = try spares.take()
         copyCounters.addShared(CopyCounter.mapNodes)
         let src = layout.blockOffset(old)

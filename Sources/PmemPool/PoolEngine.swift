@@ -13,9 +13,11 @@ public final class PoolEngine: @unchecked Sendable {
     public let superblock: Superblock
     public let layout: PoolLayout
     public let readOnly: Bool
-    public let journal: Journal
+    /// Internal to PmemPool: the volume layer changes metadata through the map and table
+    /// operations (MapUpdates.swift, VolumeTable.swift).
+    let journal: Journal
     package let epochs = ReaderEpochs()
-    package let allocator: Allocator
+    let allocator: Allocator
     package let committer: Committer
     /// Serialises volume-table changes (create, delete, snapshot).
     package let tableLock = PosixMutex()
@@ -223,9 +225,9 @@ public final class PoolEngine: @unchecked Sendable {
         }
         allocator = Allocator(layout: layout, journal: journal, epochs: epochs, highWater: highWater, allocated: Int64(allocated),
                               holdNodesUntilCheckpoint: !faults.contains(.reuseNodesBeforeCheckpoint))
-        rmwLocks = (0..<64).map { _ in PosixMutex() }
+        rmwLocks = PosixMutexes(count: PoolEngine.stripeCount)
         let epochs = self.epochs
-        rmwGuards = (0..<64).map { _ in ReadGuard(epochs: epochs) }
+        rmwGuards = (0..<PoolEngine.stripeCount).map { _ in ReadGuard(epochs: epochs) }
         committer = Committer(mode: readOnly ? .inline : commitMode)
         committer.engine = self
         if !readOnly && commitMode == .background { committer.start() }
@@ -368,6 +370,12 @@ public final class PoolEngine: @unchecked Sendable {
         return n
     }
 
+    /// Pins a block: once freed it is not reused until unpinned as often (the feed's hold on
+    /// moved blocks, Docs/FEED.md).
+    package func pin(_ block: UInt64) { allocator.pin(block) }
+    package func unpin(_ block: UInt64) { allocator.unpin(block) }
+    package func unpin(_ blocks: some Sequence<UInt64>) { allocator.unpin(blocks) }
+
     // MARK: damaged media
 
     private let badBlocks = Locked<Set<UInt64>>([])
@@ -396,9 +404,10 @@ public final class PoolEngine: @unchecked Sendable {
     /// Free blocks below which a background commit starts (1/8 of the pool, at most 64 MiB).
     package var lowWater: UInt64 { min(16384, layout.blockCount / 8) }
 
-    /// Engine-owned read epochs for read-modify-write copies, one per stripe lock.
-    package let rmwGuards: [ReadGuard]
-    package let rmwLocks: [PosixMutex]
+    /// Engine-owned read epochs for read-modify-write copies, one per stripe lock (see
+    /// MapUpdates.swift).
+    let rmwGuards: [ReadGuard]
+    let rmwLocks: PosixMutexes
 
     // MARK: buffers for pwrite
 

@@ -27,6 +27,38 @@ public final class PosixMutex: @unchecked Sendable {
     }
 }
 
+/// A fixed number of pthread mutexes in one allocation that never moves (a lock striped by
+/// hash, such as the journal's shards): no object per lock, no reference counting to reach one.
+public struct PosixMutexes: ~Copyable, @unchecked Sendable {
+    private let m: UnsafeMutablePointer<pthread_mutex_t>
+    public let count: Int
+
+    public init(count: Int) {
+        precondition(count > 0)
+        self.count = count
+        m = .allocate(capacity: count)
+        for i in 0..<count {
+            (m + i).initialize(to: pthread_mutex_t())
+            pthread_mutex_init(m + i, nil)
+        }
+    }
+
+    deinit {
+        for i in 0..<count { pthread_mutex_destroy(m + i) }
+        m.deallocate()
+    }
+
+    @inline(__always) public func lock(_ i: Int) { pthread_mutex_lock(m + i) }
+    @inline(__always) public func unlock(_ i: Int) { pthread_mutex_unlock(m + i) }
+
+    @inline(__always)
+    public func withLock<T, E: Error>(_ i: Int, _ body: () throws(E) -> T) throws(E) -> T {
+        pthread_mutex_lock(m + i)
+        defer { pthread_mutex_unlock(m + i) }
+        return try body()
+    }
+}
+
 /// A condition variable paired with a `PosixMutex`-like lock of its own.
 public final class PosixCondition: @unchecked Sendable {
     private let m: UnsafeMutablePointer<pthread_mutex_t>

@@ -21,9 +21,8 @@ extension Volume {
     /// Whether this volume or snapshot still exists: its table slot still holds its id and it
     /// is not being deleted. (Ids are never reused, so a stale `Volume` never passes.)
     public var isLive: Bool {
-        let o = VolumeRecord.offset(slot: slot)
-        let kind = engine.journal.load(o + VolumeRecord.kindField)
-        return engine.journal.load(o + VolumeRecord.idField) == id
+        let kind = engine.recordKind(slot: slot)
+        return engine.recordID(slot: slot) == id
             && (kind == VolumeRecord.Kind.volume.rawValue || kind == VolumeRecord.Kind.snapshot.rawValue)
     }
 
@@ -100,11 +99,8 @@ extension Volume {
         while v < first + count {
             let n = min(first + count - v, 256)
             var data = [UInt8](repeating: 0, count: Int(n) << 12)
-            let guardEpoch = engine.rmwGuards[0]
-            engine.rmwLocks[0].lock()
-            guardEpoch.enter()
             var pos = 0
-            do {
+            try engine.withStripeCopying(0) { () throws(PoolError) in
                 try read(offset: v << 12, length: Int(n) << 12) { seg in
                     switch seg {
                     case .data(let p, let k):
@@ -114,13 +110,7 @@ extension Volume {
                         pos += k
                     }
                 }
-            } catch {
-                guardEpoch.exit()
-                engine.rmwLocks[0].unlock()
-                throw error
             }
-            guardEpoch.exit()
-            engine.rmwLocks[0].unlock()
             pool.testHooks.withLock { $0.relocationCopied }?(id, v, reason)
             let r: Result<Void, PoolError> = data.withUnsafeBytes { b in
                 Result { () throws(PoolError) in

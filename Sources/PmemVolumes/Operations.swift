@@ -21,7 +21,7 @@ extension Pool {
 
     func freeSlot() throws(PoolError) -> Int {
         for slot in 0..<PoolLayout.volumeEntries
-        where engine.journal.load(VolumeRecord.offset(slot: slot) + VolumeRecord.kindField) == VolumeRecord.Kind.free.rawValue {
+        where engine.recordKind(slot: slot) == VolumeRecord.Kind.free.rawValue {
             return slot
         }
         throw PoolError(.noSpace, "the volume table is full (\(PoolLayout.volumeEntries) volumes and snapshots)")
@@ -32,15 +32,7 @@ extension Pool {
     }
 
     /// Stores a record's words and takes a new id and generation (gate held).
-    func storeNew(_ r: inout VolumeRecord) {
-        let j = engine.journal
-        r.id = j.load(PoolState.nextVolumeIDOffset)
-        r.generation = j.load(PoolState.generationOffset)
-        r.created = UInt64(time(nil))
-        j.store(PoolState.nextVolumeIDOffset, r.id + 1)
-        j.store(PoolState.generationOffset, r.generation + 1)
-        for (o, v) in r.words() { j.store(o, v) }
-    }
+    func storeNew(_ r: inout VolumeRecord) { engine.storeNew(&r) }
 
     // MARK: volumes
 
@@ -90,7 +82,7 @@ extension Pool {
                 var r = VolumeRecord(slot: slot, kind: .snapshot, id: 0, parent: vr.id, root: root, size: vol.size,
                                      depth: vol.depth, created: 0, generation: 0, name: snapshot)
                 storeNew(&r)
-                if root != 0 { engine.adjustRefcount(root, 1, level: vol.depth - 1) }
+                engine.shareMap(root: root, depth: vol.depth)
                 return r
             }
         }
@@ -116,7 +108,7 @@ extension Pool {
                 var r = VolumeRecord(slot: slot, kind: .volume, id: 0, parent: sr.id, root: root, size: sr.size,
                                      depth: sr.depth, created: 0, generation: 0, name: name)
                 storeNew(&r)
-                if root != 0 { engine.adjustRefcount(root, 1, level: sr.depth - 1) }
+                engine.shareMap(root: root, depth: sr.depth)
                 return r
             }
         }
@@ -151,26 +143,25 @@ extension Pool {
             let slot = try freeSlot()
             // The old map goes to the deleter only once the rollback event is out (below).
             holdFromDeleter(slot, in: &held)
-            // In ascending order, as writers take them (before the metadata gate, as they do).
-            for lock in engine.rmwLocks { lock.lock() }
-            defer { for lock in engine.rmwLocks.reversed() { lock.unlock() } }
+            // Before the metadata gate, as writers take their stripes.
+            try engine.withEveryStripeLocked { () throws(PoolError) in
             try engine.withMetadata(words: Pool.tableWords * 2) { () throws(PoolError) in
                 vol.mapLock.lock()
                 defer { vol.mapLock.unlock() }
-                let j = engine.journal
                 let o = VolumeRecord.offset(slot: vr.slot)
                 let old = try engine.root(at: o + VolumeRecord.rootField, depth: vr.depth)
                 let snapRoot = try engine.root(at: VolumeRecord.offset(slot: sr.slot) + VolumeRecord.rootField, depth: sr.depth)
-                if snapRoot != 0 { engine.adjustRefcount(snapRoot, 1, level: sr.depth - 1) }
+                engine.shareMap(root: snapRoot, depth: sr.depth)
                 engine.storeRoot(snapRoot, at: o + VolumeRecord.rootField, depth: sr.depth)
-                j.store(o + VolumeRecord.sizeField, sr.size)
-                j.store(o + VolumeRecord.depthField, UInt64(sr.depth))
+                engine.storeRecordField(slot: vr.slot, VolumeRecord.sizeField, sr.size)
+                engine.storeRecordField(slot: vr.slot, VolumeRecord.depthField, UInt64(sr.depth))
                 if old != 0 {
                     // The old map becomes a hidden record the deleter releases.
                     var dead = VolumeRecord(slot: slot, kind: .deleting, id: 0, parent: vr.id, root: old, size: vr.size,
                                             depth: vr.depth, created: 0, generation: 0, name: "rollback-of-\(vr.id)")
                     storeNew(&dead)
                 }
+            }
             }
         }
         try engine.sync()
@@ -204,7 +195,7 @@ extension Pool {
         try engine.tableLock.withLock { () throws(PoolError) in
             try engine.withMetadata(words: 8 * doomed.count + 8) {
                 for d in doomed {
-                    engine.journal.store(VolumeRecord.offset(slot: d.slot) + VolumeRecord.kindField, VolumeRecord.Kind.deleting.rawValue)
+                    engine.storeRecordField(slot: d.slot, VolumeRecord.kindField, VolumeRecord.Kind.deleting.rawValue)
                 }
             }
         }
@@ -251,20 +242,10 @@ extension Pool {
             try engine.withMetadata(words: Pool.tableWords) { () throws(PoolError) in
                 vol.mapLock.lock()
                 defer { vol.mapLock.unlock() }
-                let j = engine.journal
                 let o = VolumeRecord.offset(slot: r.slot)
-                var root = try engine.root(at: o + VolumeRecord.rootField, depth: r.depth)
-                if root != 0 {
-                    for level in r.depth..<depth {
-                        // A new top node at `level` whose first entry is the old root.
-                        let top = try engine.newNode(&spares)
-                        j.store(engine.entryOffset(node: top, index: 0), MapEntry.make(root, index: 0, level: level))
-                        root = top
-                    }
-                    engine.storeRoot(root, at: o + VolumeRecord.rootField, depth: depth)
-                }
-                j.store(o + VolumeRecord.depthField, UInt64(depth))
-                j.store(o + VolumeRecord.sizeField, size)
+                try engine.deepenMap(rootOffset: o + VolumeRecord.rootField, depth: r.depth, to: depth, spares: &spares)
+                engine.storeRecordField(slot: r.slot, VolumeRecord.depthField, UInt64(depth))
+                engine.storeRecordField(slot: r.slot, VolumeRecord.sizeField, size)
             }
         }
         try engine.sync()

@@ -96,13 +96,13 @@ public final class Pool: @unchecked Sendable {
 
     /// Pins a block: once freed it is not reused until unpinned as often (the feed holds the
     /// old block of every move until lease holders have acknowledged it, FEED.md).
-    package func pin(_ block: UInt64) { engine.allocator.pin(block) }
-    package func unpin(_ block: UInt64) { engine.allocator.unpin(block) }
-    package func unpin(_ blocks: some Sequence<UInt64>) { engine.allocator.unpin(blocks) }
+    package func pin(_ block: UInt64) { engine.pin(block) }
+    package func unpin(_ block: UInt64) { engine.unpin(block) }
+    package func unpin(_ blocks: some Sequence<UInt64>) { engine.unpin(blocks) }
 
     /// The volume or snapshot in a table slot, opened once and shared until it changes.
     public func volume(slot: Int) -> Volume? {
-        guard let rec = VolumeRecord.decode(slot: slot, load: engine.journal.load),
+        guard let rec = engine.record(slot: slot),
               rec.kind == .volume || rec.kind == .snapshot else { return nil }
         return cache.withLock { c in
             if let v = c[slot], v.id == rec.id, v.size == rec.size, v.depth == rec.depth { return v }

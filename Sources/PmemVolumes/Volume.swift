@@ -53,42 +53,6 @@ public final class Volume: @unchecked Sendable {
         kind == .snapshot ? "snapshot \(name) (read-only), \(size) bytes" : "volume \(name), \(size) bytes"
     }
 
-    /// The `pmem-nbd:sharing` context: bit 0 set where a block is shared with a snapshot or a
-    /// clone (its next write through this volume will copy).
-    public static let sharingContext = "pmem-nbd:sharing"
-
-    /// `base:allocation`, `pmem-nbd:sharing`, and for a volume `qemu:dirty-bitmap:SNAP` for each
-    /// of its snapshots.
-    public var metaContexts: [String] {
-        guard kind == .volume else { return ["base:allocation", Volume.sharingContext] }
-        return ["base:allocation", Volume.sharingContext] + pool.snapshots(of: id).map { Volume.dirtyBitmapPrefix + $0.name }
-    }
-
-    public func status(context: String, offset: UInt64, length: UInt64, _ body: (UInt64, UInt32) -> Bool) throws(PoolError) {
-        if context == "base:allocation" {
-            return try allocation(offset: offset, length: length) { n, s in body(n, s.rawValue) }
-        }
-        if context == Volume.sharingContext {
-            guard offset < size, length <= size - offset else { throw PoolError(.invalid, "range beyond the end") }
-            var skip = offset & 4095
-            return try engine.sharingRuns(rootOffset: rootOffset, depth: depth, first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, shared in
-                let bytes = (blocks << 12) - skip
-                skip = 0
-                return body(bytes, shared ? 1 : 0)
-            }
-        }
-        guard kind == .volume, context.hasPrefix(Volume.dirtyBitmapPrefix),
-              let snap = pool.snapshots(of: id).first(where: { Volume.dirtyBitmapPrefix + $0.name == context }) else {
-            throw PoolError(.invalid, "unknown meta context \(context)")
-        }
-        guard offset < size, length <= size - offset else { throw PoolError(.invalid, "range beyond the end") }
-        var skip = offset & 4095
-        try engine.changedRuns(rootOffset: rootOffset, depth: depth, against: snap, first: offset >> 12, end: (offset + length + 4095) >> 12) { blocks, dirty in
-            let bytes = (blocks << 12) - skip
-            skip = 0
-            return body(bytes, dirty ? 1 : 0)
-        }
-    }
     public var fastZero: Bool { true }
     public var flushIsCheap: Bool { engine.persistence.domain == .cacheline }
     public func makeReadGuard() -> ReadGuard { engine.makeReadGuard() }
@@ -180,7 +144,7 @@ public final class Volume: @unchecked Sendable {
             // (`blocks` is a buffer pointer: the copy sorts the reserved blocks themselves.)
             if count > 1 { var reserved = blocks; reserved.sort() }
             var published = 0
-            defer { if published < count { engine.allocator.unreserve(UnsafeBufferPointer(rebasing: blocks[published...])) } }
+            defer { if published < count { engine.unreserve(UnsafeBufferPointer(rebasing: blocks[published...])) } }
             var spares = try NodeSpares(engine, count: leaves * depth + 1)
             let end = offset + UInt64(length)
             // The whole payload first, into the reserved blocks, before any lock is taken: the
@@ -193,17 +157,17 @@ public final class Volume: @unchecked Sendable {
                 // One metadata group per leaf: bounded size, at most `depth` new map nodes.
                 let chunkEnd = min(end, (((pos >> 12) | 511) + 1) << 12)
                 let n = Int(((chunkEnd - 1) >> 12) - (pos >> 12) + 1)
-                try publishChunk(pos, chunkEnd, UnsafeMutableBufferPointer(rebasing: blocks[published..<(published + n)]), &spares,
-                                 observer, reason)
+                // Partial blocks completed, then the map pointed at the blocks (PmemPool/MapUpdates.swift).
+                try engine.publish(rootOffset: rootOffset, depth: depth, mapLock: mapLock, stripeSalt: id, start: pos, end: chunkEnd,
+                                   blocks: UnsafeMutableBufferPointer(rebasing: blocks[published..<(published + n)]), spares: &spares,
+                                   announce: observer != nil) { first, old, new in
+                    observer?.willRemap(volume: id, first: first, old: old, new: new, reason: reason)
+                }
                 published += n
                 pos = chunkEnd
             }
         }
         if fua { try engine.sync() }
-    }
-
-    @inline(__always) private func stripe(_ vblock: UInt64) -> Int {
-        Int(truncatingIfNeeded: ((vblock ^ id &* 0x9E37_79B9) &* 0x9E37_79B9_7F4A_7C15) >> 58)
     }
 
     /// Fills the reserved `blocks` with the payload of [start, end): each byte where it belongs
@@ -248,95 +212,6 @@ public final class Volume: @unchecked Sendable {
                 persistence.didStoreNonTemporal(dst, run << 12)
             }
             i += run
-        }
-    }
-
-    /// Completes the partial blocks among the filled `blocks` of [start, end) (within one leaf)
-    /// and points the map at them.
-    private func publishChunk(_ start: UInt64, _ end: UInt64,
-                              _ blocks: UnsafeMutableBufferPointer<UInt64>, _ spares: inout NodeSpares,
-                              _ observer: (any MappingObserver)?, _ reason: MappingChangeReason) throws(PoolError) {
-        let engine = self.engine
-        let first = start >> 12
-        let count = blocks.count
-        let base = engine.media.base
-        let persistence = engine.persistence
-        // Then the rest of a partial block: the old block's bytes around the payload (zeroes
-        // for a hole). This read-modify-write is serialised per block (striped engine-wide) up
-        // to the map update, and copies inside the stripe's read epoch, so the old block cannot
-        // be reused under the copy. Stripes are locked in ascending order, once each.
-        let headPartial = start & 4095 != 0 || (count == 1 && end & 4095 != 0)
-        let tailPartial = count > 1 && end & 4095 != 0
-        var partial: [Int] = []
-        if headPartial { partial.append(0) }
-        if tailPartial { partial.append(count - 1) }
-        var locked: [Int] = []
-        for k in partial { let s = stripe(first + UInt64(k)); if !locked.contains(s) { locked.append(s) } }
-        locked.sort()
-        for s in locked { engine.rmwLocks[s].lock() }
-        defer { for s in locked { engine.rmwLocks[s].unlock() } }
-        let pw = persistence.usesPwrite
-        for k in partial {
-            let vb = first + UInt64(k)
-            let blockStart = vb << 12
-            let head = Int(max(start, blockStart) - blockStart), tail = Int(min(end, blockStart + 4096) - blockStart)
-            let at = Int(engine.layout.blockOffset(blocks[k]))
-            let dst = base + at
-            let readGuard = engine.rmwGuards[stripe(vb)]
-            readGuard.enter()
-            defer { readGuard.exit() }
-            let old = try engine.lookup(rootOffset: rootOffset, depth: depth, vblock: vb)
-            if old != 0 {
-                guard engine.validBlock(old) else { throw PoolError(.io, "map entry for block \(vb) is out of range (corrupt map)") }
-                let src = UnsafeRawPointer(base + Int(engine.layout.blockOffset(old)))
-                if pw {
-                    // Page mode with pwrite: the old bytes go through the file as the payload did.
-                    if head > 0 { try persistence.pwrite(at: at, src, head) }
-                    if tail < 4096 { try persistence.pwrite(at: at + tail, src + tail, 4096 - tail) }
-                } else {
-                    if head > 0 { PersistentMemory.copyNonTemporal(to: dst, from: src, count: head) }
-                    if tail < 4096 { PersistentMemory.copyNonTemporal(to: dst + tail, from: src + tail, count: 4096 - tail) }
-                }
-                engine.copyCounters.addShared(CopyCounter.partialBlocks)
-            } else if pw {
-                try withUnsafeTemporaryAllocation(byteCount: 4096, alignment: 64) { (zero) throws(PoolError) in
-                    memset(zero.baseAddress!, 0, 4096)
-                    if head > 0 { try persistence.pwrite(at: at, zero.baseAddress!, head) }
-                    if tail < 4096 { try persistence.pwrite(at: at + tail, zero.baseAddress!, 4096 - tail) }
-                }
-            } else {
-                if head > 0 { PersistentMemory.zeroNonTemporal(dst, count: head) }
-                if tail < 4096 { PersistentMemory.zeroNonTemporal(dst + tail, count: 4096 - tail) }
-            }
-            if !pw { persistence.didStoreNonTemporal(dst, 4096) }
-        }
-        // The metadata group fences this thread's data before its gate is released, so the
-        // blocks are durable before any commit names them.
-        try engine.withMetadata(words: 3 * count + (depth + 1) * 520 + 16) { () throws(PoolError) in
-            mapLock.lock()
-            defer { mapLock.unlock() }
-            guard let leaf = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: first, stopLevel: 0,
-                                                     create: true, spares: &spares) else {
-                throw PoolError(.io, "map walk failed")
-            }
-            // Page domain: the commit of this group's batch makes these blocks durable first.
-            var r = 0
-            while r < count {
-                var n = 1
-                while r + n < count && blocks[r + n] == blocks[r] + UInt64(n) { n += 1 }
-                engine.noteWritten(blocks[r], count: n)
-                r += n
-            }
-            if let observer {
-                // Announced before the map changes (the feed raises its sequence number first).
-                withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count) { old in
-                    for i in 0..<count {
-                        old[i] = engine.entryOrHole(node: leaf, index: Int((first + UInt64(i)) & 511), level: 0)
-                    }
-                    observer.willRemap(volume: id, first: first, old: UnsafeBufferPointer(old), new: UnsafeBufferPointer(blocks), reason: reason)
-                }
-            }
-            engine.remap(leaf: leaf, first: Int(first & 511), to: UnsafeBufferPointer(blocks))
         }
     }
 
@@ -389,57 +264,9 @@ public final class Volume: @unchecked Sendable {
         let observer = pool.observer
         if end > first { observer?.beginMove(volume: id, first: first, count: end - first) }
         defer { if end > first { observer?.endMove(volume: id, first: first, count: end - first) } }
-        var v = first
-        while v < end {
-            let leafEnd = min(end, (v | 511) + 1)
-            let (leaf, span) = try engine.leaf(rootOffset: rootOffset, depth: depth, vblock: v)
-            if leaf == 0 {
-                v = min(end, v + span)
-                continue
-            }
-            let whole = v & 511 == 0 && leafEnd - v == 512 && depth > 1
-            var spares = try NodeSpares(engine, count: depth + 1)
-            try engine.withMetadata(words: 2 * 512 + (depth + 1) * 520 + 16) { () throws(PoolError) in
-                mapLock.lock()
-                defer { mapLock.unlock() }
-                if whole {
-                    guard let parent = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: v, stopLevel: 1,
-                                                               create: false, spares: &spares) else { return }
-                    let index = PoolEngine.index(v, level: 1)
-                    let off = engine.entryOffset(node: parent, index: index)
-                    let child = engine.entryOrHole(node: parent, index: index, level: 1)
-                    guard child != 0 else { return }
-                    if let observer { announceUnmap(observer, leaf: child, first: v, count: 512, reason: reason) }
-                    engine.journal.store(off, 0)
-                    engine.adjustRefcount(child, -1, level: 0)
-                    return
-                }
-                guard let leaf = try engine.writableNode(rootOffset: rootOffset, depth: depth, vblock: v, stopLevel: 0,
-                                                         create: false, spares: &spares) else { return }
-                if let observer { announceUnmap(observer, leaf: leaf, first: v, count: Int(leafEnd - v), reason: reason) }
-                for u in v..<leafEnd {
-                    let off = engine.entryOffset(node: leaf, index: Int(u & 511))
-                    let raw = engine.journal.load(off)
-                    guard raw != 0 else { continue }
-                    // A corrupt entry (decoded as a hole) is dropped without touching a refcount.
-                    let old = engine.decodedOrHole(raw, node: leaf, index: Int(u & 511), level: 0)
-                    engine.journal.store(off, 0)
-                    if old != 0 { engine.adjustRefcount(old, -1, level: -1) }
-                }
-            }
-            v = leafEnd
-        }
-    }
-
-    /// Tells the observer that the mapped blocks of a leaf range are being unmapped.
-    private func announceUnmap(_ observer: any MappingObserver, leaf: UInt64, first: UInt64, count: Int, reason: MappingChangeReason) {
-        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count * 2) { buf in
-            let old = UnsafeMutableBufferPointer(rebasing: buf[0..<count]), new = UnsafeMutableBufferPointer(rebasing: buf[count...])
-            for i in 0..<count {
-                old[i] = engine.entryOrHole(node: leaf, index: Int((first + UInt64(i)) & 511), level: 0)
-                new[i] = 0
-            }
-            observer.willRemap(volume: id, first: first, old: UnsafeBufferPointer(old), new: UnsafeBufferPointer(new), reason: reason)
+        try engine.unmap(rootOffset: rootOffset, depth: depth, mapLock: mapLock, first: first, end: end,
+                         announce: observer != nil) { first, old, new in
+            observer?.willRemap(volume: id, first: first, old: old, new: new, reason: reason)
         }
     }
 

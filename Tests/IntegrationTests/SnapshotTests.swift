@@ -208,7 +208,7 @@ import Testing
         // Overwrite 3 MiB with no FLUSH: the new map words wait in the overlay (an idle commit
         // comes after 0.2 s; the figures must be the same either way).
         try vol.pwrite(pattern(3 << 20, seed: 22), offset: 0)
-        let pendingAtList = s.engine.journal.hasPendingWords
+        let pendingAtList = s.engine.hasPendingWords
         let pending = try rows()
         try s.engine.sync()
         let committed = try rows()

@@ -113,6 +113,18 @@ import Testing
 
     static let serverImport = #"^\s*(@testable\s+)?import\s+(NBDServer|NBDTLS|PmemNBD|PmemFeed|PmemFeedClient|PmemDAX|pmem_nbd)\b"#
     static let poolImport = #"^\s*(@testable\s+)?import\s+(PmemPool|PmemVolumes|PmemFeed|PmemNBD|pmem_nbd)\b"#
+
+    /// Every mutex, condition and thread handle is one of PmemSystem's types (`PosixMutex`,
+    /// `PosixMutexes`, `PosixCondition`, `ReadWriteLock`, `OSThread`; issue 17): no `pthread_`
+    /// call or type elsewhere, such as a lock stored inline in another module's struct.
+    @Test func pthreadsStayInPmemSystem() throws {
+        let sources = try Self.files("Sources")
+        let outside = sources.filter { !$0.path.hasPrefix("Sources/PmemSystem/") }
+        let uses = try Self.matches(Self.rawPthread, in: outside)
+        #expect(uses.isEmpty, "pthread_ used outside PmemSystem:\n\(uses.joined(separator: "\n"))")
+    }
+
+    static let rawPthread = #"\bpthread_\w+"#
     static let cImport = #"^\s*import\s+CPmemSupport\b"#
     static let rawMapping = #"\b(mmap|munmap)\s*\("#
     static let rawAccept = #"\bSocket\.accept\s*\(|\bEpoll\s*\("#
@@ -137,6 +149,10 @@ import Testing
             "@testable import PmemNBD",
             "import PmemPool",
             "import NBDServerSupport",
+=======
+            "        var lock = pthread_mutex_t()",
+            "pthread_mutex_lock(&s.pointee.lock)",
+            "// pthread_mutex_unlock in a comment is not code",
         ])]
         #expect(try Self.matches(#"withUnsafe\w*(\([^()]*\))?\s*\{\s*(\$0|(\w+)\s+in\s+\3)(\.baseAddress!?)?\s*\}"#, in: samples).count == 3)
         #expect(try Self.matches(#"\bDispatchQueue\b|\bThread\s*[({]|\.detachNewThread|\bDispatchSource\b"#, in: samples).count == 1)
@@ -147,5 +163,7 @@ import Testing
         #expect(try Self.matches(Self.rawMonotonic, in: samples).count == 2)
         #expect(try Self.matches(Self.serverImport, in: samples).count == 2)
         #expect(try Self.matches(Self.poolImport, in: samples).count == 2)
+=======
+        #expect(try Self.matches(Self.rawPthread, in: samples).count == 2)
     }
 }

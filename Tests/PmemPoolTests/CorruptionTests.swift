@@ -40,7 +40,7 @@ import Testing
             while let (node, level) = stack.popLast() {
                 guard nodes.insert(node).inserted, level > 0 else { continue }
                 for i in 0..<512 {
-                    let e = ro.journal.load(layout.blockOffset(node) + UInt64(8 * i)) & MapEntry.blockMask
+                    let e = ro.metadataWord(at: layout.blockOffset(node) + UInt64(8 * i)) & MapEntry.blockMask
                     if e != 0 { stack.append((e, level - 1)) }
                 }
             }

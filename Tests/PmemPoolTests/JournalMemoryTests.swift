@@ -36,9 +36,9 @@ import Testing
                     try v.write(offset: UInt64(off), length: chunk, fua: false, from: &src)
                 }
             }
-            largestSeen = max(largestSeen, engine.journal.overlaySlots.largest)
+            largestSeen = max(largestSeen, engine.overlaySlots.largest)
             try v.flush()
-            let after = engine.journal.overlaySlots
+            let after = engine.overlaySlots
             #expect(after.largest <= retained, "cycle \(cycle): a table of \(after.largest) slots kept after its batch was committed")
             #expect(after.total <= 2 * 64 * retained, "cycle \(cycle): \(after.total) slots kept")
             // Small batches in between, and a checkpoint now and then.
@@ -53,7 +53,7 @@ import Testing
         }
         // The batches were large enough to grow tables past what is kept (else this proves nothing).
         #expect(largestSeen > retained, "the largest table held \(largestSeen) slots: the batches never grew one past \(retained)")
-        let end = engine.journal.overlaySlots
+        let end = engine.overlaySlots
         #expect(end.largest <= retained && end.total <= 2 * 64 * retained)
     }
 }
