@@ -149,7 +149,6 @@ import Testing
             "@testable import PmemNBD",
             "import PmemPool",
             "import NBDServerSupport",
-=======
             "        var lock = pthread_mutex_t()",
             "pthread_mutex_lock(&s.pointee.lock)",
             "// pthread_mutex_unlock in a comment is not code",
@@ -163,7 +162,6 @@ import Testing
         #expect(try Self.matches(Self.rawMonotonic, in: samples).count == 2)
         #expect(try Self.matches(Self.serverImport, in: samples).count == 2)
         #expect(try Self.matches(Self.poolImport, in: samples).count == 2)
-=======
         #expect(try Self.matches(Self.rawPthread, in: samples).count == 2)
     }
 }
