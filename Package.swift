@@ -64,7 +64,7 @@ let package = Package(
         // corruption tests also run the built `pmem-nbd check`/`serve` as a process.
         .testTarget(name: "PmemPoolTests", dependencies: ["TestSupport", "PmemPool", "PmemVolumes", "PmemSystem"]),
         // The server against a RAM-backed `BlockVolume`, no pool.
-        .testTarget(name: "NBDServerTests", dependencies: ["TestSupport", "NBDServer", "NBDWire", "PmemSystem"]),
+        .testTarget(name: "NBDServerTests", dependencies: ["TestSupport", "NBDServer", "NBDWire", "PmemSystem", "CLibNBD"]),
         // The feed's lease protocol: its spin model (Tests/Model) and negative controls.
         .testTarget(name: "PmemFeedTests", dependencies: ["TestSupport"]),
         // Everything through the assembled server: the CLI, the service, process crashes, libnbd
