@@ -5,8 +5,9 @@ import PmemSystem
 import Testing
 
 /// Extended headers over a pool's volume: what the pool reports as allocated after writes,
-/// trims and zeroes, and 64-bit TRIM/WRITE_ZEROES/BLOCK_STATUS lengths on a large sparse pool
-/// volume. (The rest of the extended-header tests are in NBDServerTests.ExtendedHeadersTests,
+/// trims and zeroes, 64-bit TRIM/WRITE_ZEROES/BLOCK_STATUS lengths on a large sparse pool
+/// volume, and hostile extended clients (a WRITE whose payload never arrives fails inside the
+/// pool's write) beside a client writing the same blocks. (The rest of the extended-header tests are in NBDServerTests.ExtendedHeadersTests,
 /// against a RAM volume.)
 @Suite(.timeLimit(.minutes(5))) struct PoolExtendedHeadersTests: ExtendedHeaderChecks {
     typealias Chunk = RawClient.ExtendedChunk
@@ -82,5 +83,57 @@ import Testing
         expectError(try roundTrip(raw, Cmd.trim, cookie: 51, offset: 20 * gib, length: 5 * gib), Self.EINVAL, "TRIM past the end")
         expectError(try roundTrip(raw, Cmd.writeZeroes, cookie: 52, offset: 20 * gib, length: 5 * gib), Self.ENOSPC, "ZERO past the end")
         expectError(try roundTrip(raw, Cmd.blockStatus, cookie: 53, offset: 20 * gib, length: 5 * gib), Self.EINVAL, "STATUS past the end")
+    }
+
+    /// A libnbd client keeps writing and reading while extended-header clients misbehave on
+    /// other connections: it sees no error and no wrong byte.
+    @Test func misbehavingExtendedClientsDoNotDisturbAConcurrentClient() throws {
+        let s = try TestServer()
+        // Used by the writer thread only, until it signals `done`.
+        nonisolated(unsafe) let bystander = try s.client()
+        let failures = Locked(0)
+        let rounds = Locked(0)
+        let stop = Locked(false)
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            defer { done.signal() }
+            var i: UInt64 = 0
+            while !stop.withLock({ $0 }) || i < 20 {
+                let data = pattern(16 << 10, seed: i)
+                let at = (i % 64) << 16
+                do {
+                    try bystander.pwrite(data, offset: at)
+                    if try bystander.pread(count: data.count, offset: at) != data { failures.withLock { $0 += 1 } }
+                } catch {
+                    failures.withLock { $0 += 1 }
+                }
+                i += 1
+                rounds.withLock { $0 += 1 }
+            }
+        }.start()
+        for round in 0..<5 {
+            // Over-maximum payload: hung up on.
+            let (a, _) = try connect(s)
+            try a.send(RawClient.extendedRequest(type: Cmd.write, flags: Flag.payloadLen, cookie: 1, offset: 0, length: 1 << 40))
+            #expect(try a.extendedChunk() == nil)
+            // A compact header after extended headers: hung up on.
+            let (b, _) = try connect(s)
+            try b.send(RawClient.request(type: Cmd.write, cookie: 2, offset: 0, length: 4) + [1, 2, 3, 4])
+            #expect(try b.extendedChunk() == nil)
+            // A payload that never arrives, then the client goes away.
+            let (c, _) = try connect(s)
+            try c.send(RawClient.extendedRequest(type: Cmd.write, flags: Flag.payloadLen, cookie: 3, offset: 0, length: 1 << 20) + [9, 9])
+            Socket_shutdownWrite(c)
+            #expect(c.isClosedByServer())
+            // Requests with errors and huge effect lengths, then garbage.
+            let (d, _) = try connect(s)
+            expectError(try roundTrip(d, Cmd.trim, cookie: 4, offset: 0, length: UInt64.max - UInt64(round)), Self.EINVAL, "huge TRIM")
+            try d.send([UInt8](repeating: 0xFF, count: 64))
+            #expect(try d.extendedChunk() == nil)
+        }
+        stop.withLock { $0 = true }
+        done.wait()
+        #expect(failures.withLock { $0 } == 0)
+        #expect(rounds.withLock { $0 } >= 20)
     }
 }
