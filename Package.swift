@@ -68,8 +68,10 @@ let package = Package(
         // journal memory, open cost; no server (SourceAuditTests checks the imports). Check and
         // corruption tests also run the built `pmem-nbd check`/`serve` as a process.
         .testTarget(name: "PmemPoolTests", dependencies: ["TestSupport", "PmemPool", "PmemVolumes", "PmemSystem"]),
+        // Volumes and snapshots through `Pool`/`Volume`, no server (SourceAuditTests checks).
+        .testTarget(name: "PmemVolumesTests", dependencies: ["TestSupport", "PmemVolumes", "PmemPool", "PmemSystem"]),
         // The server against a RAM-backed `BlockVolume`, no pool.
-        .testTarget(name: "NBDServerTests", dependencies: ["TestSupport", "NBDServer", "NBDWire", "PmemSystem"]),
+        .testTarget(name: "NBDServerTests", dependencies: ["TestSupport", "NBDServer", "NBDWire", "PmemSystem", "CLibNBD"]),
         // The feed's lease protocol: its spin model (Tests/Model) and negative controls.
         .testTarget(name: "PmemFeedTests", dependencies: ["TestSupport"]),
         // Everything through the assembled server: the CLI, the service, process crashes, libnbd

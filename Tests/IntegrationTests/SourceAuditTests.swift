@@ -99,7 +99,8 @@ import Testing
 
     /// The test targets follow the modules (issue 17, item 5; Docs/ARCHITECTURE.md "Tests"): the
     /// engine's tests and the helpers every target shares import nothing of the server or the
-    /// application, and the server's tests nothing of the pool.
+    /// application, the volumes' tests nothing of the server, and the server's tests nothing of
+    /// the pool.
     @Test func lowerTestTargetsDoNotImportTheLayersAboveThem() throws {
         let engine = try Self.files("Tests/PmemPoolTests") + Self.files("Tests/TestSupport")
         #expect(engine.count >= 8, "the audit found only \(engine.map(\.path))")
@@ -109,6 +110,10 @@ import Testing
         #expect(!server.isEmpty)
         let down = try Self.matches(Self.poolImport, in: server)
         #expect(down.isEmpty, "server tests importing the pool:\n\(down.joined(separator: "\n"))")
+        let volumes = try Self.files("Tests/PmemVolumesTests")
+        #expect(!volumes.isEmpty)
+        let above = try Self.matches(Self.serverImport, in: volumes)
+        #expect(above.isEmpty, "volume tests importing the server or the application:\n\(above.joined(separator: "\n"))")
     }
 
     static let serverImport = #"^\s*(@testable\s+)?import\s+(NBDServer|NBDTLS|PmemNBD|PmemFeed|PmemFeedClient|PmemDAX|pmem_nbd)\b"#

@@ -151,3 +151,6 @@ final class RawClient: @unchecked Sendable {
                             cookie: r[4..<12].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }, payload: payload))
     }
 }
+
+/// Half-closes a raw client: the server reads end of file, the client can still read.
+func Socket_shutdownWrite(_ raw: RawClient) { Glibc.shutdown(raw.fd.rawValue, Int32(SHUT_WR)) }

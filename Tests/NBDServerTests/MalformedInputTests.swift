@@ -7,7 +7,7 @@ import Testing
 /// disconnect, the server never crashes, and other clients do not notice.
 @Suite(.timeLimit(.minutes(5))) struct MalformedInputTests {
     /// A libnbd client connected before the abuse must still work after it.
-    func bystanderStillWorks(_ s: TestServer, _ bystander: NBDClient) throws {
+    func bystanderStillWorks(_ s: RAMServer, _ bystander: NBDClient) throws {
         try bystander.pwrite([0x42], offset: 99)
         #expect(try bystander.pread(count: 1, offset: 99) == [0x42])
         let fresh = try s.client()
@@ -15,7 +15,7 @@ import Testing
     }
 
     @Test func badOptionMagicDisconnects() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let bystander = try s.client()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet()
@@ -25,14 +25,14 @@ import Testing
     }
 
     @Test func unknownClientFlagsDisconnect() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet(clientFlags: 0x8000_0001)
         #expect(raw.isClosedByServer())
     }
 
     @Test func unknownOptionsAreUnsupportedAndNegotiationGoesOn() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet()
         for code: UInt32 in [0, 4, 12, 13, 0x7FFF_FFFF, 0xFFFF_FFFF] {
@@ -47,7 +47,7 @@ import Testing
     }
 
     @Test func oversizedOptionsAreSkippedOrCut() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet()
         // 1 MiB of junk: skipped, answered with ERR_TOO_BIG, negotiation continues.
@@ -66,7 +66,7 @@ import Testing
     }
 
     @Test func truncatedHandshakesAreHarmless() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let bystander = try s.client()
         for cut in [0, 2, 10, 20] {
             let raw = try RawClient(unix: s.socketPath)
@@ -80,7 +80,7 @@ import Testing
     }
 
     @Test func badRequestMagicDisconnects() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let bystander = try s.client()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet()
@@ -91,7 +91,7 @@ import Testing
     }
 
     @Test func badRequestsGetErrorsAndTheStreamStaysInSync() throws {
-        let s = try TestServer(size: 128 << 20)
+        let s = try RAMServer(size: 112 << 20)
         let bystander = try s.client()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet()
@@ -141,7 +141,7 @@ import Testing
     }
 
     @Test func simpleReplyErrorsWithoutStructuredReplies() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet()
         let size = try raw.go(structured: false)
@@ -153,21 +153,8 @@ import Testing
         #expect(df.cookie == 6 && df.error == 22, "DF was not negotiated")
     }
 
-    @Test func payloadThatNeverArrivesOnlyAffectsItsConnection() throws {
-        let s = try TestServer()
-        let bystander = try s.client()
-        let raw = try RawClient(unix: s.socketPath)
-        _ = try raw.greet()
-        _ = try raw.go()
-        try raw.send(RawClient.request(type: 1, cookie: 1, offset: 0, length: 1 << 20) + [1, 2, 3])
-        try bystanderStillWorks(s, bystander)
-        Socket_shutdownWrite(raw)
-        #expect(raw.isClosedByServer())
-        try bystanderStillWorks(s, bystander)
-    }
-
     @Test func disconnectFinishesInFlightRequests() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet()
         _ = try raw.go()
@@ -181,7 +168,7 @@ import Testing
 
     /// Thousands of options in one handshake: answered until the limit, then the client is cut off.
     @Test func optionFloodIsCutOff() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let bystander = try s.client()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet()
@@ -202,7 +189,7 @@ import Testing
     /// socket buffer is full the server stops reading from it, others are served as usual, and
     /// closing it frees everything.
     @Test func clientThatNeverReadsRepliesOnlyStallsItself() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let bystander = try s.client()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet()
@@ -230,7 +217,7 @@ import Testing
     /// Hundreds of connections that connect and then say nothing (or half a handshake) do not
     /// keep anyone else out.
     @Test func manyHalfOpenConnectionsDoNotBlockOthers() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         var idle: [RawClient] = []
         for i in 0..<300 {
             let raw = try RawClient(unix: s.socketPath)
@@ -247,5 +234,3 @@ import Testing
         #expect(try d.pread(count: 3, offset: 4096) == [1, 2, 3])
     }
 }
-
-func Socket_shutdownWrite(_ raw: RawClient) { Glibc.shutdown(raw.fd.rawValue, Int32(SHUT_WR)) }

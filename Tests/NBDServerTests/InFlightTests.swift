@@ -6,7 +6,7 @@ import Testing
 /// Many requests in flight on one connection.
 @Suite(.timeLimit(.minutes(5))) struct InFlightTests {
     @Test func libnbdWith128InFlight() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let c = try s.client()
         let blocks = 128
         let data = (0..<blocks).map { pattern(4096, seed: UInt64(100 + $0)) }
@@ -28,7 +28,7 @@ import Testing
     }
 
     @Test func pipelinedRequestsEchoEveryCookie() throws {
-        let s = try TestServer()
+        let s = try RAMServer()
         let raw = try RawClient(unix: s.socketPath)
         _ = try raw.greet()
         _ = try raw.go()
