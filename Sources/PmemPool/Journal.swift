@@ -25,7 +25,7 @@ import Synchronization
 /// durable and then moves the ring's tail, recorded twice in the journal header, up to its
 /// head. Recovery replays the ring from the tail: work in proportion to what was committed
 /// since the last checkpoint, never to the pool's size.
-package final class Journal: @unchecked Sendable {
+final class Journal: @unchecked Sendable {
     struct Shard {
         var running = WordTable()
         var committing = WordTable()
@@ -260,7 +260,7 @@ package final class Journal: @unchecked Sendable {
     }
 
     /// Slots a table keeps once its batch is committed (a larger one is released).
-    package static var retainedTableSlots: Int { WordTable.retainedCapacity }
+    static var retainedTableSlots: Int { WordTable.retainedCapacity }
 
 
     // MARK: commit

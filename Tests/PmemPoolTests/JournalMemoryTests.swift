@@ -1,5 +1,5 @@
 import Glibc
-import PmemPool
+@testable import PmemPool
 import PmemSystem
 import PmemVolumes
 @testable import TestSupport

@@ -1,5 +1,5 @@
 import Foundation
-import PmemPool
+@testable import PmemPool
 import PmemVolumes
 import PmemSystem
 @testable import TestSupport
