@@ -376,11 +376,14 @@ public final class PoolEngine: @unchecked Sendable {
     package func unpin(_ block: UInt64) { allocator.unpin(block) }
     package func unpin(_ blocks: some Sequence<UInt64>) { allocator.unpin(blocks) }
 
-    // MARK: damaged media
+    // MARK: space figures
 
     /// Snapshots' referenced space, walked once each (`usage(of:)`; a snapshot's map never changes).
     package let snapshotReferenced = Locked<[SnapshotKey: UInt64]>([:])
     package struct SnapshotKey: Hashable, Sendable { let id: UInt64, root: UInt64, depth: Int }
+
+    // MARK: damaged media
+
     private let badBlocks = Locked<Set<UInt64>>([])
     private let badCount = Atomic<Int>(0)
 
