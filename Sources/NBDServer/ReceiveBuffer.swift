@@ -112,4 +112,51 @@ final class ReceiveBuffer {
             }
         }
     }
+
+    /// Moves the next bytes of the stream into each of `vectors` in turn (the vectors are
+    /// advanced as they fill): buffered bytes are copied, and once the buffer is empty a large
+    /// remainder is read with `readv(2)` straight into the vectors, one system call for a
+    /// payload scattered over many blocks. Persistent memory copies through the buffer, as
+    /// `move(into:)` does.
+    func move(scatter vectors: UnsafeMutableBufferPointer<iovec>, nonTemporal: Bool,
+              beforeBlocking: () -> Void, afterBlocking: () -> Void) throws(Errno) {
+        var v = 0
+        let count = vectors.count
+        var left = 0
+        for k in 0..<count { left += vectors[k].iov_len }
+        while v < count {
+            let len = vectors[v].iov_len
+            if len == 0 { v += 1; continue }
+            if available > 0 {
+                let k = min(available, len)
+                let dst = vectors[v].iov_base!
+                if nonTemporal {
+                    PersistentMemory.copyNonTemporal(to: dst, from: readPointer, count: k)
+                } else {
+                    dst.copyMemory(from: readPointer, byteCount: k)
+                }
+                consume(k)
+                vectors[v].iov_base = dst + k
+                vectors[v].iov_len = len - k
+                left -= k
+                continue
+            }
+            beforeBlocking()
+            defer { afterBlocking() }
+            if left >= 64 * 1024 && !nonTemporal {
+                var got = try transport.receive(vectors: vectors.baseAddress! + v, count: count - v)
+                if got == 0 { throw Errno.connectionReset }
+                left -= got
+                while got > 0 {
+                    let n = min(got, vectors[v].iov_len)
+                    vectors[v].iov_base = vectors[v].iov_base! + n
+                    vectors[v].iov_len -= n
+                    got -= n
+                    if vectors[v].iov_len == 0 { v += 1 }
+                }
+            } else if !(try fill(atLeast: 1)) {
+                throw Errno.connectionReset
+            }
+        }
+    }
 }

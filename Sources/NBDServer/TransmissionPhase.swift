@@ -19,6 +19,14 @@ struct PayloadSource: ByteSource {
         try receive.move(into: destination, nonTemporal: nonTemporal, beforeBlocking: { replies.flush() }, afterBlocking: {})
         consumed += UInt64(destination.count)
     }
+
+    mutating func fill(scatter vectors: UnsafeMutableBufferPointer<iovec>, nonTemporal: Bool) throws(Errno) {
+        var total = 0
+        for v in vectors { total += v.iov_len }
+        let replies = self.replies
+        try receive.move(scatter: vectors, nonTemporal: nonTemporal, beforeBlocking: { replies.flush() }, afterBlocking: {})
+        consumed += UInt64(total)
+    }
 }
 
 /// Per-connection state of the transmission phase, reused across requests so the hot path

@@ -35,6 +35,13 @@ final class Transport: @unchecked Sendable {
         return try input.read(into: buffer)
     }
 
+    /// One `readv(2)` into the vectors, or one TLS record's worth into the first of them.
+    @inline(__always)
+    func receive(vectors: UnsafeMutablePointer<iovec>, count: Int) throws(Errno) -> Int {
+        if let session { return try session.receive(into: UnsafeMutableRawBufferPointer(start: vectors[0].iov_base, count: vectors[0].iov_len)) }
+        return try input.read(vectors: vectors, count: min(count, ReplyWriter.iovMax))
+    }
+
     /// Sends all of `bytes` (handshake replies).
     func send(_ bytes: [UInt8]) throws(Errno) {
         if let session { return try session.send(bytes) }

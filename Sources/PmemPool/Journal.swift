@@ -703,6 +703,8 @@ struct WordTable {
     private var slots: UnsafeMutablePointer<Int32>
     private var mask: Int
     private(set) var count = 0
+    /// The capacity the first growth goes to (the previous large batch's), if larger than double.
+    private var growTo = 0
     /// Slots (a power of two).
     var capacity: Int { mask + 1 }
 
@@ -757,20 +759,33 @@ struct WordTable {
     }
 
     /// Empties the table; one grown past `retainedCapacity` is released and starts again at
-    /// `initialCapacity`.
+    /// `initialCapacity`, remembering the size the batch it held needed: when the next batch
+    /// outgrows the small table, it grows to that size at once instead of doubling step by
+    /// step (each step copies every word and faults in a fresh mapping).
     mutating func removeAll() {
         if capacity > WordTable.retainedCapacity {
+            let next = WordTable.capacity(holding: count)
             release()
             self = WordTable()
+            growTo = next
             return
         }
         for n in 0..<count { keys[Int(slots[n])] = 0 }
         count = 0
+        growTo = 0
+    }
+
+    /// The smallest capacity (a power of two, at least `initialCapacity`) that holds `words`
+    /// without growing.
+    static func capacity(holding words: Int) -> Int {
+        var c = WordTable.initialCapacity
+        while c / 2 <= words { c *= 2 }
+        return c
     }
 
     private mutating func grow() {
         let old = self
-        self = WordTable(capacity: (mask + 1) * 2)
+        self = WordTable(capacity: max((mask + 1) * 2, old.growTo))
         old.forEach { k, v in _ = insert(k, Journal.hash(k), v) }
         old.release()
     }

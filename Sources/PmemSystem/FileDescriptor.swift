@@ -25,6 +25,11 @@ public struct FileDescriptor: Hashable, Sendable {
         try retryOnInterrupt { Glibc.read(rawValue, buffer.baseAddress, buffer.count) }
     }
 
+    /// `readv(2)` into the first `count` vectors (at most IOV_MAX): returns 0 at end of file.
+    public func read(vectors: UnsafePointer<iovec>, count: Int) throws(Errno) -> Int {
+        try retryOnInterrupt { Glibc.readv(rawValue, vectors, Int32(count)) }
+    }
+
     /// Reads exactly `count` bytes, looping over short reads (`read(2)`); nil when the end of
     /// file comes first.
     public func readExactly(_ count: Int) throws(Errno) -> [UInt8]? {

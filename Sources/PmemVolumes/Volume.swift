@@ -184,6 +184,10 @@ public final class Volume: @unchecked Sendable {
         // Page mode on a file on a device: blocks are assembled in a buffer and written with
         // pwrite (see Persistence.PageWrites), at most `scratchBlocks` at a time.
         let pw = persistence.usesPwrite
+        if !pw && count > 1 {
+            try fillScattered(start, end, &source, blocks, base: base, nonTemporal: nt)
+            return
+        }
         let scratch = pw ? engine.takeScratch() : nil
         defer { if let scratch { engine.returnScratch(scratch) } }
         var i = 0
@@ -212,6 +216,49 @@ public final class Volume: @unchecked Sendable {
                 persistence.didStoreNonTemporal(dst, run << 12)
             }
             i += run
+        }
+    }
+
+    /// `fill` for memory-mapped media: one vector per run of blocks that follow each other in
+    /// the pool (and one per partial block), filled by one `fill(scatter:)` — for a socket, one
+    /// `readv(2)` straight into the blocks however scattered the free space is.
+    private func fillScattered(_ start: UInt64, _ end: UInt64, _ source: inout some ByteSource, _ blocks: UnsafeBufferPointer<UInt64>,
+                               base: UnsafeMutableRawPointer, nonTemporal: Bool) throws(PoolError) {
+        let engine = self.engine
+        let first = start >> 12
+        let count = blocks.count
+        try withUnsafeTemporaryAllocation(of: iovec.self, capacity: 2 * count) { (vectors) throws(PoolError) in
+            var nv = 0
+            var i = 0
+            while i < count {
+                let vb = first + UInt64(i)
+                let blockStart = vb << 12
+                let a = max(start, blockStart), b = min(end, blockStart + 4096)
+                var run = 1
+                if b - a == 4096 {
+                    while i + run < count && blocks[i + run] == blocks[i] + UInt64(run) && (vb + UInt64(run) + 1) << 12 <= end { run += 1 }
+                }
+                let n = run == 1 ? Int(b - a) : run << 12
+                let dst = base + Int(engine.layout.blockOffset(blocks[i])) + Int(a - blockStart)
+                vectors[nv] = iovec(iov_base: dst, iov_len: n)
+                nv += 1
+                i += run
+            }
+            // The fill advances the vectors: the second half keeps them as they were.
+            for k in 0..<nv { vectors[count + k] = vectors[k] }
+            do throws(Errno) {
+                try source.fill(scatter: UnsafeMutableBufferPointer(rebasing: vectors[0..<nv]), nonTemporal: nonTemporal)
+            } catch {
+                throw PoolError(.source(error), "payload: \(error)")
+            }
+            let persistence = engine.persistence
+            for k in 0..<nv {
+                let v = vectors[count + k]
+                // Whole blocks only (a partial block is completed, and stored, when published).
+                if v.iov_len & 4095 == 0 && Int(bitPattern: v.iov_base) & 4095 == 0 {
+                    persistence.didStoreNonTemporal(v.iov_base!, v.iov_len)
+                }
+            }
         }
     }
 
