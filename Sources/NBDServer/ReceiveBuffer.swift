@@ -117,13 +117,15 @@ final class ReceiveBuffer {
     /// advanced as they fill): buffered bytes are copied, and once the buffer is empty a large
     /// remainder is read with `readv(2)` straight into the vectors, one system call for a
     /// payload scattered over many blocks. Persistent memory copies through the buffer, as
-    /// `move(into:)` does.
+    /// `move(into:)` does. Returns the bytes moved (the vectors' total).
+    @discardableResult
     func move(scatter vectors: UnsafeMutableBufferPointer<iovec>, nonTemporal: Bool,
-              beforeBlocking: () -> Void, afterBlocking: () -> Void) throws(Errno) {
+              beforeBlocking: () -> Void, afterBlocking: () -> Void) throws(Errno) -> Int {
         var v = 0
         let count = vectors.count
         var left = 0
         for k in 0..<count { left += vectors[k].iov_len }
+        let total = left
         while v < count {
             let len = vectors[v].iov_len
             if len == 0 { v += 1; continue }
@@ -158,5 +160,6 @@ final class ReceiveBuffer {
                 throw Errno.connectionReset
             }
         }
+        return total
     }
 }

@@ -21,11 +21,8 @@ struct PayloadSource: ByteSource {
     }
 
     mutating func fill(scatter vectors: UnsafeMutableBufferPointer<iovec>, nonTemporal: Bool) throws(Errno) {
-        var total = 0
-        for v in vectors { total += v.iov_len }
         let replies = self.replies
-        try receive.move(scatter: vectors, nonTemporal: nonTemporal, beforeBlocking: { replies.flush() }, afterBlocking: {})
-        consumed += UInt64(total)
+        consumed += UInt64(try receive.move(scatter: vectors, nonTemporal: nonTemporal, beforeBlocking: { replies.flush() }, afterBlocking: {}))
     }
 }
 
